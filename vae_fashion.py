@@ -1,0 +1,1315 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # VAE denoising, representation learning and generation on Fashion-MNIST
+#
+# One cell does everything: it loads Fashion-MNIST, adds Gaussian noise
+# (`clip(x + 0.45*N(0,1), 0, 1)`), trains a variational auto-encoder that maps
+# noisy images to clean ones with the loss
+# `BCE + beta*KL + gamma_sc*SupCon(z_mean)`, then writes metrics, latent-space
+# plots (PCA / UMAP / t-SNE), prior samples and latent interpolations to
+# `vae_outputs_v3/` (`/kaggle/working/vae_outputs_v3` on Kaggle).
+#
+# Settings come from environment variables (`VAE_EPOCHS=2`, ...), so a run can
+# be shrunk without editing this notebook. See README.md for the full table.
+#
+# This notebook is generated from `vae_fashion.py` with
+# `jupytext --to ipynb vae_fashion.py`; edit the script, not the notebook.
+
+# %%
+"""VAE denoising + representation learning + generation on Fashion-MNIST."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import gzip
+import json
+import math
+import os
+import platform
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+# ---------------------------------------------------------------------------
+# Constants of the dataset and of the output folder (seed README, section 7)
+# ---------------------------------------------------------------------------
+
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+CSV_FILES = {"train": "fashion-mnist_train.csv", "test": "fashion-mnist_test.csv"}
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_WORKING = Path("/kaggle/working")
+DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+KERAS_CACHE_DIR = Path("~/.keras/datasets/fashion-mnist")
+
+CLASS_NAMES_EN = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+CLASS_NAMES_TR = [
+    "Tişört/Üst", "Pantolon", "Kazak", "Elbise", "Ceket",
+    "Sandalet", "Gömlek", "Spor Ayakkabı", "Çanta", "Bilek Bot",
+]
+
+OUTPUT_FILES = [
+    "01_train_total_loss.png",
+    "02_train_recon_loss.png",
+    "03_train_kl_loss.png",
+    "03B_train_supcon_loss.png",
+    "04_beta_warmup.png",
+    "05_denoising_grid.png",
+    "06A_latent_pca_numbers.png",
+    "06B_latent_pca_text_tr.png",
+    "06C_latent_umap_text_tr.png",
+    "06D_latent_tsne_text_tr.png",
+    "07_generated_prior.png",
+    "08_latent_interpolation.png",
+    "A_title_denoising.png",
+    "B_title_representation_learning.png",
+    "C_title_generation.png",
+    "D_title_interpolation.png",
+    "history.csv",
+    "metrics.csv",
+    "metrics.txt",
+    "pca_explained_variance.txt",
+]
+# Written last, so a folder holding them is a finished run (see run_status.json).
+RESULT_FILES = ("metrics.csv", "metrics.txt")
+HISTORY_COLUMNS = ["epoch", "total_loss", "recon_loss", "kl_loss", "supcon_loss", "beta"]
+
+
+class VAEFashionError(Exception):
+    """Base class of every error this pipeline reports to the user."""
+
+
+class ConfigError(VAEFashionError, ValueError):
+    """A setting (environment variable) does not parse or is out of range."""
+
+
+class DatasetError(VAEFashionError):
+    """The dataset is missing, incomplete or malformed."""
+
+
+class IDXError(DatasetError, ValueError):
+    """An IDX file is malformed (bad magic, dimensions or length)."""
+
+
+class OutputDirError(VAEFashionError):
+    """The output folder cannot be created or written."""
+
+
+class TrainingDivergedError(VAEFashionError):
+    """A loss term became NaN or infinite during training."""
+
+
+# ---------------------------------------------------------------------------
+# Configuration: the seed's hyper-parameters, overridable from the environment
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    epochs: int = 20
+    batch_size: int = 256
+    latent_dim: int = 16
+    noise_factor: float = 0.45
+    gamma_sc: float = 1.0
+    beta_max: float = 1.0
+    warmup_epochs: int = 8
+    seed: int = 42
+    train_samples: int | None = None  # first N training images; None = all
+    test_samples: int | None = None  # first N test images; None = all
+    supcon_temperature: float = 0.1
+    learning_rate: float = 1e-3
+    embed_samples: int = 3000  # seeded test subset for t-SNE and UMAP
+    data_dir: str | None = None
+    out_dir: str = "vae_outputs_v3"
+
+
+# field -> (environment variable, type, lower bound, bound inclusive?, upper bound)
+ENV_SETTINGS = {
+    "epochs": ("VAE_EPOCHS", int, 1, True, 10_000),
+    "batch_size": ("VAE_BATCH_SIZE", int, 2, True, 65_536),
+    "latent_dim": ("VAE_LATENT_DIM", int, 2, True, 4096),
+    "noise_factor": ("VAE_NOISE_FACTOR", float, 0.0, True, 10.0),
+    "gamma_sc": ("VAE_GAMMA_SC", float, 0.0, True, 1e6),
+    "beta_max": ("VAE_BETA_MAX", float, 0.0, True, 1e6),
+    "warmup_epochs": ("VAE_WARMUP_EPOCHS", int, 0, True, 10_000),
+    "seed": ("VAE_SEED", int, 0, True, 2**31 - 1),
+    "train_samples": ("VAE_TRAIN_SAMPLES", int, 2, True, 10**9),
+    "test_samples": ("VAE_TEST_SAMPLES", int, 20, True, 10**9),
+    "supcon_temperature": ("VAE_SUPCON_TEMPERATURE", float, 0.0, False, 100.0),
+    "learning_rate": ("VAE_LEARNING_RATE", float, 0.0, False, 10.0),
+    "embed_samples": ("VAE_EMBED_SAMPLES", int, 20, True, 10**7),
+}
+
+
+def default_out_dir() -> Path:
+    if KAGGLE_WORKING.is_dir():
+        return KAGGLE_WORKING / "vae_outputs_v3"
+    return Path("vae_outputs_v3")
+
+
+def _parse_setting(field: str, raw: str):
+    name, kind, low, low_inclusive, high = ENV_SETTINGS[field]
+    default = getattr(Config, field)
+    hint = f"unset {name} to use the default ({default})"
+    try:
+        value = int(raw.strip()) if kind is int else float(raw.strip())
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name}={raw!r} is not {what}; {hint}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} must be a finite number; {hint}")
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or value > high:
+        bracket = "[" if low_inclusive else "("
+        raise ConfigError(
+            f"{name}={raw!r} is out of range: it must lie in {bracket}{low}, {high}]; {hint}"
+        )
+    return value
+
+
+def config_from_env(environ=None) -> Config:
+    """Build the effective Config from VAE_* environment variables.
+
+    Unset or empty variables keep the seed's defaults. Anything that does not
+    parse, or is out of range, raises ConfigError naming the variable.
+    """
+    environ = os.environ if environ is None else environ
+    values = {}
+    for field, (name, *_bounds) in ENV_SETTINGS.items():
+        raw = environ.get(name, "")
+        if raw.strip():
+            values[field] = _parse_setting(field, raw)
+    data_dir = environ.get("VAE_DATA_DIR", "").strip()
+    out_dir = environ.get("VAE_OUT_DIR", "").strip()
+    values["data_dir"] = data_dir or None
+    values["out_dir"] = out_dir or str(default_out_dir())
+    return Config(**values)
+
+
+# ---------------------------------------------------------------------------
+# Data: IDX files (raw or .gz) or the Kaggle CSVs, searched in a fixed order
+# ---------------------------------------------------------------------------
+
+IDX_UBYTE = 0x08
+# A real Fashion-MNIST file is at most 47 MB; anything much larger is forged.
+MAX_IDX_BYTES = 256 * 1024 * 1024
+
+
+def parse_idx(data: bytes, name: str = "<bytes>", expected_ndim: int | None = None) -> np.ndarray:
+    """Parse the bytes of an unsigned-byte IDX file into a uint8 array.
+
+    Checks the magic number (0x0000 08 NN), the dimension count, and that the
+    byte length is exactly header + product(dims). Raises IDXError otherwise.
+    """
+    if len(data) < 4:
+        raise IDXError(f"{name}: only {len(data)} bytes; an IDX file starts with a 4-byte magic number")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != IDX_UBYTE or not 1 <= ndim <= 4:
+        raise IDXError(
+            f"{name}: bad magic number 0x{data[:4].hex()} (expected 0x000008NN, "
+            f"e.g. 0x00000803 for images, 0x00000801 for labels); this is not an unsigned-byte IDX file"
+        )
+    if expected_ndim is not None and ndim != expected_ndim:
+        kind = {1: "labels (idx1)", 3: "images (idx3)"}.get(expected_ndim, f"idx{expected_ndim}")
+        raise IDXError(
+            f"{name}: magic number 0x{data[:4].hex()} says {ndim} dimension(s), but {kind} were expected; "
+            "check that the file names were not swapped"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IDXError(f"{name}: truncated header ({len(data)} bytes, need {header})")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        problem = "truncated" if len(data) < expected else "has trailing bytes"
+        raise IDXError(
+            f"{name}: {problem}: {len(data)} bytes, but the header (dims {dims}) implies {expected}; "
+            "re-download or re-extract the file"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx(path, expected_ndim: int | None = None) -> np.ndarray:
+    """Read an IDX file, gzipped when its name ends in .gz, with a bounded read."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                data = handle.read(MAX_IDX_BYTES + 1)
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_IDX_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise IDXError(f"{path}: cannot be read ({error}); re-download or re-extract the file") from None
+    if len(data) > MAX_IDX_BYTES:
+        raise IDXError(f"{path}: larger than {MAX_IDX_BYTES} bytes; not a Fashion-MNIST IDX file")
+    return parse_idx(data, str(path), expected_ndim)
+
+
+@dataclasses.dataclass
+class FashionMNIST:
+    x_train: np.ndarray  # float32 (N, 28, 28, 1) in [0, 1]
+    y_train: np.ndarray  # int32 (N,)
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source: str
+
+
+def _find_idx_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz", folder / stem / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def idx_files_in(folder: Path) -> dict[str, Path | None]:
+    return {key: _find_idx_file(folder, stem) for key, stem in IDX_FILES.items()}
+
+
+def _check_images(images: np.ndarray, path) -> np.ndarray:
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise IDXError(
+            f"{path}: images are {images.shape[1:]} but Fashion-MNIST images are "
+            f"{IMAGE_SIZE}x{IMAGE_SIZE}; point VAE_DATA_DIR at the Fashion-MNIST files"
+        )
+    return images
+
+
+def _check_labels(labels: np.ndarray, images: np.ndarray, label_path, image_path) -> np.ndarray:
+    if len(labels) != len(images):
+        raise DatasetError(
+            f"{label_path} holds {len(labels)} labels but {image_path} holds {len(images)} images; "
+            "the two files must come from the same split of the same dataset"
+        )
+    bad = np.flatnonzero(labels >= NUM_CLASSES)
+    if bad.size:
+        raise DatasetError(
+            f"{label_path}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside 0-9 "
+            f"({bad.size} such labels); this is not a Fashion-MNIST labels file"
+        )
+    return labels.astype(np.int32)
+
+
+def load_idx_folder(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Load the four IDX files of one folder as uint8 images and int32 labels."""
+    folder = Path(folder)
+    files = idx_files_in(folder)
+    missing = [IDX_FILES[key] for key, path in files.items() if path is None]
+    if missing:
+        raise DatasetError(
+            f"{folder}: missing {', '.join(missing)} (raw or .gz); "
+            "all four Fashion-MNIST IDX files must be in the same folder"
+        )
+    arrays = []
+    for split in ("train", "test"):
+        image_path, label_path = files[f"{split}_images"], files[f"{split}_labels"]
+        images = _check_images(read_idx(image_path, expected_ndim=3), image_path)
+        labels = _check_labels(read_idx(label_path, expected_ndim=1), images, label_path, image_path)
+        arrays += [images, labels]
+    return tuple(arrays)
+
+
+def read_fashion_csv(path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a Kaggle Fashion-MNIST CSV: a header row, then label and 784 pixels per row."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        raise DatasetError(f"{path}: not a readable CSV ({error}); re-download the Kaggle dataset") from None
+    if frame.shape[1] != 1 + IMAGE_SIZE * IMAGE_SIZE or frame.shape[0] == 0:
+        raise DatasetError(
+            f"{path}: has {frame.shape[0]} rows x {frame.shape[1]} columns; "
+            f"expected a label column plus {IMAGE_SIZE * IMAGE_SIZE} pixel columns"
+        )
+    values = frame.to_numpy()
+    if not np.issubdtype(values.dtype, np.integer):
+        raise DatasetError(f"{path}: holds non-integer or empty cells; expected integer labels and pixels")
+    labels, pixels = values[:, 0], values[:, 1:]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise DatasetError(f"{path}: pixel values outside 0-255")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DatasetError(f"{path}: labels outside 0-9 in the first column")
+    images = pixels.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    return images, labels.astype(np.int32)
+
+
+def load_csv_folder(folder):
+    folder = Path(folder)
+    x_train, y_train = read_fashion_csv(folder / CSV_FILES["train"])
+    x_test, y_test = read_fashion_csv(folder / CSV_FILES["test"])
+    return x_train, y_train, x_test, y_test
+
+
+def _has_csvs(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in CSV_FILES.values())
+
+
+def _kaggle_folders(root: Path, max_depth: int = 5):
+    """Folders below /kaggle/input that hold the IDX files or the Kaggle CSVs."""
+    if not root.is_dir():
+        return
+    for current, dirs, _files in os.walk(root):
+        depth = len(Path(current).relative_to(root).parts)
+        if depth >= max_depth:
+            dirs[:] = []
+        folder = Path(current)
+        if all(idx_files_in(folder).values()) or _has_csvs(folder):
+            yield folder
+        dirs.sort()
+
+
+def candidate_data_dirs() -> list[Path]:
+    """Default search order after VAE_DATA_DIR (see README, 'Where the data comes from')."""
+    folders = [KAGGLE_INPUT / "fashionmnist"]
+    folders += [f for f in _kaggle_folders(KAGGLE_INPUT) if f != folders[0]]
+    folders += [DEBIAN_DATA_DIR, KERAS_CACHE_DIR.expanduser()]
+    return folders
+
+
+def _load_folder(folder: Path):
+    """Load a folder with all four IDX files, or else with both CSVs; None if neither."""
+    if all(idx_files_in(folder).values()):
+        return load_idx_folder(folder), f"IDX files in {folder}"
+    if _has_csvs(folder):
+        return load_csv_folder(folder), f"Kaggle CSV files in {folder}"
+    return None
+
+
+def _download_with_keras():
+    return keras.datasets.fashion_mnist.load_data()
+
+
+def missing_data_message(searched: list[str]) -> str:
+    lines = "\n".join(f"  - {place}" for place in searched)
+    return (
+        "Fashion-MNIST was not found. Searched, in order:\n"
+        f"{lines}\n"
+        "Get the data in one of three ways:\n"
+        "  1. Kaggle: 'Add data' -> search 'fashionmnist' (zalando-research) and attach it;\n"
+        "  2. Debian/Ubuntu: apt-get install dataset-fashion-mnist "
+        f"(installs into {DEBIAN_DATA_DIR});\n"
+        "  3. go online, so that keras.datasets.fashion_mnist.load_data() can download it.\n"
+        "Or set VAE_DATA_DIR to a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (raw or .gz)."
+    )
+
+
+def find_and_load_raw(data_dir=None, search_dirs=None, download=_download_with_keras):
+    """Return ((x_train, y_train, x_test, y_test) as uint8/int32, description of the source).
+
+    An explicit data_dir (VAE_DATA_DIR) must hold the data; otherwise the
+    default folders are tried in order, then the Keras download.
+    """
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise DatasetError(
+                f"VAE_DATA_DIR={data_dir!r} is not a folder; point it at the folder holding the four "
+                "Fashion-MNIST IDX files, or unset it to search the default places"
+            )
+        loaded = _load_folder(folder)
+        if loaded is None:
+            load_idx_folder(folder)  # raises, naming the missing files
+        return loaded
+
+    searched = ["VAE_DATA_DIR (not set)"]
+    for folder in candidate_data_dirs() if search_dirs is None else search_dirs:
+        folder = Path(folder)
+        loaded = _load_folder(folder) if folder.is_dir() else None
+        if loaded is not None:
+            return loaded
+        found = [p.name for p in idx_files_in(folder).values() if p] if folder.is_dir() else []
+        searched.append(f"{folder}" + (f" (incomplete: only {', '.join(found)})" if found else ""))
+    if download is not None:
+        try:
+            (x_train, y_train), (x_test, y_test) = download()
+        except Exception as error:  # noqa: BLE001 - any failure means "offline"
+            searched.append(f"keras.datasets.fashion_mnist.load_data() (failed: {type(error).__name__})")
+        else:
+            return (x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)), "keras download"
+    raise DatasetError(missing_data_message(searched))
+
+
+def to_unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]."""
+    return (images.astype(np.float32) / 255.0)[..., None]
+
+
+def _first(array: np.ndarray, count: int | None, variable: str) -> np.ndarray:
+    if count is None:
+        return array
+    if count > len(array):
+        raise ConfigError(f"{variable}={count} is larger than the {len(array)} images available; lower it")
+    return array[:count]
+
+
+def load_fashion_mnist(config: Config, **search) -> FashionMNIST:
+    """Stage 1: find, validate and preprocess Fashion-MNIST."""
+    (x_train, y_train, x_test, y_test), source = find_and_load_raw(config.data_dir, **search)
+    x_train = _first(x_train, config.train_samples, "VAE_TRAIN_SAMPLES")
+    y_train = _first(y_train, config.train_samples, "VAE_TRAIN_SAMPLES")
+    x_test = _first(x_test, config.test_samples, "VAE_TEST_SAMPLES")
+    y_test = _first(y_test, config.test_samples, "VAE_TEST_SAMPLES")
+    return FashionMNIST(to_unit_float(x_train), y_train, to_unit_float(x_test), y_test, source)
+
+
+# ---------------------------------------------------------------------------
+# Noise
+# ---------------------------------------------------------------------------
+
+
+def add_noise(images: np.ndarray, noise_factor: float, seed: int) -> np.ndarray:
+    """x_noisy = clip(x + noise_factor * N(0, 1), 0, 1), drawn once from a seeded generator."""
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(images.shape, dtype=np.float32)
+    return np.clip(images + np.float32(noise_factor) * noise, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------
+# The model: encoder -> (z_mean, z_log_var, z), Sampling, decoder
+# ---------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="vae_fashion")
+class Sampling(layers.Layer):
+    """Reparameterisation trick: z = z_mean + exp(z_log_var / 2) * epsilon."""
+
+    def __init__(self, seed: int = 1337, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs):
+        z_mean, z_log_var = inputs
+        epsilon = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+        return z_mean + ops.exp(0.5 * z_log_var) * epsilon
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+def build_encoder(latent_dim: int, seed: int = 1337) -> keras.Model:
+    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="noisy_image")
+    x = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
+    z_mean = layers.Dense(latent_dim, name="z_mean")(x)
+    z_log_var = layers.Dense(latent_dim, name="z_log_var")(x)
+    z = Sampling(seed=seed, name="z")([z_mean, z_log_var])
+    return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
+
+
+def build_decoder(latent_dim: int) -> keras.Model:
+    """Mirror of the encoder. The last layer applies the sigmoid to a named
+    'logits' layer, so training can use the stabler BCE-from-logits."""
+    latent = keras.Input(shape=(latent_dim,), name="z")
+    x = layers.Dense(128, activation="relu")(latent)
+    x = layers.Dense(7 * 7 * 64, activation="relu")(x)
+    x = layers.Reshape((7, 7, 64))(x)
+    x = layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu")(x)
+    x = layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu")(x)
+    logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
+    image = layers.Activation("sigmoid", name="image")(logits)
+    return keras.Model(latent, image, name="decoder")
+
+
+# ---------------------------------------------------------------------------
+# Loss terms (per-batch means of per-image quantities)
+# ---------------------------------------------------------------------------
+
+
+def reconstruction_loss(clean, logits):
+    """Binary cross-entropy of the clean target against the decoder's logits,
+    summed over the 784 pixels and averaged over the batch (nats per image)."""
+    bce = ops.binary_crossentropy(clean, logits, from_logits=True)
+    return ops.mean(ops.sum(bce, axis=(1, 2, 3)))
+
+
+def kl_divergence(z_mean, z_log_var):
+    """KL(N(z_mean, exp(z_log_var)) || N(0, I)), closed form, summed over latent dims."""
+    kl = -0.5 * (1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var))
+    return ops.mean(ops.sum(kl, axis=1))
+
+
+def supcon_loss(features, labels, temperature: float = 0.1):
+    """Supervised contrastive loss (Khosla et al. 2020, L_out).
+
+    Features are L2-normalised; each anchor's log-probabilities over all other
+    samples are averaged over its positives (same label, self excluded). Anchors
+    without a positive in the batch are left out, and a batch without any
+    positive pair gives 0 rather than NaN.
+    """
+    features = ops.cast(features, "float32")
+    norm = ops.sqrt(ops.sum(ops.square(features), axis=1, keepdims=True) + 1e-12)
+    unit = features / norm
+    logits = ops.matmul(unit, ops.transpose(unit)) / temperature
+    batch = ops.shape(features)[0]
+    is_self = ops.cast(ops.eye(batch), "bool")
+    logits = ops.where(is_self, -1e9, logits)
+    log_prob = logits - ops.logsumexp(logits, axis=1, keepdims=True)
+    labels = ops.reshape(labels, (-1,))
+    positive = ops.logical_and(ops.equal(labels[:, None], labels[None, :]), ops.logical_not(is_self))
+    n_positive = ops.sum(ops.cast(positive, "float32"), axis=1)
+    sum_log_prob = ops.sum(ops.where(positive, log_prob, 0.0), axis=1)
+    has_positive = n_positive > 0
+    per_anchor = -sum_log_prob / ops.maximum(n_positive, 1.0)
+    n_anchors = ops.sum(ops.cast(has_positive, "float32"))
+    return ops.sum(ops.where(has_positive, per_anchor, 0.0)) / ops.maximum(n_anchors, 1.0)
+
+
+def warmup_beta(epoch: int, beta_max: float, warmup_epochs: int) -> float:
+    """Linear KL warm-up: beta_max * (epoch + 1) / warmup_epochs, capped at beta_max.
+
+    `epoch` counts from 0, so beta reaches beta_max in epoch `warmup_epochs`
+    (1-based) and is never 0, which would leave z_log_var unconstrained.
+    """
+    if warmup_epochs <= 0:
+        return float(beta_max)
+    return float(beta_max) * min(1.0, (epoch + 1) / warmup_epochs)
+
+
+class VAE(keras.Model):
+    """Denoising VAE trained on BCE + beta * KL + gamma_sc * SupCon(z_mean)."""
+
+    def __init__(self, encoder, decoder, gamma_sc=1.0, supcon_temperature=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.decoder_logits = keras.Model(decoder.input, decoder.get_layer("logits").output)
+        self.gamma_sc = float(gamma_sc)
+        self.supcon_temperature = float(supcon_temperature)
+        self.beta = keras.Variable(0.0, trainable=False, name="beta", dtype="float32")
+        self.total_loss_tracker = keras.metrics.Mean(name="total_loss")
+        self.recon_loss_tracker = keras.metrics.Mean(name="recon_loss")
+        self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
+        self.supcon_loss_tracker = keras.metrics.Mean(name="supcon_loss")
+        self.beta_tracker = keras.metrics.Mean(name="beta")
+
+    @property
+    def metrics(self):
+        # Listed here so Keras resets them at the start of every epoch.
+        return [
+            self.total_loss_tracker,
+            self.recon_loss_tracker,
+            self.kl_loss_tracker,
+            self.supcon_loss_tracker,
+            self.beta_tracker,
+        ]
+
+    def call(self, noisy, training=False):
+        z_mean, _z_log_var, _z = self.encoder(noisy, training=training)
+        return self.decoder(z_mean, training=training)
+
+    def compute_losses(self, noisy, clean, labels, training=False):
+        z_mean, z_log_var, z = self.encoder(noisy, training=training)
+        logits = self.decoder_logits(z, training=training)
+        recon = reconstruction_loss(clean, logits)
+        kl = kl_divergence(z_mean, z_log_var)
+        supcon = supcon_loss(z_mean, labels, self.supcon_temperature)
+        total = recon + self.beta * kl + self.gamma_sc * supcon
+        return {"total_loss": total, "recon_loss": recon, "kl_loss": kl, "supcon_loss": supcon}
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            losses = self.compute_losses(data["noisy"], data["clean"], data["label"], training=True)
+        grads = tape.gradient(losses["total_loss"], self.trainable_weights)
+        self.optimizer.apply(grads, self.trainable_weights)
+        for tracker in self.metrics[:4]:
+            tracker.update_state(losses[tracker.name])
+        self.beta_tracker.update_state(self.beta)
+        return {m.name: m.result() for m in self.metrics}
+
+
+class BetaWarmup(keras.callbacks.Callback):
+    """Sets model.beta at the start of each epoch from warmup_beta()."""
+
+    def __init__(self, beta_max: float, warmup_epochs: int):
+        super().__init__()
+        self.beta_max = beta_max
+        self.warmup_epochs = warmup_epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.beta.assign(warmup_beta(epoch, self.beta_max, self.warmup_epochs))
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Like keras.callbacks.TerminateOnNaN, but remembers which loss term failed."""
+
+    TERMS = ("recon_loss", "kl_loss", "supcon_loss", "total_loss")
+
+    def __init__(self):
+        super().__init__()
+        self.failure = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        for term in self.TERMS:
+            value = (logs or {}).get(term)
+            if value is not None and not math.isfinite(float(value)):
+                self.failure = (term, float(value), self.epoch + 1, batch)
+                self.model.stop_training = True
+                return
+
+
+def build_vae(config: Config) -> VAE:
+    """Stage 3: build and compile the VAE."""
+    keras.utils.set_random_seed(config.seed)
+    encoder = build_encoder(config.latent_dim, seed=config.seed)
+    decoder = build_decoder(config.latent_dim)
+    vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, name="vae")
+    vae.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate))
+    return vae
+
+
+def make_train_dataset(noisy, clean, labels, batch_size: int, seed: int) -> tf.data.Dataset:
+    """Shuffled batches gathered by index from tensors that stay in memory,
+    so no epoch copies the images through a shuffle buffer."""
+    noisy_t, clean_t = tf.constant(noisy), tf.constant(clean)
+    labels_t = tf.constant(labels, dtype=tf.int32)
+
+    def gather(index):
+        return {
+            "noisy": tf.gather(noisy_t, index),
+            "clean": tf.gather(clean_t, index),
+            "label": tf.gather(labels_t, index),
+        }
+
+    n = len(clean)
+    indices = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    return indices.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        tf.data.AUTOTUNE
+    )
+
+
+def train_vae(vae: VAE, x_noisy, x_clean, labels, config: Config, verbose="auto") -> pd.DataFrame:
+    """Stage 4: train; returns one history row per epoch. Raises
+    TrainingDivergedError if a loss term becomes NaN or infinite."""
+    dataset = make_train_dataset(x_noisy, x_clean, labels, config.batch_size, config.seed)
+    guard = StopOnNonFinite()
+    history = vae.fit(
+        dataset,
+        epochs=config.epochs,
+        callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), guard],
+        verbose=verbose,
+    )
+    if guard.failure is not None:
+        term, value, epoch, batch = guard.failure
+        raise TrainingDivergedError(
+            f"training stopped: {term} became {value} in epoch {epoch}, batch {batch}. "
+            "Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX, or check the input data."
+        )
+    frame = pd.DataFrame(history.history)
+    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    return frame[HISTORY_COLUMNS]
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: denoising quality and latent-space quality on the test set
+# ---------------------------------------------------------------------------
+
+
+def image_quality(reference: np.ndarray, images: np.ndarray) -> pd.DataFrame:
+    """Per-image MSE, PSNR (dB) and SSIM against the clean reference, data_range=1."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    ref = reference.reshape(len(reference), IMAGE_SIZE, IMAGE_SIZE).astype(np.float64)
+    img = images.reshape(len(images), IMAGE_SIZE, IMAGE_SIZE).astype(np.float64)
+    mse = np.mean((ref - img) ** 2, axis=(1, 2))
+    with np.errstate(divide="ignore"):
+        psnr = np.array([peak_signal_noise_ratio(r, i, data_range=1.0) for r, i in zip(ref, img)])
+    ssim = np.array([structural_similarity(r, i, data_range=1.0) for r, i in zip(ref, img)])
+    return pd.DataFrame({"mse": mse, "psnr": psnr, "ssim": ssim})
+
+
+def encode(encoder: keras.Model, images: np.ndarray, batch_size: int = 1024):
+    """Batched (z_mean, z_log_var) of the encoder; the sampled z is not needed here."""
+    z_mean, z_log_var, _z = encoder.predict(images, batch_size=batch_size, verbose=0)
+    return z_mean, z_log_var
+
+
+def decode(decoder: keras.Model, latents: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    return decoder.predict(np.asarray(latents, dtype=np.float32), batch_size=batch_size, verbose=0)
+
+
+def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouette_samples: int = 5000):
+    """Linear probe, kNN accuracy and silhouette of z_mean against the class labels."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import silhouette_score
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    probe.fit(z_train, y_train)
+    knn = KNeighborsClassifier(n_neighbors=min(10, len(z_train)), n_jobs=-1).fit(z_train, y_train)
+    rng = np.random.default_rng(seed)
+    subset = rng.permutation(len(z_test))[:silhouette_samples]
+    silhouette = (
+        silhouette_score(z_test[subset], y_test[subset])
+        if len(np.unique(y_test[subset])) > 1
+        else float("nan")
+    )
+    return {
+        "linear_probe_accuracy": float(probe.score(z_test, y_test)),
+        "knn10_accuracy": float(knn.score(z_test, y_test)),
+        "silhouette": float(silhouette),
+        "silhouette_samples": int(len(subset)),
+    }
+
+
+@dataclasses.dataclass
+class Evaluation:
+    x_noisy_test: np.ndarray
+    z_mean_test: np.ndarray
+    denoised: np.ndarray
+    noisy_quality: pd.DataFrame  # per image
+    vae_quality: pd.DataFrame  # per image
+    representation: dict
+
+
+def evaluate(vae: VAE, data: FashionMNIST, x_noisy_train, x_noisy_test, config: Config) -> Evaluation:
+    """Stage 5: denoise the test set with decoder(z_mean) and score it."""
+    z_mean_test, _ = encode(vae.encoder, x_noisy_test)
+    denoised = decode(vae.decoder, z_mean_test)
+    z_mean_train, _ = encode(vae.encoder, x_noisy_train)
+    return Evaluation(
+        x_noisy_test=x_noisy_test,
+        z_mean_test=z_mean_test,
+        denoised=denoised,
+        noisy_quality=image_quality(data.x_test, x_noisy_test),
+        vae_quality=image_quality(data.x_test, denoised),
+        representation=representation_quality(
+            z_mean_train, data.y_train, z_mean_test, data.y_test, config.seed
+        ),
+    )
+
+
+def denoising_summary(noisy: pd.DataFrame, vae: pd.DataFrame) -> dict:
+    """Means over the test images, and the gains of the VAE over the noisy input."""
+    summary = {}
+    for name, frame in (("noisy", noisy), ("vae", vae)):
+        for column in ("mse", "psnr", "ssim"):
+            summary[f"{name}_{column}"] = float(frame[column].mean())
+    baseline = summary["noisy_mse"]
+    summary["mse_improvement_pct"] = (
+        100.0 * (1.0 - summary["vae_mse"] / baseline) if baseline > 0 else float("nan")
+    )
+    summary["psnr_gain_db"] = summary["vae_psnr"] - summary["noisy_psnr"]
+    summary["ssim_gain"] = summary["vae_ssim"] - summary["noisy_ssim"]
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# Latent projections: PCA on the whole test set, t-SNE and UMAP on a subset
+# ---------------------------------------------------------------------------
+
+
+def embedding_subset(n: int, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset used for t-SNE and UMAP."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n)[: min(size, n)])
+
+
+def project_pca(z: np.ndarray, seed: int):
+    """2-D PCA coordinates and the explained-variance ratio of every component."""
+    from sklearn.decomposition import PCA
+
+    full = PCA(random_state=seed).fit(z)
+    return full.transform(z)[:, :2], full.explained_variance_ratio_
+
+
+def project_tsne(z: np.ndarray, seed: int) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(2.0, (len(z) - 1) / 3.0)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, n_jobs=-1)
+    return tsne.fit_transform(z)
+
+
+def import_umap(auto_install: bool = True):
+    """Return (umap module, None), or (None, reason) when it cannot be had.
+
+    Like the seed notebook, a missing umap-learn is pip-installed once.
+    """
+    try:
+        import umap
+
+        return umap, None
+    except ImportError as error:
+        reason = f"import umap failed ({error})"
+    if auto_install:
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "install", "-q", "umap-learn"],
+                check=True, timeout=600, capture_output=True,
+            )
+            import umap
+
+            return umap, None
+        except Exception as error:  # noqa: BLE001 - any failure only skips one plot
+            reason += f"; pip install umap-learn failed ({type(error).__name__})"
+    return None, reason
+
+
+def project_umap(z: np.ndarray, seed: int, umap_module) -> np.ndarray:
+    n_neighbors = int(min(15, max(2, len(z) - 1)))
+    reducer = umap_module.UMAP(n_neighbors=n_neighbors, min_dist=0.1, random_state=seed)
+    return reducer.fit_transform(z)
+
+
+# ---------------------------------------------------------------------------
+# Plots (each written atomically; nothing here runs the model again)
+# ---------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, show: bool = False) -> None:
+    """Save via a temporary file, so a crash never leaves a half-written PNG."""
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    if show:
+        from IPython.display import display
+
+        display(fig)
+    _plt().close(fig)
+
+
+def plot_training_curve(history: pd.DataFrame, column: str, title: str, ylabel: str, path, show=False):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["epoch"], history[column], marker="o", label=column)
+    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, Path(path), show)
+
+
+def plot_denoising_grid(clean, noisy, denoised, labels, path, per_class: int = 1, show=False):
+    """Clean / noisy / denoised rows, one column per class (first test image of each)."""
+    plt = _plt()
+    columns = [int(np.flatnonzero(labels == c)[0]) for c in range(NUM_CLASSES) if np.any(labels == c)]
+    rows = [("Clean", clean), ("Noisy", noisy), ("Denoised (VAE)", denoised)]
+    fig, axes = plt.subplots(3, len(columns), figsize=(1.4 * len(columns), 4.8), squeeze=False)
+    for r, (name, images) in enumerate(rows):
+        for c, index in enumerate(columns):
+            ax = axes[r][c]
+            ax.imshow(images[index].squeeze(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(CLASS_NAMES_TR[labels[index]], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=9)
+    fig.suptitle("Denoising: clean / noisy input / VAE output decoder(z_mean)")
+    save_figure(fig, Path(path), show)
+
+
+def plot_latent_scatter(coords, labels, title, path, class_names=None, axis_names=("dim 1", "dim 2"), show=False):
+    """Scatter of 2-D latent coordinates; legend uses digits 0-9 or class names."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    cmap = plt.get_cmap("tab10")
+    for c in range(NUM_CLASSES):
+        mask = labels == c
+        if not np.any(mask):
+            continue
+        name = str(c) if class_names is None else class_names[c]
+        ax.scatter(coords[mask, 0], coords[mask, 1], s=4, alpha=0.6, color=cmap(c), label=name)
+    ax.set(title=title, xlabel=axis_names[0], ylabel=axis_names[1])
+    ax.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), title="class")
+    save_figure(fig, Path(path), show)
+
+
+def plot_image_grid(images, title, path, ncols: int = 10, show=False):
+    plt = _plt()
+    nrows = math.ceil(len(images) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 1.0, nrows * 1.0 + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image in zip(axes.flat, images):
+        ax.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=1)
+    fig.suptitle(title)
+    save_figure(fig, Path(path), show)
+
+
+def plot_interpolation(rows, row_labels, path, show=False):
+    """rows: (n_pairs, steps, 28, 28, 1) decoded along straight lines in latent space."""
+    plt = _plt()
+    n_pairs, steps = rows.shape[:2]
+    fig, axes = plt.subplots(n_pairs, steps, figsize=(steps * 1.0, n_pairs * 1.05 + 0.6), squeeze=False)
+    for r in range(n_pairs):
+        for s in range(steps):
+            ax = axes[r][s]
+            ax.imshow(rows[r, s].squeeze(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if s == 0:
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+            if r == n_pairs - 1:
+                ax.set_xlabel(f"t={s / (steps - 1):.2f}", fontsize=7)
+    fig.suptitle("Latent interpolation: decoder((1-t) z_a + t z_b), z = z_mean of noisy test images")
+    save_figure(fig, Path(path), show)
+
+
+def plot_title_panel(title: str, subtitle: str, path, show=False):
+    plt = _plt()
+    fig = plt.figure(figsize=(12.8, 7.2))
+    fig.text(0.5, 0.58, title, ha="center", va="center", fontsize=40, weight="bold")
+    fig.text(0.5, 0.40, subtitle, ha="center", va="center", fontsize=18, color="#444444")
+    fig.text(0.5, 0.08, "VAE on Fashion-MNIST", ha="center", fontsize=12, color="#888888")
+    save_figure(fig, Path(path), show)
+
+
+def interpolate_latents(z_a: np.ndarray, z_b: np.ndarray, steps: int) -> np.ndarray:
+    """(n_pairs, steps, latent_dim) points on the segments from z_a to z_b."""
+    t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[None, :, None]
+    return (1.0 - t) * z_a[:, None, :] + t * z_b[:, None, :]
+
+
+def interpolation_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> list[tuple[int, int]]:
+    """Pairs of test indices from different classes, seeded."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    classes = rng.permutation(NUM_CLASSES)
+    for k in range(n_pairs):
+        a_class, b_class = classes[k % NUM_CLASSES], classes[(k + 1) % NUM_CLASSES]
+        a_pool, b_pool = np.flatnonzero(labels == a_class), np.flatnonzero(labels == b_class)
+        if len(a_pool) == 0 or len(b_pool) == 0:
+            a_pool = b_pool = np.arange(len(labels))
+        pairs.append((int(rng.choice(a_pool)), int(rng.choice(b_pool))))
+    return pairs
+
+
+# ---------------------------------------------------------------------------
+# Reports: history, metrics, PCA variance, config, timings, run status
+# ---------------------------------------------------------------------------
+
+METRIC_DEFINITIONS = {
+    "noisy_mse": ("denoising", "", "mean over test images of the per-image MSE of the noisy input vs the clean image"),
+    "noisy_psnr": ("denoising", "dB", "mean over test images of skimage peak_signal_noise_ratio(clean, noisy, data_range=1)"),
+    "noisy_ssim": ("denoising", "", "mean over test images of skimage structural_similarity(clean, noisy, data_range=1)"),
+    "vae_mse": ("denoising", "", "as noisy_mse, for the VAE output decoder(z_mean(noisy))"),
+    "vae_psnr": ("denoising", "dB", "as noisy_psnr, for the VAE output decoder(z_mean(noisy))"),
+    "vae_ssim": ("denoising", "", "as noisy_ssim, for the VAE output decoder(z_mean(noisy))"),
+    "mse_improvement_pct": ("gain", "%", "100 * (1 - vae_mse / noisy_mse)"),
+    "psnr_gain_db": ("gain", "dB", "vae_psnr - noisy_psnr"),
+    "ssim_gain": ("gain", "", "vae_ssim - noisy_ssim"),
+    "linear_probe_accuracy": (
+        "representation", "",
+        "test accuracy of StandardScaler+LogisticRegression fitted on z_mean of the noisy training images",
+    ),
+    "knn10_accuracy": ("representation", "", "test accuracy of a 10-nearest-neighbour classifier on the same z_mean split"),
+    "silhouette": ("representation", "", "sklearn silhouette_score of test z_mean against the class labels (seeded subset)"),
+}
+
+
+def metrics_table(summary: dict, representation: dict, n_test: int) -> pd.DataFrame:
+    values = {**summary, **representation}
+    rows = []
+    for name, (group, unit, definition) in METRIC_DEFINITIONS.items():
+        n = representation["silhouette_samples"] if name == "silhouette" else n_test
+        rows.append({"group": group, "name": name, "value": values[name], "unit": unit,
+                     "n_images": n, "definition": definition})
+    return pd.DataFrame(rows)
+
+
+def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: int, warnings: list[str]) -> str:
+    v = dict(zip(table["name"], table["value"]))
+    n_test = int(table.loc[table["name"] == "vae_psnr", "n_images"].iloc[0])
+    lines = [
+        "VAE denoising on Fashion-MNIST: test-set metrics",
+        "=" * 49,
+        f"data: {source}; {n_train} training and {n_test} test images",
+        f"noise: x_noisy = clip(x + {config.noise_factor} * N(0,1), 0, 1), test noise drawn once (seed {config.seed + 1})",
+        f"model: latent_dim={config.latent_dim}, epochs={config.epochs}, batch_size={config.batch_size}, "
+        f"gamma_sc={config.gamma_sc}, beta_max={config.beta_max}, warmup_epochs={config.warmup_epochs}",
+        "",
+        "Denoising (the VAE output is decoder(z_mean), the deterministic mean of the posterior)",
+        f"{'':16}{'MSE':>10}{'PSNR (dB)':>12}{'SSIM':>9}",
+        f"{'noisy input':16}{v['noisy_mse']:>10.5f}{v['noisy_psnr']:>12.2f}{v['noisy_ssim']:>9.4f}",
+        f"{'VAE':16}{v['vae_mse']:>10.5f}{v['vae_psnr']:>12.2f}{v['vae_ssim']:>9.4f}",
+        "",
+        f"MSE improvement: {v['mse_improvement_pct']:.1f} %",
+        f"PSNR gain:       {v['psnr_gain_db']:+.2f} dB",
+        f"SSIM gain:       {v['ssim_gain']:+.4f}",
+        "",
+        "Representation (z_mean of noisy images)",
+        f"linear probe accuracy: {v['linear_probe_accuracy']:.4f}",
+        f"kNN (k=10) accuracy:   {v['knn10_accuracy']:.4f}",
+        f"silhouette:            {v['silhouette']:.4f}",
+        "",
+        "Definitions",
+        "PSNR and SSIM are per-image means over the test set, computed with skimage.metrics "
+        "(peak_signal_noise_ratio, structural_similarity) with data_range=1; MSE is the per-image "
+        "mean squared error averaged over images.",
+    ]
+    lines += [f"- {name}: {definition}" for name, definition in zip(table["name"], table["definition"])]
+    lines += ["", "Warnings"] + ([f"- {w}" for w in warnings] if warnings else ["- none"])
+    return "\n".join(lines) + "\n"
+
+
+def pca_report(ratios: np.ndarray) -> str:
+    lines = ["PCA of test-set z_mean: explained variance ratio per component", "component  ratio     cumulative"]
+    for i, (ratio, cumulative) in enumerate(zip(ratios, np.cumsum(ratios)), start=1):
+        lines.append(f"PC{i:<8d} {ratio:.5f}   {cumulative:.5f}")
+    lines.append(f"The 2-D PCA plots (06A, 06B) show {100 * ratios[:2].sum():.1f} % of the variance.")
+    return "\n".join(lines) + "\n"
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    write_text(path, frame.to_csv(index=False))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def prepare_output_dir(out_dir) -> Path:
+    """Create the output folder, prove it is writable, and remove the result
+    files of any earlier run so they can never be mistaken for this one's."""
+    out = Path(out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+        for name in RESULT_FILES + ("run_status.json",):
+            (out / name).unlink(missing_ok=True)
+    except OSError as error:
+        raise OutputDirError(
+            f"output folder {out} is not writable ({error.strerror or error}); "
+            "set VAE_OUT_DIR to a folder you can write to"
+        ) from None
+    return out
+
+
+def write_run_status(out: Path, status: str, started_at: str, **extra) -> None:
+    record = {"status": status, "started_at": started_at, "updated_at": _now(), **extra}
+    write_text(out / "run_status.json", json.dumps(record, indent=2) + "\n")
+
+
+def effective_config_record(config: Config) -> dict:
+    return {
+        "config": dataclasses.asdict(config),
+        "environment_variables": {name: os.environ.get(name) for name, *_ in ENV_SETTINGS.values()},
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
+        },
+    }
+
+
+class StageTimer:
+    """Prints each stage with its wall time and keeps the rows for timings.csv."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.rows = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        print(f"[{name}] started at {time.perf_counter() - self.start:.1f} s", flush=True)
+        began = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - began
+        self.rows.append({"stage": name, "seconds": round(seconds, 3)})
+        print(f"[{name}] done in {seconds:.1f} s", flush=True)
+
+    def frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.rows, columns=["stage", "seconds"])
+        total = pd.DataFrame([{"stage": "total", "seconds": round(time.perf_counter() - self.start, 3)}])
+        return pd.concat([frame, total], ignore_index=True)
+
+
+def list_output_dir(out: Path) -> str:
+    lines = [f"Contents of {out}:"]
+    for path in sorted(out.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            lines.append(f"  {path.name:40s} {path.stat().st_size:>10,d} bytes")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# The whole run: load -> noise -> build -> train -> evaluate -> plot -> report
+# ---------------------------------------------------------------------------
+
+
+def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, show=False):
+    """Stages 6-7: every figure and report of the seed's section 7."""
+    warnings = []
+    with timer.stage("plots: training curves"):
+        curves = [
+            ("total_loss", "01_train_total_loss.png", "Training loss: total = recon + beta*KL + gamma_sc*SupCon", "nats per image"),
+            ("recon_loss", "02_train_recon_loss.png", "Reconstruction loss (BCE, clean vs recon, summed over pixels)", "nats per image"),
+            ("kl_loss", "03_train_kl_loss.png", "KL divergence to N(0, I)", "nats per image"),
+            ("supcon_loss", "03B_train_supcon_loss.png", "Supervised contrastive loss on z_mean", "loss"),
+            ("beta", "04_beta_warmup.png", f"KL weight beta: linear warm-up over {config.warmup_epochs} epochs", "beta"),
+        ]
+        for column, name, title, ylabel in curves:
+            plot_training_curve(history, column, title, ylabel, out / name, show)
+    with timer.stage("plots: denoising"):
+        plot_denoising_grid(data.x_test, evaluation.x_noisy_test, evaluation.denoised, data.y_test,
+                            out / "05_denoising_grid.png", show=show)
+    with timer.stage("pca"):
+        pca_coords, ratios = project_pca(evaluation.z_mean_test, config.seed)
+        axes = (f"PC1 ({100 * ratios[0]:.1f} %)", f"PC2 ({100 * ratios[1]:.1f} %)")
+        n = len(pca_coords)
+        plot_latent_scatter(pca_coords, data.y_test, f"PCA of test z_mean (n={n}), labels 0-9",
+                            out / "06A_latent_pca_numbers.png", axis_names=axes, show=show)
+        plot_latent_scatter(pca_coords, data.y_test, f"Latent uzay PCA (test z_mean, n={n})",
+                            out / "06B_latent_pca_text_tr.png", CLASS_NAMES_TR, axes, show)
+        write_text(out / "pca_explained_variance.txt", pca_report(ratios))
+    subset = embedding_subset(len(evaluation.z_mean_test), config.embed_samples, config.seed)
+    z_subset, y_subset = evaluation.z_mean_test[subset], data.y_test[subset]
+    with timer.stage("t-SNE"):
+        coords = project_tsne(z_subset, config.seed)
+        plot_latent_scatter(coords, y_subset, f"Latent uzay t-SNE (test z_mean, seeded subset n={len(subset)})",
+                            out / "06D_latent_tsne_text_tr.png", CLASS_NAMES_TR, ("t-SNE 1", "t-SNE 2"), show)
+    with timer.stage("UMAP"):
+        umap_module, reason = import_umap()
+        if umap_module is None:
+            warnings.append(f"06C_latent_umap_text_tr.png was not written: {reason}")
+            print(f"WARNING: UMAP skipped: {reason}", file=sys.stderr)
+        else:
+            coords = project_umap(z_subset, config.seed, umap_module)
+            plot_latent_scatter(coords, y_subset, f"Latent uzay UMAP (test z_mean, seeded subset n={len(subset)})",
+                                out / "06C_latent_umap_text_tr.png", CLASS_NAMES_TR, ("UMAP 1", "UMAP 2"), show)
+    with timer.stage("plots: generation and interpolation"):
+        rng = np.random.default_rng(config.seed + 2)
+        prior = decode(vae.decoder, rng.standard_normal((100, config.latent_dim)).astype(np.float32))
+        plot_image_grid(prior, "Samples from the prior: decoder(z), z ~ N(0, I)", out / "07_generated_prior.png", show=show)
+        pairs = interpolation_pairs(data.y_test, 8, config.seed)
+        a, b = (np.array(idx) for idx in zip(*pairs))
+        path = interpolate_latents(evaluation.z_mean_test[a], evaluation.z_mean_test[b], 10)
+        decoded = decode(vae.decoder, path.reshape(-1, config.latent_dim)).reshape(len(pairs), 10, IMAGE_SIZE, IMAGE_SIZE, 1)
+        labels = [f"{CLASS_NAMES_TR[data.y_test[i]]} →\n{CLASS_NAMES_TR[data.y_test[j]]}" for i, j in pairs]
+        plot_interpolation(decoded, labels, out / "08_latent_interpolation.png", show=show)
+    with timer.stage("plots: title panels"):
+        panels = [
+            ("A_title_denoising.png", "Denoising", "Gürültülü görüntü → temiz görüntü"),
+            ("B_title_representation_learning.png", "Representation Learning", "Latent uzayda sınıf ayrışması (PCA / UMAP / t-SNE)"),
+            ("C_title_generation.png", "Generation", "Prior'dan örnekleme: z ~ N(0, I)"),
+            ("D_title_interpolation.png", "Latent Interpolation", "Latent uzayda süreklilik"),
+        ]
+        for name, title, subtitle in panels:
+            plot_title_panel(title, subtitle, out / name)
+    with timer.stage("report"):
+        write_csv(out / "history.csv", history)
+        summary = denoising_summary(evaluation.noisy_quality, evaluation.vae_quality)
+        table = metrics_table(summary, evaluation.representation, len(data.x_test))
+        write_csv(out / "metrics.csv", table)
+        write_text(out / "metrics.txt", metrics_report(table, config, data.source, len(data.x_train), warnings))
+    return table, warnings
+
+
+def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
+    """Run the whole pipeline into config.out_dir; returns the metrics table."""
+    out = prepare_output_dir(config.out_dir)
+    started_at = _now()
+    write_run_status(out, "running", started_at)
+    write_text(out / "config.json", json.dumps(effective_config_record(config), indent=2) + "\n")
+    timer = StageTimer()
+    try:
+        with timer.stage("load"):
+            data = load_fashion_mnist(config, **search)
+            print(f"  {data.source}: train {data.x_train.shape}, test {data.x_test.shape}")
+        with timer.stage("noise"):
+            x_noisy_train = add_noise(data.x_train, config.noise_factor, config.seed)
+            x_noisy_test = add_noise(data.x_test, config.noise_factor, config.seed + 1)
+        with timer.stage("build"):
+            vae = build_vae(config)
+        with timer.stage("train"):
+            verbose = 1 if sys.stdout.isatty() else 2
+            history = train_vae(vae, x_noisy_train, data.x_train, data.y_train, config, verbose=verbose)
+        with timer.stage("evaluate"):
+            evaluation = evaluate(vae, data, x_noisy_train, x_noisy_test, config)
+        table, warnings = make_plots_and_reports(vae, data, history, evaluation, config, out, timer, show_plots)
+    except BaseException as error:
+        write_run_status(out, "failed", started_at, error=f"{type(error).__name__}: {error}")
+        raise
+    timings = timer.frame()
+    write_csv(out / "timings.csv", timings)
+    write_run_status(out, "finished", started_at, data_source=data.source, warnings=warnings)
+    print("\n" + (out / "metrics.txt").read_text(encoding="utf-8"))
+    print("Stage timings (s):\n" + timings.to_string(index=False))
+    print("\n" + list_output_dir(out))
+    return table
+
+
+def main(environ=None, show_plots: bool = False) -> pd.DataFrame:
+    return run(config_from_env(environ), show_plots=show_plots)
+
+
+def cli() -> int:
+    """Script entry point: a readable message and a non-zero exit on bad input."""
+    try:
+        main()
+    except VAEFashionError as error:
+        print(f"\nERROR: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    if "ipykernel" in sys.modules:
+        main(show_plots=True)  # in a notebook an error shows as the cell's exception
+    else:
+        sys.exit(cli())
