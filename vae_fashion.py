@@ -134,6 +134,10 @@ class TrainingDivergedError(VAEFashionError):
     """A loss term became NaN or infinite during training."""
 
 
+class CheckpointMismatchError(VAEFashionError):
+    """The output folder holds a checkpoint made with different settings."""
+
+
 # ---------------------------------------------------------------------------
 # Configuration: the seed's hyper-parameters, overridable from the environment
 # ---------------------------------------------------------------------------
@@ -156,6 +160,11 @@ class Config:
     embed_samples: int = 3000  # seeded test subset for t-SNE and UMAP
     data_dir: str | None = None
     out_dir: str = "vae_outputs_v3"
+    fresh: bool = False  # VAE_FRESH=1: discard a checkpoint made with other settings
+
+
+# Settings that do not change the trained model; a checkpoint may be reused across them.
+NON_TRAINING_FIELDS = {"test_samples", "embed_samples", "data_dir", "out_dir", "fresh"}
 
 
 # field -> (environment variable, type, lower bound, bound inclusive?, upper bound)
@@ -218,6 +227,10 @@ def config_from_env(environ=None) -> Config:
     out_dir = environ.get("VAE_OUT_DIR", "").strip()
     values["data_dir"] = data_dir or None
     values["out_dir"] = out_dir or str(default_out_dir())
+    fresh = environ.get("VAE_FRESH", "").strip()
+    if fresh not in ("", "0", "1"):
+        raise ConfigError(f"VAE_FRESH={fresh!r} must be 0 or 1; set VAE_FRESH=1 to discard an old checkpoint")
+    values["fresh"] = fresh == "1"
     return Config(**values)
 
 
@@ -516,7 +529,7 @@ class Sampling(layers.Layer):
 
     def call(self, inputs):
         z_mean, z_log_var = inputs
-        epsilon = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+        epsilon = keras.random.normal(ops.shape(z_mean), dtype=z_mean.dtype, seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * epsilon
 
     def get_config(self):
@@ -638,7 +651,9 @@ class VAE(keras.Model):
 
     def compute_losses(self, noisy, clean, labels, training=False):
         z_mean, z_log_var, z = self.encoder(noisy, training=training)
-        logits = self.decoder_logits(z, training=training)
+        # Under mixed precision the layers compute in 16 bits; the losses stay float32.
+        z_mean, z_log_var = ops.cast(z_mean, "float32"), ops.cast(z_log_var, "float32")
+        logits = ops.cast(self.decoder_logits(z, training=training), "float32")
         recon = reconstruction_loss(clean, logits)
         kl = kl_divergence(z_mean, z_log_var)
         supcon = supcon_loss(z_mean, labels, self.supcon_temperature)
@@ -700,11 +715,17 @@ def build_vae(config: Config) -> VAE:
     return vae
 
 
-def make_train_dataset(noisy, clean, labels, batch_size: int, seed: int) -> tf.data.Dataset:
-    """Shuffled batches gathered by index from tensors that stay in memory,
-    so no epoch copies the images through a shuffle buffer."""
+def make_train_dataset(noisy, clean, labels, batch_size: int, seed: int, first_epoch: int, epochs: int):
+    """Batches for epochs first_epoch..epochs-1, gathered by index from tensors
+    that stay in memory. Each epoch's order depends only on (seed, epoch), so a
+    resumed run sees the same batches as an uninterrupted one."""
     noisy_t, clean_t = tf.constant(noisy), tf.constant(clean)
     labels_t = tf.constant(labels, dtype=tf.int32)
+    n = len(clean)
+
+    def epoch_order(epoch):
+        keys = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(batch_size)
 
     def gather(index):
         return {
@@ -713,33 +734,145 @@ def make_train_dataset(noisy, clean, labels, batch_size: int, seed: int) -> tf.d
             "label": tf.gather(labels_t, index),
         }
 
-    n = len(clean)
-    indices = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    return indices.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-        tf.data.AUTOTUNE
+    batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_order)
+    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+class EpochHistoryLog(keras.callbacks.Callback):
+    """Writes history.csv after every epoch (before the backup is taken), so
+    the rows of an interrupted run survive and are never duplicated."""
+
+    def __init__(self, path: Path | None, rows: list[dict]):
+        super().__init__()
+        self.path = path
+        self.rows = rows
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.rows.append({"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_COLUMNS[1:] if k in logs}})
+        if self.path is not None:
+            write_csv(self.path, self.frame())
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
+
+
+def training_fingerprint(config: Config) -> dict:
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in NON_TRAINING_FIELDS}
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Training state kept in <out>/checkpoint so a rerun resumes or reuses it."""
+
+    root: Path
+
+    @property
+    def fingerprint(self) -> Path:
+        return self.root / "fingerprint.json"
+
+    @property
+    def backup(self) -> Path:  # keras.callbacks.BackupAndRestore's folder
+        return self.root / "backup"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def weights(self) -> Path:  # present only when training finished
+        return self.root / "vae.weights.h5"
+
+    def resume_epoch(self) -> int:
+        """Epochs completed according to the backup (0 when there is none)."""
+        metadata = self.backup / "training_metadata.json"
+        if not metadata.is_file():
+            return 0
+        return int(json.loads(metadata.read_text())["epoch"])
+
+    def history_rows(self, up_to_epoch: int) -> list[dict]:
+        if not self.history.is_file():
+            return []
+        frame = pd.read_csv(self.history)
+        return frame[frame["epoch"] <= up_to_epoch].to_dict("records")
+
+
+def open_checkpoint(out: Path, config: Config) -> Checkpoint:
+    """Use <out>/checkpoint if it was made with the same settings; refuse to mix
+    settings unless VAE_FRESH=1, which discards the old checkpoint."""
+    import shutil
+
+    checkpoint = Checkpoint(out / "checkpoint")
+    wanted = training_fingerprint(config)
+    if checkpoint.root.exists():
+        try:
+            stored = json.loads(checkpoint.fingerprint.read_text())
+        except (OSError, ValueError):
+            stored = {}
+        differences = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+        if differences and not config.fresh:
+            listed = ", ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in differences.items())
+            raise CheckpointMismatchError(
+                f"{checkpoint.root} holds a training checkpoint made with other settings ({listed}). "
+                "Rerun with the same settings to resume, set VAE_FRESH=1 to discard it and start fresh, "
+                "or choose another VAE_OUT_DIR."
+            )
+        if differences or config.fresh:
+            shutil.rmtree(checkpoint.root)
+    checkpoint.root.mkdir(parents=True, exist_ok=True)
+    write_text(checkpoint.fingerprint, json.dumps(wanted, indent=2) + "\n")
+    return checkpoint
+
+
+def train_vae(
+    vae: VAE, x_noisy, x_clean, labels, config: Config, checkpoint: Checkpoint | None = None, verbose="auto"
+) -> pd.DataFrame:
+    """Stage 4: train; returns one history row per epoch.
+
+    With a checkpoint, training resumes after the last completed epoch
+    (keras.callbacks.BackupAndRestore), and a finished training is loaded
+    instead of repeated. Raises TrainingDivergedError if a loss term becomes
+    NaN or infinite.
+    """
+    if checkpoint is not None:
+        vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # weights load into a built model only
+    if checkpoint is not None and checkpoint.weights.is_file():
+        vae.load_weights(checkpoint.weights)
+        print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
+        return pd.read_csv(checkpoint.history)[HISTORY_COLUMNS]
+    first_epoch = checkpoint.resume_epoch() if checkpoint is not None else 0
+    if first_epoch:
+        print(f"  resuming after epoch {first_epoch} from {checkpoint.backup}")
+    history = EpochHistoryLog(
+        checkpoint.history if checkpoint else None,
+        checkpoint.history_rows(first_epoch) if checkpoint else [],
     )
-
-
-def train_vae(vae: VAE, x_noisy, x_clean, labels, config: Config, verbose="auto") -> pd.DataFrame:
-    """Stage 4: train; returns one history row per epoch. Raises
-    TrainingDivergedError if a loss term becomes NaN or infinite."""
-    dataset = make_train_dataset(x_noisy, x_clean, labels, config.batch_size, config.seed)
     guard = StopOnNonFinite()
-    history = vae.fit(
-        dataset,
-        epochs=config.epochs,
-        callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), guard],
-        verbose=verbose,
-    )
+    callbacks = [BetaWarmup(config.beta_max, config.warmup_epochs), guard, history]
+    if checkpoint is not None:
+        callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint.backup), double_checkpoint=True))
+    if first_epoch < config.epochs:
+        dataset = make_train_dataset(x_noisy, x_clean, labels, config.batch_size, config.seed,
+                                     first_epoch, config.epochs)
+        vae.fit(
+            dataset,
+            epochs=config.epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=math.ceil(len(x_clean) / config.batch_size),
+            callbacks=callbacks,
+            verbose=verbose,
+        )
     if guard.failure is not None:
         term, value, epoch, batch = guard.failure
         raise TrainingDivergedError(
             f"training stopped: {term} became {value} in epoch {epoch}, batch {batch}. "
             "Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX, or check the input data."
         )
-    frame = pd.DataFrame(history.history)
-    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
-    return frame[HISTORY_COLUMNS]
+    if checkpoint is not None:
+        tmp = checkpoint.root / "vae.tmp.weights.h5"
+        vae.save_weights(tmp)
+        os.replace(tmp, checkpoint.weights)
+    return history.frame()
 
 
 # ---------------------------------------------------------------------------
@@ -1139,7 +1272,8 @@ def prepare_output_dir(out_dir) -> Path:
 
 
 def write_run_status(out: Path, status: str, started_at: str, **extra) -> None:
-    record = {"status": status, "started_at": started_at, "updated_at": _now(), **extra}
+    record = {"status": status, "started_at": started_at, "updated_at": _now(), "pid": os.getpid(),
+              "host": platform.node(), **extra}
     write_text(out / "run_status.json", json.dumps(record, indent=2) + "\n")
 
 
@@ -1268,6 +1402,7 @@ def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
     write_text(out / "config.json", json.dumps(effective_config_record(config), indent=2) + "\n")
     timer = StageTimer()
     try:
+        checkpoint = open_checkpoint(out, config)
         with timer.stage("load"):
             data = load_fashion_mnist(config, **search)
             print(f"  {data.source}: train {data.x_train.shape}, test {data.x_test.shape}")
@@ -1278,7 +1413,7 @@ def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
             vae = build_vae(config)
         with timer.stage("train"):
             verbose = 1 if sys.stdout.isatty() else 2
-            history = train_vae(vae, x_noisy_train, data.x_train, data.y_train, config, verbose=verbose)
+            history = train_vae(vae, x_noisy_train, data.x_train, data.y_train, config, checkpoint, verbose)
         with timer.stage("evaluate"):
             evaluation = evaluate(vae, data, x_noisy_train, x_noisy_test, config)
         table, warnings = make_plots_and_reports(vae, data, history, evaluation, config, out, timer, show_plots)

@@ -1,0 +1,75 @@
+"""Configuration from VAE_* environment variables."""
+
+import json
+
+import pytest
+
+import vae_fashion as vf
+
+
+def test_defaults_are_the_seed_hyper_parameters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = vf.config_from_env({})
+    assert (config.latent_dim, config.batch_size, config.epochs) == (16, 256, 20)
+    assert (config.noise_factor, config.gamma_sc) == (0.45, 1.0)
+    assert (config.beta_max, config.warmup_epochs) == (1.0, 8)
+    assert config.train_samples is None and config.test_samples is None
+    assert config.data_dir is None
+    expected = vf.KAGGLE_WORKING / "vae_outputs_v3" if vf.KAGGLE_WORKING.is_dir() else "vae_outputs_v3"
+    assert config.out_dir == str(expected)
+
+
+def test_every_documented_variable_overrides_its_setting():
+    environ = {
+        "VAE_EPOCHS": "3", "VAE_BATCH_SIZE": "64", "VAE_LATENT_DIM": "8", "VAE_NOISE_FACTOR": "0.3",
+        "VAE_GAMMA_SC": "2.5", "VAE_BETA_MAX": "0.5", "VAE_WARMUP_EPOCHS": "0", "VAE_SEED": "7",
+        "VAE_TRAIN_SAMPLES": "1000", "VAE_TEST_SAMPLES": " 500 ", "VAE_DATA_DIR": "/data",
+        "VAE_OUT_DIR": "/out",
+    }
+    config = vf.config_from_env(environ)
+    assert (config.epochs, config.batch_size, config.latent_dim) == (3, 64, 8)
+    assert (config.noise_factor, config.gamma_sc, config.beta_max) == (0.3, 2.5, 0.5)
+    assert (config.warmup_epochs, config.seed) == (0, 7)
+    assert (config.train_samples, config.test_samples) == (1000, 500)
+    assert (config.data_dir, config.out_dir) == ("/data", "/out")
+
+
+def test_empty_variable_means_default():
+    assert vf.config_from_env({"VAE_EPOCHS": "", "VAE_OUT_DIR": " "}).epochs == 20
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("VAE_EPOCHS", "abc", "VAE_EPOCHS='abc' is not a whole number"),
+        ("VAE_EPOCHS", "2.5", "is not a whole number"),
+        ("VAE_EPOCHS", "0", "VAE_EPOCHS='0' is out of range"),
+        ("VAE_NOISE_FACTOR", "-1", "VAE_NOISE_FACTOR='-1' is out of range"),
+        ("VAE_NOISE_FACTOR", "nan", "must be a finite number"),
+        ("VAE_GAMMA_SC", "x", "VAE_GAMMA_SC='x' is not a number"),
+        ("VAE_BATCH_SIZE", "1", "VAE_BATCH_SIZE='1' is out of range"),
+        ("VAE_TEST_SAMPLES", "5", "VAE_TEST_SAMPLES='5' is out of range"),
+        ("VAE_LEARNING_RATE", "0", "must lie in \\(0.0"),
+    ],
+)
+def test_bad_values_name_the_variable_and_the_default(name, value, message):
+    with pytest.raises(vf.ConfigError, match=message) as info:
+        vf.config_from_env({name: value})
+    assert f"unset {name} to use the default" in str(info.value)
+
+
+def test_config_errors_stop_the_script_before_any_work(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setenv("VAE_OUT_DIR", str(out))
+    monkeypatch.setenv("VAE_EPOCHS", "abc")
+    assert vf.cli() == 2
+    assert "ERROR: VAE_EPOCHS='abc' is not a whole number" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_effective_config_record_is_json(monkeypatch):
+    monkeypatch.setenv("VAE_EPOCHS", "4")
+    record = json.loads(json.dumps(vf.effective_config_record(vf.config_from_env())))
+    assert record["config"]["epochs"] == 4
+    assert record["environment_variables"]["VAE_EPOCHS"] == "4"
+    assert record["versions"]["keras"].startswith("3.")

@@ -1,0 +1,222 @@
+"""IDX / CSV loading, dataset search order, preprocessing and noise."""
+
+import gzip
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import vae_fashion as vf
+from conftest import IDX_NAMES, idx_bytes, synthetic_split, write_dataset, write_idx
+
+
+def test_parse_idx_round_trip_images_and_labels():
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    labels = np.array([3, 9], dtype=np.uint8)
+    np.testing.assert_array_equal(vf.parse_idx(idx_bytes(images), expected_ndim=3), images)
+    np.testing.assert_array_equal(vf.parse_idx(idx_bytes(labels), expected_ndim=1), labels)
+
+
+def test_read_idx_reads_raw_and_gzip(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
+    raw = write_idx(tmp_path / "a-idx3-ubyte", images)
+    gz = write_idx(tmp_path / "b-idx3-ubyte", images, gz=True)
+    assert gz.suffix == ".gz"
+    np.testing.assert_array_equal(vf.read_idx(raw), images)
+    np.testing.assert_array_equal(vf.read_idx(gz), images)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "only 0 bytes"),
+        (b"\x00\x00\x0d\x03" + b"\x00" * 12, "bad magic number 0x00000d03"),
+        (b"\x01\x00\x08\x01" + b"\x00" * 4, "bad magic number"),
+        (b"\x00\x00\x08\x03\x00\x00", "truncated header"),
+    ],
+)
+def test_parse_idx_rejects_bad_headers(data, message):
+    with pytest.raises(vf.IDXError, match=message):
+        vf.parse_idx(data, "f")
+
+
+def test_parse_idx_rejects_truncated_and_trailing_bytes():
+    data = idx_bytes(np.zeros((3, 28, 28), np.uint8))
+    with pytest.raises(vf.IDXError, match="f: truncated: .* implies 2368"):
+        vf.parse_idx(data[:-1], "f")
+    with pytest.raises(vf.IDXError, match="f: has trailing bytes"):
+        vf.parse_idx(data + b"\x00", "f")
+
+
+def test_parse_idx_rejects_images_file_given_as_labels():
+    images = idx_bytes(np.zeros((3, 28, 28), np.uint8))
+    with pytest.raises(vf.IDXError, match="3 dimension.*labels \\(idx1\\) were expected"):
+        vf.parse_idx(images, "labels-file", expected_ndim=1)
+
+
+def test_parse_idx_forged_huge_header_does_not_allocate():
+    forged = b"\x00\x00\x08\x03" + (0xFFFFFFFF).to_bytes(4, "big") * 3
+    with pytest.raises(vf.IDXError, match="truncated"):
+        vf.parse_idx(forged + b"\x00" * 10, "forged")
+
+
+def test_read_idx_corrupt_gzip_is_reported(tmp_path):
+    path = tmp_path / "x-idx1-ubyte.gz"
+    good = gzip.compress(idx_bytes(np.zeros(100, np.uint8)))
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(vf.IDXError, match=f"{path}: cannot be read"):
+        vf.read_idx(path)
+
+
+def test_load_idx_folder_checks_shapes_counts_and_labels(tmp_path):
+    folder = write_dataset(tmp_path / "ok", n_train=30, n_test=20)
+    x_train, y_train, x_test, y_test = vf.load_idx_folder(folder)
+    assert x_train.shape == (30, 28, 28) and y_train.dtype == np.int32 and len(y_test) == 20
+
+    # images that are not 28x28
+    write_idx(folder / IDX_NAMES["test_images"], np.zeros((20, 32, 32), np.uint8))
+    with pytest.raises(vf.IDXError, match="t10k-images-idx3-ubyte: images are \\(32, 32\\)"):
+        vf.load_idx_folder(folder)
+
+    # label count differs from image count
+    folder = write_dataset(tmp_path / "count", n_train=30, n_test=20)
+    write_idx(folder / IDX_NAMES["train_labels"], np.zeros(29, np.uint8))
+    with pytest.raises(vf.DatasetError, match="holds 29 labels but .* holds 30 images"):
+        vf.load_idx_folder(folder)
+
+    # a label outside 0-9
+    folder = write_dataset(tmp_path / "range", n_train=30, n_test=20)
+    labels = np.zeros(20, np.uint8)
+    labels[7] = 12
+    write_idx(folder / IDX_NAMES["test_labels"], labels)
+    with pytest.raises(vf.DatasetError, match="label 12 at index 7 is outside 0-9"):
+        vf.load_idx_folder(folder)
+
+
+def test_missing_file_is_named(tmp_path):
+    folder = write_dataset(tmp_path / "d", n_train=20, n_test=20)
+    (folder / IDX_NAMES["train_labels"]).unlink()
+    with pytest.raises(vf.DatasetError, match="missing train-labels-idx1-ubyte"):
+        vf.find_and_load_raw(str(folder))
+
+
+def test_missing_data_dir_names_the_variable(tmp_path):
+    with pytest.raises(vf.DatasetError, match="VAE_DATA_DIR=.*is not a folder"):
+        vf.find_and_load_raw(str(tmp_path / "nope"))
+
+
+def test_idx_files_may_sit_in_same_named_subfolders(tmp_path):
+    # Some Kaggle uploads unpack each file into a folder of the same name.
+    folder = tmp_path / "kaggle"
+    x, y = synthetic_split(20, 0)
+    for key, array in (("train_images", x), ("train_labels", y), ("test_images", x), ("test_labels", y)):
+        (folder / IDX_NAMES[key]).mkdir(parents=True)
+        write_idx(folder / IDX_NAMES[key] / IDX_NAMES[key], array)
+    (x_train, *_rest), source = vf.find_and_load_raw(str(folder))
+    np.testing.assert_array_equal(x_train, x)
+    assert "IDX files" in source
+
+
+def _write_csvs(folder, n=12):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, seed in (("train", 0), ("test", 1)):
+        x, y = synthetic_split(n, seed)
+        frame = pd.DataFrame(x.reshape(n, -1), columns=[f"pixel{i + 1}" for i in range(784)])
+        frame.insert(0, "label", y)
+        frame.to_csv(folder / vf.CSV_FILES[split], index=False)
+    return folder
+
+
+def test_csv_only_folder_is_read(tmp_path):
+    folder = _write_csvs(tmp_path / "csv")
+    (x_train, y_train, x_test, y_test), source = vf.find_and_load_raw(str(folder))
+    expected_x, expected_y = synthetic_split(12, 0)
+    np.testing.assert_array_equal(x_train, expected_x)
+    np.testing.assert_array_equal(y_train, expected_y)
+    assert "CSV" in source and x_test.shape == (12, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda text: text.replace(",", ";"), "1 columns"),
+        (lambda text: text.rsplit("\n", 2)[0] + "\n1,2,3\n", "non-integer or empty cells"),
+        (lambda text: text.replace("\n3,", "\n13,", 1), "labels outside 0-9"),
+        (lambda text: text + "0," + ",".join(["300"] * 784) + "\n", "pixel values outside 0-255"),
+    ],
+)
+def test_malformed_csv_is_reported(tmp_path, mutate, message):
+    folder = _write_csvs(tmp_path / "csv")
+    path = folder / vf.CSV_FILES["train"]
+    path.write_text(mutate(path.read_text()))
+    with pytest.raises(vf.DatasetError, match=message) as info:
+        vf.find_and_load_raw(str(folder))
+    assert "fashion-mnist_train.csv" in str(info.value)
+
+
+def test_search_order_uses_first_complete_folder(tmp_path):
+    partial = write_dataset(tmp_path / "partial", 20, 20)
+    (partial / IDX_NAMES["test_images"]).unlink()
+    first = write_dataset(tmp_path / "first", 30, 20)
+    second = write_dataset(tmp_path / "second", 40, 20)
+    raw, source = vf.find_and_load_raw(search_dirs=[tmp_path / "absent", partial, first, second], download=None)
+    assert len(raw[0]) == 30 and str(first) in source
+
+
+def test_nothing_found_lists_every_place_and_the_three_fixes(tmp_path):
+    partial = write_dataset(tmp_path / "partial", 20, 20)
+    (partial / IDX_NAMES["test_images"]).unlink()
+
+    def offline():
+        raise OSError("no network")
+
+    with pytest.raises(vf.DatasetError) as info:
+        vf.find_and_load_raw(search_dirs=[tmp_path / "absent", partial], download=offline)
+    message = str(info.value)
+    assert str(tmp_path / "absent") in message
+    assert f"{partial} (incomplete: only " in message
+    assert "load_data() (failed: OSError)" in message
+    for fix in ("Add data", "apt-get install dataset-fashion-mnist", "go online"):
+        assert fix in message
+
+
+def test_default_search_order_starts_with_kaggle_and_ends_with_keras_cache():
+    folders = vf.candidate_data_dirs()
+    assert folders[0] == vf.KAGGLE_INPUT / "fashionmnist"
+    assert folders[-2:] == [vf.DEBIAN_DATA_DIR, vf.KERAS_CACHE_DIR.expanduser()]
+
+
+def test_kaggle_walk_finds_nested_dataset(tmp_path):
+    nested = write_dataset(tmp_path / "datasets" / "owner" / "slug", 20, 20, gz=True)
+    _write_csvs(tmp_path / "other" / "csv-only")
+    found = list(vf._kaggle_folders(tmp_path))
+    assert nested in found and tmp_path / "other" / "csv-only" in found
+
+
+def test_load_fashion_mnist_preprocesses_and_takes_first_n(dataset_dir):
+    config = vf.Config(data_dir=str(dataset_dir), train_samples=100, test_samples=50)
+    data = vf.load_fashion_mnist(config)
+    raw_x, raw_y = synthetic_split(600, 0)
+    assert data.x_train.shape == (100, 28, 28, 1) and data.x_train.dtype == np.float32
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    np.testing.assert_allclose(data.x_train[..., 0] * 255.0, raw_x[:100], atol=1e-4)
+    np.testing.assert_array_equal(data.y_train, raw_y[:100])
+    assert data.x_test.shape == (50, 28, 28, 1)
+
+
+def test_sample_count_larger_than_dataset_names_the_variable(dataset_dir):
+    with pytest.raises(vf.ConfigError, match="VAE_TRAIN_SAMPLES=601 is larger than the 600"):
+        vf.load_fashion_mnist(vf.Config(data_dir=str(dataset_dir), train_samples=601))
+
+
+def test_noise_formula_and_seeding():
+    x = np.random.default_rng(3).random((50, 28, 28, 1), dtype=np.float32)
+    noisy = vf.add_noise(x, 0.45, seed=7)
+    expected = np.clip(x + 0.45 * np.random.default_rng(7).standard_normal(x.shape, dtype=np.float32), 0, 1)
+    np.testing.assert_allclose(noisy, expected, rtol=0, atol=1e-6)
+    assert noisy.dtype == np.float32 and noisy.min() >= 0 and noisy.max() <= 1
+    np.testing.assert_array_equal(noisy, vf.add_noise(x, 0.45, seed=7))
+    assert not np.array_equal(noisy, vf.add_noise(x, 0.45, seed=8))
+    # far from the clip bounds the noise has the requested spread
+    grey = np.full((200, 28, 28, 1), 0.5, np.float32)
+    assert abs(np.std(vf.add_noise(grey, 0.05, seed=1) - grey) - 0.05) < 0.002

@@ -1,0 +1,228 @@
+"""Loss terms, warm-up, metric helpers and the model, against independent references."""
+
+import math
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from numpy.lib.stride_tricks import sliding_window_view
+
+import vae_fashion as vf
+
+# ---------------------------------------------------------------- references
+
+
+def supcon_reference(features, labels, temperature):
+    """Khosla et al. 2020, eq. 2 (L_out), written as plain loops."""
+    z = features / np.linalg.norm(features, axis=1, keepdims=True)
+    n = len(z)
+    losses = []
+    for i in range(n):
+        others = [a for a in range(n) if a != i]
+        positives = [p for p in others if labels[p] == labels[i]]
+        if not positives:
+            continue
+        denominator = sum(math.exp(z[i] @ z[a] / temperature) for a in others)
+        losses.append(-np.mean([math.log(math.exp(z[i] @ z[p] / temperature) / denominator) for p in positives]))
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def kl_reference(mean, log_var):
+    """KL between N(mean, diag(var)) and N(0, I) from the general Gaussian formula."""
+    total = 0.0
+    for mu, lv in zip(mean, log_var):
+        cov = np.diag(np.exp(lv))
+        k = len(mu)
+        total += 0.5 * (np.trace(cov) + mu @ mu - k - np.log(np.linalg.det(cov)))
+    return total / len(mean)
+
+
+def ssim_reference(x, y, data_range=1.0, win=7):
+    """Wang et al. 2004 with a 7x7 uniform window and sample covariances, as skimage
+    documents its defaults, averaged over the windows that fit inside the image."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    wx, wy = sliding_window_view(x, (win, win)), sliding_window_view(y, (win, win))
+    n = win * win
+    mx, my = wx.mean(axis=(-1, -2)), wy.mean(axis=(-1, -2))
+    vx = wx.var(axis=(-1, -2)) * n / (n - 1)
+    vy = wy.var(axis=(-1, -2)) * n / (n - 1)
+    cxy = ((wx - mx[..., None, None]) * (wy - my[..., None, None])).sum(axis=(-1, -2)) / (n - 1)
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+# ---------------------------------------------------------------- loss terms
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0])
+def test_supcon_matches_reference(temperature):
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((24, 5)).astype(np.float32)
+    labels = rng.integers(0, 4, 24)
+    ours = float(vf.supcon_loss(features, labels.astype(np.int32), temperature))
+    assert ours == pytest.approx(supcon_reference(features, labels, temperature), rel=1e-4)
+
+
+def test_supcon_skips_anchors_without_positive_and_never_nans():
+    features = np.random.default_rng(1).standard_normal((6, 3)).astype(np.float32)
+    labels = np.array([0, 0, 1, 2, 3, 4], np.int32)  # only anchors 0 and 1 have a positive
+    ours = float(vf.supcon_loss(features, labels, 0.2))
+    assert ours == pytest.approx(supcon_reference(features, labels, 0.2), rel=1e-4)
+    all_distinct = float(vf.supcon_loss(features, np.arange(6, dtype=np.int32), 0.2))
+    assert all_distinct == 0.0
+
+
+def test_supcon_gradient_is_finite_and_pulls_classes_together():
+    labels = tf.constant([0, 0, 1, 1], tf.int32)
+    features = tf.Variable([[1.0, 0.1], [0.2, 1.0], [0.9, 0.3], [0.1, 1.0]])
+    with tf.GradientTape() as tape:
+        loss = vf.supcon_loss(features, labels, 0.1)
+    grad = tape.gradient(loss, features)
+    assert np.all(np.isfinite(grad.numpy()))
+    features.assign_sub(0.05 * grad)
+    assert float(vf.supcon_loss(features, labels, 0.1)) < float(loss)
+
+
+def test_kl_matches_the_general_gaussian_formula():
+    rng = np.random.default_rng(2)
+    mean = rng.standard_normal((8, 16)).astype(np.float32)
+    log_var = rng.normal(0, 0.5, (8, 16)).astype(np.float32)
+    assert float(vf.kl_divergence(mean, log_var)) == pytest.approx(kl_reference(mean, log_var), rel=1e-4)
+    assert float(vf.kl_divergence(np.zeros((3, 4)), np.zeros((3, 4)))) == 0.0
+
+
+def test_reconstruction_loss_is_bce_summed_over_pixels():
+    rng = np.random.default_rng(3)
+    clean = rng.random((4, 28, 28, 1)).astype(np.float32)
+    logits = rng.normal(0, 2, (4, 28, 28, 1)).astype(np.float32)
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    bce = -(clean * np.log(p) + (1 - clean) * np.log(1 - p))
+    expected = bce.reshape(4, -1).sum(axis=1).mean()
+    assert float(vf.reconstruction_loss(clean, logits)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_warmup_is_linear_then_flat():
+    betas = [vf.warmup_beta(epoch, 1.0, 8) for epoch in range(12)]
+    np.testing.assert_allclose(betas[:8], np.arange(1, 9) / 8)
+    assert betas[8:] == [1.0] * 4
+    assert vf.warmup_beta(0, 0.5, 0) == 0.5
+    assert vf.warmup_beta(3, 2.0, 4) == 2.0
+
+
+# ---------------------------------------------------------------- metric helpers
+
+
+def test_image_quality_matches_independent_psnr_and_ssim():
+    rng = np.random.default_rng(4)
+    clean = rng.random((5, 28, 28, 1)).astype(np.float32)
+    noisy = vf.add_noise(clean, 0.3, seed=0)
+    table = vf.image_quality(clean, noisy)
+    for i in range(5):
+        mse = np.mean((clean[i].astype(np.float64) - noisy[i]) ** 2)
+        assert table["mse"][i] == pytest.approx(mse, rel=1e-6)
+        assert table["psnr"][i] == pytest.approx(10 * np.log10(1.0 / mse), rel=1e-6)
+        expected_ssim = ssim_reference(clean[i, ..., 0].astype(np.float64), noisy[i, ..., 0].astype(np.float64))
+        assert table["ssim"][i] == pytest.approx(expected_ssim, abs=1e-6)
+    identical = vf.image_quality(clean, clean)
+    np.testing.assert_allclose(identical["ssim"], 1.0)
+    assert np.all(identical["mse"] == 0) and np.all(np.isinf(identical["psnr"]))
+
+
+def test_denoising_summary_gains():
+    noisy = pd.DataFrame({"mse": [0.04, 0.06], "psnr": [14.0, 12.0], "ssim": [0.3, 0.4]})
+    vae = pd.DataFrame({"mse": [0.01, 0.01], "psnr": [20.0, 20.0], "ssim": [0.7, 0.8]})
+    s = vf.denoising_summary(noisy, vae)
+    assert s["noisy_mse"] == pytest.approx(0.05) and s["vae_psnr"] == pytest.approx(20.0)
+    assert s["mse_improvement_pct"] == pytest.approx(80.0)
+    assert s["psnr_gain_db"] == pytest.approx(7.0)
+    assert s["ssim_gain"] == pytest.approx(0.4)
+
+
+def test_representation_quality_separates_separable_clusters():
+    rng = np.random.default_rng(5)
+    centers = rng.normal(0, 10, (10, 4))
+    y_train, y_test = rng.integers(0, 10, 500), rng.integers(0, 10, 200)
+    z_train = centers[y_train] + rng.normal(0, 0.5, (500, 4))
+    z_test = centers[y_test] + rng.normal(0, 0.5, (200, 4))
+    good = vf.representation_quality(z_train, y_train, z_test, y_test, seed=0)
+    assert good["linear_probe_accuracy"] > 0.95 and good["knn10_accuracy"] > 0.95 and good["silhouette"] > 0.5
+    shuffled = vf.representation_quality(z_train, rng.permutation(y_train), z_test, y_test, seed=0)
+    assert shuffled["knn10_accuracy"] < 0.4 and shuffled["linear_probe_accuracy"] < 0.4
+
+
+def test_interpolation_endpoints_and_midpoint():
+    a, b = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+    path = vf.interpolate_latents(a, b, 5)
+    assert path.shape == (2, 5, 3)
+    np.testing.assert_allclose(path[:, 0], a)
+    np.testing.assert_allclose(path[:, -1], b)
+    np.testing.assert_allclose(path[:, 2], 0.5)
+
+
+# ---------------------------------------------------------------- the model
+
+
+@pytest.fixture(scope="module")
+def small_vae():
+    return vf.build_vae(vf.Config(latent_dim=6, seed=0))
+
+
+def test_model_shapes(small_vae):
+    x = np.random.default_rng(6).random((3, 28, 28, 1)).astype(np.float32)
+    z_mean, z_log_var, z = small_vae.encoder(x)
+    assert z_mean.shape == z_log_var.shape == z.shape == (3, 6)
+    image = small_vae.decoder(z_mean).numpy()
+    assert image.shape == (3, 28, 28, 1) and image.min() >= 0 and image.max() <= 1
+    np.testing.assert_allclose(small_vae(x).numpy(), image, atol=1e-6)
+    assert [m.name for m in small_vae.metrics] == vf.HISTORY_COLUMNS[1:]
+
+
+def test_sampling_layer_draws_from_the_posterior():
+    layer = vf.Sampling(seed=3)
+    mean = np.full((20000, 2), [1.0, -2.0], np.float32)
+    log_var = np.full((20000, 2), [0.0, np.log(0.25)], np.float32)
+    z = layer([mean, log_var]).numpy()
+    np.testing.assert_allclose(z.mean(axis=0), [1.0, -2.0], atol=0.03)
+    np.testing.assert_allclose(z.std(axis=0), [1.0, 0.5], atol=0.03)
+
+
+def test_a_few_train_steps_lower_the_loss():
+    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, learning_rate=3e-3))
+    rng = np.random.default_rng(7)
+    clean = rng.random((32, 28, 28, 1)).astype(np.float32) ** 3
+    batch = {"noisy": vf.add_noise(clean, 0.45, 0), "clean": clean, "label": np.arange(32, dtype=np.int32) % 4}
+    vae.beta.assign(1.0)
+    first = float(vae.compute_losses(batch["noisy"], batch["clean"], batch["label"])["total_loss"])
+    step = tf.function(vae.train_step)
+    for _ in range(40):
+        step(batch)
+    after = vae.compute_losses(batch["noisy"], batch["clean"], batch["label"])
+    assert float(after["total_loss"]) < 0.9 * first
+    assert float(after["recon_loss"]) < first
+
+
+def test_beta_warmup_callback_and_history(tmp_path):
+    config = vf.Config(epochs=3, warmup_epochs=2, batch_size=16, latent_dim=4, seed=0)
+    vae = vf.build_vae(config)
+    x = np.random.default_rng(8).random((40, 28, 28, 1)).astype(np.float32)
+    history = vf.train_vae(vae, x, x, np.arange(40, dtype=np.int32) % 10, config, verbose=0)
+    assert list(history.columns) == vf.HISTORY_COLUMNS
+    np.testing.assert_allclose(history["beta"], [0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(history["epoch"], [1, 2, 3])
+    assert np.all(np.isfinite(history.drop(columns="epoch").to_numpy()))
+
+
+def test_nan_loss_stops_training_and_names_the_term():
+    config = vf.Config(epochs=3, batch_size=8, latent_dim=4, seed=0)
+    vae = vf.build_vae(config)
+    clean = np.random.default_rng(9).random((16, 28, 28, 1)).astype(np.float32)
+    target = clean.copy()
+    target[3, 5, 5, 0] = np.nan
+    with pytest.raises(vf.TrainingDivergedError, match="recon_loss became nan in epoch 1"):
+        vf.train_vae(vae, clean, target, np.zeros(16, np.int32), config, verbose=0)
+
+
+def test_keras_is_version_3():
+    assert keras.__version__.split(".")[0] == "3"
