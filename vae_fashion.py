@@ -96,6 +96,9 @@ OUTPUT_FILES = [
     "06D_latent_tsne_text_tr.png",
     "07_generated_prior.png",
     "08_latent_interpolation.png",
+    "09_generation_quality.png",
+    "10_per_class_denoising.png",
+    "11_latent_traversal.png",
     "A_title_denoising.png",
     "B_title_representation_learning.png",
     "C_title_generation.png",
@@ -104,6 +107,8 @@ OUTPUT_FILES = [
     "metrics.csv",
     "metrics.txt",
     "pca_explained_variance.txt",
+    "encoder.keras",
+    "decoder.keras",
 ]
 # Written last, so a folder holding them is a finished run (see run_status.json).
 RESULT_FILES = ("metrics.csv", "metrics.txt")
@@ -158,13 +163,19 @@ class Config:
     supcon_temperature: float = 0.1
     learning_rate: float = 1e-3
     embed_samples: int = 3000  # seeded test subset for t-SNE and UMAP
+    fresh_noise: int = 1  # 1: new training noise every epoch; 0: one fixed noisy copy (the original)
+    lr_schedule: str = "cosine"  # "cosine" decay to 5 % over the run, or "constant" (the original)
+    precision: str = "auto"  # auto: mixed precision on a GPU, float32 on a CPU
+    cpu_replicas: int = 1  # >1 splits the CPU into logical devices to exercise MirroredStrategy
+    hidden_units: int = 128  # width of the dense layer on each side of the latent
+    gen_metrics: int = 1  # 1: train a small classifier and report Fréchet distances (09_generation_quality.png)
     data_dir: str | None = None
     out_dir: str = "vae_outputs_v3"
     fresh: bool = False  # VAE_FRESH=1: discard a checkpoint made with other settings
 
 
 # Settings that do not change the trained model; a checkpoint may be reused across them.
-NON_TRAINING_FIELDS = {"test_samples", "embed_samples", "data_dir", "out_dir", "fresh"}
+NON_TRAINING_FIELDS = {"test_samples", "embed_samples", "data_dir", "out_dir", "fresh", "gen_metrics"}
 
 
 # field -> (environment variable, type, lower bound, bound inclusive?, upper bound)
@@ -182,6 +193,12 @@ ENV_SETTINGS = {
     "supcon_temperature": ("VAE_SUPCON_TEMPERATURE", float, 0.0, False, 100.0),
     "learning_rate": ("VAE_LEARNING_RATE", float, 0.0, False, 10.0),
     "embed_samples": ("VAE_EMBED_SAMPLES", int, 20, True, 10**7),
+    "fresh_noise": ("VAE_FRESH_NOISE", int, 0, True, 1),
+    "lr_schedule": ("VAE_LR_SCHEDULE", ("cosine", "constant")),
+    "precision": ("VAE_PRECISION", ("auto", "float32", "mixed_float16", "mixed_bfloat16")),
+    "cpu_replicas": ("VAE_CPU_REPLICAS", int, 1, True, 64),
+    "gen_metrics": ("VAE_GEN_METRICS", int, 0, True, 1),
+    "hidden_units": ("VAE_HIDDEN_UNITS", int, 8, True, 8192),
 }
 
 
@@ -192,9 +209,14 @@ def default_out_dir() -> Path:
 
 
 def _parse_setting(field: str, raw: str):
-    name, kind, low, low_inclusive, high = ENV_SETTINGS[field]
+    name, kind, *bounds = ENV_SETTINGS[field]
     default = getattr(Config, field)
     hint = f"unset {name} to use the default ({default})"
+    if isinstance(kind, tuple):  # a choice among words
+        if raw.strip() not in kind:
+            raise ConfigError(f"{name}={raw!r} must be one of {', '.join(kind)}; {hint}")
+        return raw.strip()
+    low, low_inclusive, high = bounds
     try:
         value = int(raw.strip()) if kind is int else float(raw.strip())
     except ValueError:
@@ -536,29 +558,30 @@ class Sampling(layers.Layer):
         return {**super().get_config(), "seed": self.seed}
 
 
-def build_encoder(latent_dim: int, seed: int = 1337) -> keras.Model:
+def build_encoder(latent_dim: int, seed: int = 1337, hidden_units: int = 128) -> keras.Model:
     inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="noisy_image")
     x = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(inputs)
     x = layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
     x = layers.Flatten()(x)
-    x = layers.Dense(128, activation="relu")(x)
-    z_mean = layers.Dense(latent_dim, name="z_mean")(x)
-    z_log_var = layers.Dense(latent_dim, name="z_log_var")(x)
+    x = layers.Dense(hidden_units, activation="relu")(x)
+    # float32 heads: exp(z_log_var) and the KL stay accurate under mixed precision
+    z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(x)
+    z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(x)
     z = Sampling(seed=seed, name="z")([z_mean, z_log_var])
     return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
 
 
-def build_decoder(latent_dim: int) -> keras.Model:
+def build_decoder(latent_dim: int, hidden_units: int = 128) -> keras.Model:
     """Mirror of the encoder. The last layer applies the sigmoid to a named
     'logits' layer, so training can use the stabler BCE-from-logits."""
     latent = keras.Input(shape=(latent_dim,), name="z")
-    x = layers.Dense(128, activation="relu")(latent)
+    x = layers.Dense(hidden_units, activation="relu")(latent)
     x = layers.Dense(7 * 7 * 64, activation="relu")(x)
     x = layers.Reshape((7, 7, 64))(x)
     x = layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu")(x)
     x = layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu")(x)
     logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
-    image = layers.Activation("sigmoid", name="image")(logits)
+    image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
     return keras.Model(latent, image, name="decoder")
 
 
@@ -661,9 +684,13 @@ class VAE(keras.Model):
         return {"total_loss": total, "recon_loss": recon, "kl_loss": kl, "supcon_loss": supcon}
 
     def train_step(self, data):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             losses = self.compute_losses(data["noisy"], data["clean"], data["label"], training=True)
-        grads = tape.gradient(losses["total_loss"], self.trainable_weights)
+            # Replica gradients are summed, so each replica contributes its mean / replicas;
+            # scale_loss is the identity unless a LossScaleOptimizer (float16) is in use.
+            objective = self.optimizer.scale_loss(losses["total_loss"] / replicas)
+        grads = tape.gradient(objective, self.trainable_weights)
         self.optimizer.apply(grads, self.trainable_weights)
         for tracker in self.metrics[:4]:
             tracker.update_state(losses[tracker.name])
@@ -705,36 +732,91 @@ class StopOnNonFinite(keras.callbacks.Callback):
                 return
 
 
-def build_vae(config: Config) -> VAE:
-    """Stage 3: build and compile the VAE."""
+def setup_devices(config: Config) -> tf.distribute.Strategy:
+    """MirroredStrategy over every GPU when there are several (or over logical
+    CPU devices when VAE_CPU_REPLICAS > 1); the default strategy otherwise.
+    Also sets the Keras dtype policy from VAE_PRECISION. Call before building."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if config.cpu_replicas > 1 and not gpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:  # listing logical devices would start TensorFlow, so just try
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_replicas)
+        except RuntimeError as error:
+            if len(tf.config.list_logical_devices("CPU")) < config.cpu_replicas:
+                raise ConfigError(
+                    f"VAE_CPU_REPLICAS={config.cpu_replicas} must be set before TensorFlow starts "
+                    f"({error}); restart the kernel or process"
+                ) from None
+    policy = config.precision
+    if policy == "auto":
+        if gpus:
+            major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))[0]
+            policy = "mixed_bfloat16" if major >= 8 else "mixed_float16"
+        else:
+            policy = "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    if config.cpu_replicas > 1 and not gpus:
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")][: config.cpu_replicas]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    return tf.distribute.get_strategy()
+
+
+def learning_rate_schedule(config: Config, steps_per_epoch: int):
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch), alpha=0.05
+    )
+
+
+def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Strategy | None = None) -> VAE:
+    """Stage 3: build and compile the VAE (inside the strategy's scope)."""
     keras.utils.set_random_seed(config.seed)
-    encoder = build_encoder(config.latent_dim, seed=config.seed)
-    decoder = build_decoder(config.latent_dim)
-    vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, name="vae")
-    vae.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate))
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        encoder = build_encoder(config.latent_dim, config.seed, config.hidden_units)
+        decoder = build_decoder(config.latent_dim, config.hidden_units)
+        vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, name="vae")
+        steps_per_epoch = math.ceil(n_train / config.batch_size)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
+        vae.compile(optimizer=optimizer)
+        vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # build: fit, checkpoints and load_weights need it
     return vae
 
 
-def make_train_dataset(noisy, clean, labels, batch_size: int, seed: int, first_epoch: int, epochs: int):
+def make_train_dataset(
+    noisy, clean, labels, config: Config, first_epoch: int, epochs: int | None = None
+) -> tf.data.Dataset:
     """Batches for epochs first_epoch..epochs-1, gathered by index from tensors
-    that stay in memory. Each epoch's order depends only on (seed, epoch), so a
-    resumed run sees the same batches as an uninterrupted one."""
-    noisy_t, clean_t = tf.constant(noisy), tf.constant(clean)
+    that stay in memory (no per-epoch host copies).
+
+    Each epoch's order, and with fresh_noise its noise, depend only on
+    (seed, epoch, batch), so a resumed run sees the same batches as an
+    uninterrupted one. Without fresh_noise the fixed noisy copy is used.
+    """
+    epochs = config.epochs if epochs is None else epochs
+    clean_t = tf.constant(clean)
+    noisy_t = None if config.fresh_noise else tf.constant(noisy)
     labels_t = tf.constant(labels, dtype=tf.int32)
-    n = len(clean)
+    n, seed = len(clean), tf.constant(config.seed, tf.int64)
 
-    def epoch_order(epoch):
-        keys = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        return tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(batch_size)
+    def epoch_batches(epoch):
+        keys = tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch]))
+        order = tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(config.batch_size)
+        return order.enumerate().map(lambda step, index: (epoch * 1_000_003 + step, index))
 
-    def gather(index):
-        return {
-            "noisy": tf.gather(noisy_t, index),
-            "clean": tf.gather(clean_t, index),
-            "label": tf.gather(labels_t, index),
-        }
+    def gather(step_key, index):
+        x = tf.gather(clean_t, index)
+        if noisy_t is None:
+            noise = tf.random.stateless_normal(tf.shape(x), seed=tf.stack([seed + 1_000_000_007, step_key]))
+            noisy_batch = tf.clip_by_value(x + config.noise_factor * noise, 0.0, 1.0)
+        else:
+            noisy_batch = tf.gather(noisy_t, index)
+        return {"noisy": noisy_batch, "clean": x, "label": tf.gather(labels_t, index)}
 
-    batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_order)
+    batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
     return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
@@ -834,8 +916,6 @@ def train_vae(
     instead of repeated. Raises TrainingDivergedError if a loss term becomes
     NaN or infinite.
     """
-    if checkpoint is not None:
-        vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # weights load into a built model only
     if checkpoint is not None and checkpoint.weights.is_file():
         vae.load_weights(checkpoint.weights)
         print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
@@ -852,8 +932,7 @@ def train_vae(
     if checkpoint is not None:
         callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint.backup), double_checkpoint=True))
     if first_epoch < config.epochs:
-        dataset = make_train_dataset(x_noisy, x_clean, labels, config.batch_size, config.seed,
-                                     first_epoch, config.epochs)
+        dataset = make_train_dataset(x_noisy, x_clean, labels, config, first_epoch)
         vae.fit(
             dataset,
             epochs=config.epochs,
@@ -861,6 +940,7 @@ def train_vae(
             steps_per_epoch=math.ceil(len(x_clean) / config.batch_size),
             callbacks=callbacks,
             verbose=verbose,
+            shuffle=False,  # the dataset shuffles by (seed, epoch) itself
         )
     if guard.failure is not None:
         term, value, epoch, batch = guard.failure
@@ -972,6 +1052,97 @@ def denoising_summary(noisy: pd.DataFrame, vae: pd.DataFrame) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Generation quality: a small classifier's features, Fréchet distances
+# ---------------------------------------------------------------------------
+
+
+def build_classifier(seed: int) -> keras.Model:
+    """A small CNN; its 64-d 'features' layer plays the role Inception plays in FID."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1))
+    x = layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    features = layers.Dense(64, activation="relu", name="features")(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32")(features)
+    model = keras.Model(inputs, outputs, name="fashion_classifier")
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets."""
+    from scipy import linalg
+
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root = linalg.sqrtm(cov_a @ cov_b)
+    if np.iscomplexobj(root):
+        root = root.real
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * root))
+
+
+def normalised_entropy(counts: np.ndarray) -> float:
+    """Shannon entropy of a class histogram divided by log(classes): 1 = uniform."""
+    p = np.asarray(counts, np.float64) / max(1, np.sum(counts))
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum() / np.log(NUM_CLASSES))
+
+
+def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config, epochs: int = 3) -> dict:
+    """Classifier accuracy, Fréchet distances to the clean test images (same N for
+    every set) and the class histogram of prior samples."""
+    classifier = build_classifier(config.seed)
+    classifier.fit(data.x_train, data.y_train, batch_size=256, epochs=epochs, verbose=0)
+    features = keras.Model(classifier.input, classifier.get_layer("features").output)
+    n = min(len(data.x_test), len(data.x_train))
+    rng = np.random.default_rng(config.seed + 3)
+    prior = decode(vae.decoder, rng.standard_normal((n, config.latent_dim)).astype(np.float32))
+
+    def feats(images):
+        return features.predict(images[:n], batch_size=1024, verbose=0)
+
+    reference = feats(data.x_test)
+    prior_probs = classifier.predict(prior, batch_size=1024, verbose=0)
+    counts = np.bincount(prior_probs.argmax(axis=1), minlength=NUM_CLASSES)
+    return {
+        "classifier_test_accuracy": float(classifier.evaluate(data.x_test, data.y_test, verbose=0)[1]),
+        "fd_clean_train": frechet_distance(feats(data.x_train), reference),
+        "fd_vae_reconstruction": frechet_distance(feats(evaluation.denoised), reference),
+        "fd_prior_samples": frechet_distance(feats(prior), reference),
+        "fd_noisy_input": frechet_distance(feats(evaluation.x_noisy_test), reference),
+        "prior_class_entropy": normalised_entropy(counts),
+        "prior_mean_confidence": float(prior_probs.max(axis=1).mean()),
+        "prior_class_counts": counts.tolist(),
+        "fd_samples": n,
+    }
+
+
+def plot_generation_quality(gen: dict, path, show=False):
+    plt = _plt()
+    names = ["clean train\n(floor)", "VAE reconstructions\nof noisy test", "prior samples", "noisy test\n(ceiling)"]
+    keys = ["fd_clean_train", "fd_vae_reconstruction", "fd_prior_samples", "fd_noisy_input"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.2, 1]})
+    bars = ax.bar(names, [gen[k] for k in keys], color=["#2ca02c", "#1f77b4", "#ff7f0e", "#999999"])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_yscale("log")
+    ax.set(title=f"Fréchet distance to clean test images (n={gen['fd_samples']}, classifier features)",
+           xlabel="image set", ylabel="Fréchet distance (log scale, lower is better)")
+    ax.tick_params(axis="x", labelsize=8)
+    ax2.bar(CLASS_NAMES_TR, gen["prior_class_counts"], color="#ff7f0e", label="prior samples")
+    ax2.axhline(gen["fd_samples"] / NUM_CLASSES, color="k", ls="--", lw=1, label="uniform")
+    ax2.set(title=f"Classes of prior samples (entropy {gen['prior_class_entropy']:.2f}, "
+                  f"confidence {gen['prior_mean_confidence']:.2f})", xlabel="predicted class", ylabel="count")
+    ax2.tick_params(axis="x", labelsize=7, rotation=45)
+    ax2.legend()
+    fig.tight_layout()
+    save_figure(fig, Path(path), show)
+
+
+# ---------------------------------------------------------------------------
 # Latent projections: PCA on the whole test set, t-SNE and UMAP on a subset
 # ---------------------------------------------------------------------------
 
@@ -1071,7 +1242,7 @@ def plot_denoising_grid(clean, noisy, denoised, labels, path, per_class: int = 1
     plt = _plt()
     columns = [int(np.flatnonzero(labels == c)[0]) for c in range(NUM_CLASSES) if np.any(labels == c)]
     rows = [("Clean", clean), ("Noisy", noisy), ("Denoised (VAE)", denoised)]
-    fig, axes = plt.subplots(3, len(columns), figsize=(1.4 * len(columns), 4.8), squeeze=False)
+    fig, axes = plt.subplots(3, len(columns), figsize=(1.4 * len(columns), 4.8), squeeze=False, layout="constrained")
     for r, (name, images) in enumerate(rows):
         for c, index in enumerate(columns):
             ax = axes[r][c]
@@ -1105,7 +1276,7 @@ def plot_latent_scatter(coords, labels, title, path, class_names=None, axis_name
 def plot_image_grid(images, title, path, ncols: int = 10, show=False):
     plt = _plt()
     nrows = math.ceil(len(images) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 1.0, nrows * 1.0 + 0.5), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 1.0, nrows * 1.0 + 0.5), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, image in zip(axes.flat, images):
@@ -1118,7 +1289,7 @@ def plot_interpolation(rows, row_labels, path, show=False):
     """rows: (n_pairs, steps, 28, 28, 1) decoded along straight lines in latent space."""
     plt = _plt()
     n_pairs, steps = rows.shape[:2]
-    fig, axes = plt.subplots(n_pairs, steps, figsize=(steps * 1.0, n_pairs * 1.05 + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n_pairs, steps, figsize=(steps * 1.0, n_pairs * 1.05 + 0.6), squeeze=False, layout="constrained")
     for r in range(n_pairs):
         for s in range(steps):
             ax = axes[r][s]
@@ -1130,6 +1301,55 @@ def plot_interpolation(rows, row_labels, path, show=False):
             if r == n_pairs - 1:
                 ax.set_xlabel(f"t={s / (steps - 1):.2f}", fontsize=7)
     fig.suptitle("Latent interpolation: decoder((1-t) z_a + t z_b), z = z_mean of noisy test images")
+    save_figure(fig, Path(path), show)
+
+
+def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
+    """Mean PSNR per class for the noisy input and the VAE output."""
+    plt = _plt()
+    classes = [c for c in range(NUM_CLASSES) if np.any(labels == c)]
+    noisy = [noisy_quality["psnr"][labels == c].mean() for c in classes]
+    vae = [vae_quality["psnr"][labels == c].mean() for c in classes]
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    ax.bar(x - 0.2, noisy, 0.4, label="noisy input", color="#999999")
+    bars = ax.bar(x + 0.2, vae, 0.4, label="VAE: decoder(z_mean)", color="#1f77b4")
+    ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(x, [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes], fontsize=7)
+    ax.set(title="Denoising quality per class (test set)", xlabel="class", ylabel="mean PSNR (dB)")
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, Path(path), show)
+
+
+def latent_traversal(z_mean: np.ndarray, n_directions: int = 5, steps: int = 9, span: float = 2.5):
+    """Latents along the top principal directions of z_mean: mean + t * sd * direction,
+    t from -span to +span. Returns (n_directions, steps, latent_dim) and the variance ratios."""
+    from sklearn.decomposition import PCA
+
+    n_directions = min(n_directions, z_mean.shape[1])
+    pca = PCA(n_components=n_directions).fit(z_mean)
+    t = np.linspace(-span, span, steps)
+    sd = np.sqrt(pca.explained_variance_)
+    grid = pca.mean_[None, None, :] + (t[None, :, None] * sd[:, None, None]) * pca.components_[:, None, :]
+    return grid.astype(np.float32), pca.explained_variance_ratio_
+
+
+def plot_latent_traversal(images, ratios, span, path, show=False):
+    plt = _plt()
+    n_dirs, steps = images.shape[:2]
+    fig, axes = plt.subplots(n_dirs, steps, figsize=(steps * 1.0, n_dirs * 1.1 + 0.8), squeeze=False, layout="constrained")
+    for r in range(n_dirs):
+        for c in range(steps):
+            ax = axes[r][c]
+            ax.imshow(images[r, c].squeeze(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(f"PC{r + 1}\n({100 * ratios[r]:.0f} %)", fontsize=8, rotation=0, ha="right", va="center")
+            if r == n_dirs - 1:
+                ax.set_xlabel(f"{-span + 2 * span * c / (steps - 1):+.1f} sd", fontsize=7)
+    fig.suptitle("Latent traversal: decoder(mean + t·sd·PC_k) along the top principal directions of z_mean")
     save_figure(fig, Path(path), show)
 
 
@@ -1162,6 +1382,24 @@ def interpolation_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> list[tup
     return pairs
 
 
+def save_models(vae: VAE, out: Path) -> None:
+    """encoder.keras (image -> z_mean, z_log_var) and decoder.keras (z -> image).
+
+    Both hold only built-in Keras layers, so keras.models.load_model opens them
+    without this module or any custom-object registration. Sampling is left out
+    of the saved encoder: denoising uses z_mean.
+    """
+    encoder = vae.encoder
+    posterior = keras.Model(
+        encoder.input, [encoder.get_layer("z_mean").output, encoder.get_layer("z_log_var").output],
+        name="encoder",
+    )
+    for model, name in ((posterior, "encoder.keras"), (vae.decoder, "decoder.keras")):
+        tmp = out / f".tmp_{name}"
+        model.save(tmp)
+        os.replace(tmp, out / name)
+
+
 # ---------------------------------------------------------------------------
 # Reports: history, metrics, PCA variance, config, timings, run status
 # ---------------------------------------------------------------------------
@@ -1183,13 +1421,25 @@ METRIC_DEFINITIONS = {
     "knn10_accuracy": ("representation", "", "test accuracy of a 10-nearest-neighbour classifier on the same z_mean split"),
     "silhouette": ("representation", "", "sklearn silhouette_score of test z_mean against the class labels (seeded subset)"),
 }
+GENERATION_DEFINITIONS = {
+    "classifier_test_accuracy": ("generation", "", "test accuracy of the small CNN (3 epochs on clean training images) whose 64-d penultimate features define the Fréchet distances"),
+    "fd_clean_train": ("generation", "", "Fréchet distance between classifier features of clean training images and of clean test images (the floor)"),
+    "fd_vae_reconstruction": ("generation", "", "Fréchet distance of VAE outputs decoder(z_mean(noisy test)) to clean test images"),
+    "fd_prior_samples": ("generation", "", "Fréchet distance of decoder(z), z ~ N(0, I), to clean test images"),
+    "fd_noisy_input": ("generation", "", "Fréchet distance of the noisy test images to clean test images (a ceiling)"),
+    "prior_class_entropy": ("generation", "", "entropy of the classifier's labels for the prior samples / log(10); 1 = every class equally often"),
+    "prior_mean_confidence": ("generation", "", "mean max-softmax probability of the classifier on the prior samples"),
+}
 
 
-def metrics_table(summary: dict, representation: dict, n_test: int) -> pd.DataFrame:
-    values = {**summary, **representation}
+def metrics_table(summary: dict, representation: dict, n_test: int, generation: dict | None = None) -> pd.DataFrame:
+    values = {**summary, **representation, **(generation or {})}
+    definitions = {**METRIC_DEFINITIONS, **(GENERATION_DEFINITIONS if generation else {})}
     rows = []
-    for name, (group, unit, definition) in METRIC_DEFINITIONS.items():
+    for name, (group, unit, definition) in definitions.items():
         n = representation["silhouette_samples"] if name == "silhouette" else n_test
+        if generation and name in GENERATION_DEFINITIONS:
+            n = generation["fd_samples"]
         rows.append({"group": group, "name": name, "value": values[name], "unit": unit,
                      "n_images": n, "definition": definition})
     return pd.DataFrame(rows)
@@ -1220,6 +1470,20 @@ def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: in
         f"kNN (k=10) accuracy:   {v['knn10_accuracy']:.4f}",
         f"silhouette:            {v['silhouette']:.4f}",
         "",
+    ]
+    if "fd_prior_samples" in v:
+        lines += [
+            "Generation quality (Fréchet distance to clean test images, classifier features; lower is better)",
+            f"classifier test accuracy:     {v['classifier_test_accuracy']:.4f}",
+            f"clean training images:        {v['fd_clean_train']:.3f}   (floor)",
+            f"VAE reconstructions:          {v['fd_vae_reconstruction']:.3f}",
+            f"prior samples:                {v['fd_prior_samples']:.3f}",
+            f"noisy test images:            {v['fd_noisy_input']:.3f}   (ceiling)",
+            f"prior samples' class entropy: {v['prior_class_entropy']:.3f} (1 = uniform), "
+            f"mean confidence {v['prior_mean_confidence']:.3f}",
+            "",
+        ]
+    lines += [
         "Definitions",
         "PSNR and SSIM are per-image means over the test set, computed with skimage.metrics "
         "(peak_signal_noise_ratio, structural_similarity) with data_range=1; MSE is the per-image "
@@ -1342,6 +1606,8 @@ def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, s
     with timer.stage("plots: denoising"):
         plot_denoising_grid(data.x_test, evaluation.x_noisy_test, evaluation.denoised, data.y_test,
                             out / "05_denoising_grid.png", show=show)
+        plot_per_class_psnr(evaluation.noisy_quality, evaluation.vae_quality, data.y_test,
+                            out / "10_per_class_denoising.png", show)
     with timer.stage("pca"):
         pca_coords, ratios = project_pca(evaluation.z_mean_test, config.seed)
         axes = (f"PC1 ({100 * ratios[0]:.1f} %)", f"PC2 ({100 * ratios[1]:.1f} %)")
@@ -1376,6 +1642,14 @@ def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, s
         decoded = decode(vae.decoder, path.reshape(-1, config.latent_dim)).reshape(len(pairs), 10, IMAGE_SIZE, IMAGE_SIZE, 1)
         labels = [f"{CLASS_NAMES_TR[data.y_test[i]]} →\n{CLASS_NAMES_TR[data.y_test[j]]}" for i, j in pairs]
         plot_interpolation(decoded, labels, out / "08_latent_interpolation.png", show=show)
+        grid, ratios = latent_traversal(evaluation.z_mean_test)
+        traversal = decode(vae.decoder, grid.reshape(-1, config.latent_dim)).reshape(*grid.shape[:2], IMAGE_SIZE, IMAGE_SIZE, 1)
+        plot_latent_traversal(traversal, ratios, 2.5, out / "11_latent_traversal.png", show)
+    generation = None
+    if config.gen_metrics:
+        with timer.stage("generation quality"):
+            generation = generation_quality(vae, data, evaluation, config)
+            plot_generation_quality(generation, out / "09_generation_quality.png", show)
     with timer.stage("plots: title panels"):
         panels = [
             ("A_title_denoising.png", "Denoising", "Gürültülü görüntü → temiz görüntü"),
@@ -1388,7 +1662,7 @@ def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, s
     with timer.stage("report"):
         write_csv(out / "history.csv", history)
         summary = denoising_summary(evaluation.noisy_quality, evaluation.vae_quality)
-        table = metrics_table(summary, evaluation.representation, len(data.x_test))
+        table = metrics_table(summary, evaluation.representation, len(data.x_test), generation)
         write_csv(out / "metrics.csv", table)
         write_text(out / "metrics.txt", metrics_report(table, config, data.source, len(data.x_train), warnings))
     return table, warnings
@@ -1410,12 +1684,16 @@ def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
             x_noisy_train = add_noise(data.x_train, config.noise_factor, config.seed)
             x_noisy_test = add_noise(data.x_test, config.noise_factor, config.seed + 1)
         with timer.stage("build"):
-            vae = build_vae(config)
+            strategy = setup_devices(config)
+            vae = build_vae(config, len(data.x_train), strategy)
+            print(f"  {strategy.num_replicas_in_sync} replica(s), dtype policy {keras.mixed_precision.global_policy().name}")
         with timer.stage("train"):
             verbose = 1 if sys.stdout.isatty() else 2
             history = train_vae(vae, x_noisy_train, data.x_train, data.y_train, config, checkpoint, verbose)
         with timer.stage("evaluate"):
             evaluation = evaluate(vae, data, x_noisy_train, x_noisy_test, config)
+        with timer.stage("save models"):
+            save_models(vae, out)
         table, warnings = make_plots_and_reports(vae, data, history, evaluation, config, out, timer, show_plots)
     except BaseException as error:
         write_run_status(out, "failed", started_at, error=f"{type(error).__name__}: {error}")

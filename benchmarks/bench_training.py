@@ -94,7 +94,7 @@ def main():
     steps = -(-len(x) // config.batch_size)
 
     def run_ours(epochs):
-        dataset = vf.make_train_dataset(noisy, x, y, config.batch_size, config.seed, 0, epochs)
+        dataset = vf.make_train_dataset(noisy, x, y, config, 0, epochs)
         ours.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0)
 
     def run_reference(epochs):

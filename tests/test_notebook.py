@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import zipfile
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,8 @@ def test_notebook_writes_every_output_with_valid_content(executed_run):
     for name in vf.OUTPUT_FILES:
         if name.endswith(".png"):
             _check_png(out / name)
+    for name in ("encoder.keras", "decoder.keras"):
+        assert zipfile.is_zipfile(out / name), name
 
     history = pd.read_csv(out / "history.csv")
     assert list(history.columns) == vf.HISTORY_COLUMNS
@@ -82,7 +85,7 @@ def test_notebook_writes_every_output_with_valid_content(executed_run):
     assert history["recon_loss"].iloc[-1] < history["recon_loss"].iloc[0]
 
     metrics = pd.read_csv(out / "metrics.csv").set_index("name")
-    assert list(metrics.index) == list(vf.METRIC_DEFINITIONS)
+    assert list(metrics.index) == list(vf.METRIC_DEFINITIONS) + list(vf.GENERATION_DEFINITIONS)
     value = metrics["value"]
     assert (metrics.loc["vae_psnr", "n_images"], metrics.loc["noisy_psnr", "n_images"]) == (150, 150)
     for prefix in ("noisy", "vae"):
@@ -96,6 +99,9 @@ def test_notebook_writes_every_output_with_valid_content(executed_run):
     for name in ("linear_probe_accuracy", "knn10_accuracy"):
         assert 0 <= value[name] <= 1
     assert -1 <= value["silhouette"] <= 1
+    assert 0 <= value["classifier_test_accuracy"] <= 1 and 0 <= value["prior_class_entropy"] <= 1
+    assert value["fd_clean_train"] >= 0 and value["fd_noisy_input"] > value["fd_clean_train"]
+    assert metrics.loc["fd_prior_samples", "n_images"] == 150
 
     report = (out / "metrics.txt").read_text(encoding="utf-8")
     assert f"{value['vae_psnr']:.2f}" in report and f"{value['noisy_ssim']:.4f}" in report

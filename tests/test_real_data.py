@@ -17,7 +17,7 @@ def test_reduced_run_on_real_data_clearly_beats_the_noisy_input():
     assert data.x_train.shape == (20000, 28, 28, 1) and sorted(set(data.y_test.tolist())) == list(range(10))
     x_noisy_train = vf.add_noise(data.x_train, config.noise_factor, config.seed)
     x_noisy_test = vf.add_noise(data.x_test, config.noise_factor, config.seed + 1)
-    vae = vf.build_vae(config)
+    vae = vf.build_vae(config, len(data.x_train))
     history = vf.train_vae(vae, x_noisy_train, data.x_train, data.y_train, config, verbose=0)
     assert history["total_loss"].iloc[-1] < history["total_loss"].iloc[0]
     evaluation = vf.evaluate(vae, data, x_noisy_train, x_noisy_test, config)
@@ -28,3 +28,11 @@ def test_reduced_run_on_real_data_clearly_beats_the_noisy_input():
     assert s["ssim_gain"] > 0.15, s
     assert s["mse_improvement_pct"] > 60, s
     assert evaluation.representation["linear_probe_accuracy"] > 0.6
+
+    generation = vf.generation_quality(vae, data, evaluation, config)
+    assert generation["classifier_test_accuracy"] > 0.8, generation
+    assert generation["fd_samples"] == 2000
+    # floor < reconstructions < noisy input; prior samples are reported, and lie above the floor
+    assert generation["fd_clean_train"] < generation["fd_vae_reconstruction"] < generation["fd_noisy_input"], generation
+    assert generation["fd_prior_samples"] > generation["fd_clean_train"], generation
+    assert 0 < generation["prior_class_entropy"] <= 1 and 0.1 < generation["prior_mean_confidence"] <= 1

@@ -1,0 +1,106 @@
+"""Generation-quality helpers, latent traversal, saved models, devices and precision."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import vae_fashion as vf
+
+
+def test_frechet_distance_matches_gaussian_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(1.0, 2.0, (200_000, 1))
+    b = rng.normal(-0.5, 0.5, (200_000, 1))
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    assert vf.frechet_distance(a, b) == pytest.approx(1.5**2 + 1.5**2, rel=0.01)
+    # independent diagonal Gaussians: sum over dimensions of the 1-D form
+    sd_a, sd_b = np.array([1.0, 2.0, 0.5]), np.array([0.5, 1.0, 1.5])
+    x = rng.normal(0, 1, (200_000, 3)) * sd_a
+    y = rng.normal(0, 1, (200_000, 3)) * sd_b + [1.0, 0.0, 0.0]
+    assert vf.frechet_distance(x, y) == pytest.approx(1.0 + np.sum((sd_a - sd_b) ** 2), rel=0.02)
+    assert vf.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_normalised_entropy():
+    assert vf.normalised_entropy(np.full(10, 7)) == pytest.approx(1.0)
+    assert vf.normalised_entropy(np.eye(10)[3] * 50) == 0.0
+    two = np.zeros(10)
+    two[:2] = 5
+    assert vf.normalised_entropy(two) == pytest.approx(np.log(2) / np.log(10))
+
+
+def test_latent_traversal_is_centred_on_the_mean_along_principal_directions():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1, (2000, 4)) * [3.0, 1.0, 0.5, 0.1] + [1.0, 2.0, 0.0, 0.0]
+    grid, ratios = vf.latent_traversal(z, n_directions=2, steps=5, span=2.0)
+    assert grid.shape == (2, 5, 4)
+    np.testing.assert_allclose(grid[:, 2], np.tile(z.mean(axis=0), (2, 1)), atol=1e-5)
+    step = grid[0, 4] - grid[0, 0]  # 4 sd along PC1, the first axis
+    assert abs(step[0]) == pytest.approx(4 * 3.0, rel=0.05) and np.all(np.abs(step[1:]) < 0.5)
+    assert ratios[0] > ratios[1]
+
+
+def test_saved_models_load_without_this_module_and_reproduce_outputs(tmp_path):
+    vae = vf.build_vae(vf.Config(latent_dim=5, seed=0))
+    vf.save_models(vae, tmp_path)
+    x = np.random.default_rng(2).random((6, 28, 28, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    z_mean, z_log_var, _ = vae.encoder(x)
+    expected = vae.decoder(z_mean).numpy()
+    code = (
+        "import sys, numpy as np, keras\n"
+        "d = sys.argv[1]\n"
+        "encoder = keras.models.load_model(d + '/encoder.keras')\n"
+        "decoder = keras.models.load_model(d + '/decoder.keras')\n"
+        "z_mean, z_log_var = encoder.predict(np.load(d + '/x.npy'), verbose=0)\n"
+        "np.save(d + '/z.npy', z_mean); np.save(d + '/out.npy', decoder.predict(z_mean, verbose=0))\n"
+        "assert 'vae_fashion' not in sys.modules\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=tmp_path, env=env, timeout=300)
+    np.testing.assert_allclose(np.load(tmp_path / "z.npy"), z_mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+
+
+def test_mixed_bfloat16_keeps_losses_in_float32():
+    code = (
+        "import numpy as np, tensorflow as tf, vae_fashion as vf\n"
+        "config = vf.Config(latent_dim=4, precision='mixed_bfloat16', seed=0)\n"
+        "vf.setup_devices(config)\n"
+        "vae = vf.build_vae(config)\n"
+        "x = np.random.default_rng(0).random((32, 28, 28, 1)).astype(np.float32)\n"
+        "batch = {'noisy': x, 'clean': x, 'label': np.arange(32, dtype=np.int32) % 4}\n"
+        "vae.beta.assign(1.0)\n"
+        "before = vae.compute_losses(x, x, batch['label'])\n"
+        "assert all(v.dtype == tf.float32 for v in before.values()), before\n"
+        "step = tf.function(vae.train_step)\n"
+        "logs = [step(batch) for _ in range(15)][-1]\n"
+        "assert vae.decoder.layers[1].compute_dtype == 'bfloat16'\n"
+        "assert np.isfinite(float(logs['total_loss'])) and float(logs['total_loss']) < float(before['total_loss'])\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_two_cpu_replicas_train_under_mirrored_strategy(tmp_path):
+    """The multi-GPU path, exercised on the CPU split into two logical devices."""
+    code = (
+        "import numpy as np, vae_fashion as vf\n"
+        "config = vf.Config(epochs=2, batch_size=32, latent_dim=4, cpu_replicas=2, seed=0)\n"
+        "strategy = vf.setup_devices(config)\n"
+        "assert strategy.num_replicas_in_sync == 2, strategy\n"
+        "vae = vf.build_vae(config, 128, strategy)\n"
+        "x = np.random.default_rng(0).random((128, 28, 28, 1)).astype(np.float32)\n"
+        "history = vf.train_vae(vae, x, x, np.arange(128, dtype=np.int32) % 10, config, verbose=0)\n"
+        "assert np.all(np.isfinite(history.drop(columns='epoch').to_numpy()))\n"
+        "assert history['recon_loss'].iloc[1] < history['recon_loss'].iloc[0]\n"
+        "print('replicas ok', history['recon_loss'].tolist())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=300, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "replicas ok" in result.stdout
