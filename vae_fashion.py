@@ -161,13 +161,13 @@ class Config:
     train_samples: int | None = None  # first N training images; None = all
     test_samples: int | None = None  # first N test images; None = all
     supcon_temperature: float = 0.1
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     embed_samples: int = 3000  # seeded test subset for t-SNE and UMAP
-    fresh_noise: int = 1  # 1: new training noise every epoch; 0: one fixed noisy copy (the original)
+    fresh_noise: int = 0  # 0: one fixed noisy copy (the original); 1: new training noise every epoch
     lr_schedule: str = "cosine"  # "cosine" decay to 5 % over the run, or "constant" (the original)
-    precision: str = "auto"  # auto: mixed precision on a GPU, float32 on a CPU
+    precision: str = "auto"  # auto: mixed precision on a GPU or a CPU with native bfloat16, else float32
     cpu_replicas: int = 1  # >1 splits the CPU into logical devices to exercise MirroredStrategy
-    hidden_units: int = 128  # width of the dense layer on each side of the latent
+    hidden_units: int = 256  # width of the dense layer on each side of the latent (the original: 128)
     gen_metrics: int = 1  # 1: train a small classifier and report Fréchet distances (09_generation_quality.png)
     data_dir: str | None = None
     out_dir: str = "vae_outputs_v3"
@@ -732,6 +732,15 @@ class StopOnNonFinite(keras.callbacks.Callback):
                 return
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """AVX512_BF16 or AMX: oneDNN then runs bfloat16 convolutions about 1.4x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def setup_devices(config: Config) -> tf.distribute.Strategy:
     """MirroredStrategy over every GPU when there are several (or over logical
     CPU devices when VAE_CPU_REPLICAS > 1); the default strategy otherwise.
@@ -753,7 +762,7 @@ def setup_devices(config: Config) -> tf.distribute.Strategy:
             major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))[0]
             policy = "mixed_bfloat16" if major >= 8 else "mixed_float16"
         else:
-            policy = "float32"
+            policy = "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
     keras.mixed_precision.set_global_policy(policy)
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
@@ -1317,7 +1326,8 @@ def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
     ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(x, [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes], fontsize=7)
     ax.set(title="Denoising quality per class (test set)", xlabel="class", ylabel="mean PSNR (dB)")
-    ax.legend(loc="lower right")
+    ax.set_ylim(0, 1.25 * max(max(vae), max(noisy)))
+    ax.legend(loc="upper left", ncol=2)
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, Path(path), show)
 

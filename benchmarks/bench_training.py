@@ -84,12 +84,15 @@ def main():
     args = parser.parse_args()
 
     config = vf.config_from_env()
+    vf.setup_devices(config)  # the same dtype policy (VAE_PRECISION) for both models
     x, y, source = real_shaped_data(args.images)
     noisy = vf.add_noise(x, config.noise_factor, config.seed)
-    print(f"data: {source}, {len(x)} images per round, batch {config.batch_size}, {os.cpu_count()} CPUs")
+    policy = keras.mixed_precision.global_policy().name
+    print(f"data: {source}, {len(x)} images per round, batch {config.batch_size}, {os.cpu_count()} CPUs, {policy}")
 
     ours = vf.build_vae(config)
-    reference = ReferenceVAE(vf.build_encoder(config.latent_dim), vf.build_decoder(config.latent_dim))
+    reference = ReferenceVAE(vf.build_encoder(config.latent_dim, config.seed, config.hidden_units),
+                             vf.build_decoder(config.latent_dim, config.hidden_units))
     reference.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate))
     steps = -(-len(x) // config.batch_size)
 
