@@ -772,9 +772,6 @@ def setup_devices(config: Config) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-STEPS_PER_EXECUTION = 8
-
-
 def learning_rate_schedule(config: Config, steps_per_epoch: int):
     if config.lr_schedule == "constant":
         return config.learning_rate
@@ -793,8 +790,7 @@ def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Str
         vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, name="vae")
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
-        # Several steps per tf.function call: less Python and callback overhead per batch.
-        vae.compile(optimizer=optimizer, steps_per_execution=STEPS_PER_EXECUTION)
+        vae.compile(optimizer=optimizer)
         vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # build: fit, checkpoints and load_weights need it
     return vae
 

@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
 
 import vae_fashion as vf
+from conftest import ROOT
 
 
 def test_frechet_distance_matches_gaussian_closed_forms():

@@ -3,10 +3,10 @@
 import json
 import os
 import re
-import zipfile
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import matplotlib.image as mpimg
 import numpy as np
