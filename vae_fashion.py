@@ -167,6 +167,7 @@ class Config:
     lr_schedule: str = "cosine"  # "cosine" decay to 5 % over the run, or "constant" (the original)
     precision: str = "auto"  # auto: mixed precision on a GPU or a CPU with native bfloat16, else float32
     cpu_replicas: int = 1  # >1 splits the CPU into logical devices to exercise MirroredStrategy
+    classical_samples: int = 1000  # seeded test subset for the TV / non-local-means reference rows
     hidden_units: int = 256  # width of the dense layer on each side of the latent (the original: 128)
     gen_metrics: int = 1  # 1: train a small classifier and report Fréchet distances (09_generation_quality.png)
     data_dir: str | None = None
@@ -175,7 +176,9 @@ class Config:
 
 
 # Settings that do not change the trained model; a checkpoint may be reused across them.
-NON_TRAINING_FIELDS = {"test_samples", "embed_samples", "data_dir", "out_dir", "fresh", "gen_metrics"}
+NON_TRAINING_FIELDS = {
+    "test_samples", "embed_samples", "data_dir", "out_dir", "fresh", "gen_metrics", "classical_samples",
+}
 
 
 # field -> (environment variable, type, lower bound, bound inclusive?, upper bound)
@@ -199,6 +202,7 @@ ENV_SETTINGS = {
     "cpu_replicas": ("VAE_CPU_REPLICAS", int, 1, True, 64),
     "gen_metrics": ("VAE_GEN_METRICS", int, 0, True, 1),
     "hidden_units": ("VAE_HIDDEN_UNITS", int, 8, True, 8192),
+    "classical_samples": ("VAE_CLASSICAL_SAMPLES", int, 1, True, 10**6),
 }
 
 
@@ -1018,6 +1022,38 @@ def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouet
     }
 
 
+# Parameters picked on 200 noisy *training* images (sigma 0.45) from a small grid; see README.
+CLASSICAL_DENOISERS = {
+    "tv_chambolle": "skimage.restoration.denoise_tv_chambolle(noisy, weight=0.2)",
+    "nl_means": "skimage.restoration.denoise_nl_means(noisy, h=0.15*sigma, sigma=noise_factor, "
+    "patch_size=3, patch_distance=2, fast_mode=True)",
+}
+
+
+def classical_references(clean, noisy, denoised, config: Config) -> dict:
+    """PSNR/SSIM/MSE of two training-free denoisers, and of the VAE, on one seeded test subset."""
+    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+
+    subset = embedding_subset(len(clean), config.classical_samples, config.seed + 4)
+    images = noisy[subset, ..., 0].astype(np.float64)
+    sigma = max(config.noise_factor, 1e-3)
+    outputs = {
+        "tv_chambolle": np.stack([denoise_tv_chambolle(x, weight=0.2) for x in images]),
+        "nl_means": np.stack([
+            denoise_nl_means(x, h=0.15 * sigma, sigma=sigma, patch_size=3, patch_distance=2, fast_mode=True)
+            for x in images
+        ]),
+        "vae_subset": denoised[subset],
+        "noisy_subset": noisy[subset],
+    }
+    result = {"classical_samples": int(len(subset))}
+    for method, output in outputs.items():
+        quality = image_quality(clean[subset], output)
+        for column in ("mse", "psnr", "ssim"):
+            result[f"{method}_{column}"] = float(quality[column].mean())
+    return result
+
+
 @dataclasses.dataclass
 class Evaluation:
     x_noisy_test: np.ndarray
@@ -1431,6 +1467,16 @@ METRIC_DEFINITIONS = {
     "knn10_accuracy": ("representation", "", "test accuracy of a 10-nearest-neighbour classifier on the same z_mean split"),
     "silhouette": ("representation", "", "sklearn silhouette_score of test z_mean against the class labels (seeded subset)"),
 }
+CLASSICAL_DEFINITIONS = {
+    f"{method}_{metric}": ("classical", "dB" if metric == "psnr" else "", f"{metric.upper()} of {label} on the seeded classical-reference test subset")
+    for method, label in (
+        ("tv_chambolle", CLASSICAL_DENOISERS["tv_chambolle"]),
+        ("nl_means", CLASSICAL_DENOISERS["nl_means"]),
+        ("vae_subset", "the VAE output decoder(z_mean)"),
+        ("noisy_subset", "the noisy input"),
+    )
+    for metric in ("mse", "psnr", "ssim")
+}
 GENERATION_DEFINITIONS = {
     "classifier_test_accuracy": ("generation", "", "test accuracy of the small CNN (3 epochs on clean training images) whose 64-d penultimate features define the Fréchet distances"),
     "fd_clean_train": ("generation", "", "Fréchet distance between classifier features of clean training images and of clean test images (the floor)"),
@@ -1442,14 +1488,22 @@ GENERATION_DEFINITIONS = {
 }
 
 
-def metrics_table(summary: dict, representation: dict, n_test: int, generation: dict | None = None) -> pd.DataFrame:
-    values = {**summary, **representation, **(generation or {})}
-    definitions = {**METRIC_DEFINITIONS, **(GENERATION_DEFINITIONS if generation else {})}
+def metrics_table(
+    summary: dict, representation: dict, n_test: int, generation: dict | None = None, classical: dict | None = None
+) -> pd.DataFrame:
+    values = {**summary, **representation, **(generation or {}), **(classical or {})}
+    definitions = {
+        **METRIC_DEFINITIONS,
+        **(CLASSICAL_DEFINITIONS if classical else {}),
+        **(GENERATION_DEFINITIONS if generation else {}),
+    }
     rows = []
     for name, (group, unit, definition) in definitions.items():
         n = representation["silhouette_samples"] if name == "silhouette" else n_test
         if generation and name in GENERATION_DEFINITIONS:
             n = generation["fd_samples"]
+        if classical and name in CLASSICAL_DEFINITIONS:
+            n = classical["classical_samples"]
         rows.append({"group": group, "name": name, "value": values[name], "unit": unit,
                      "n_images": n, "definition": definition})
     return pd.DataFrame(rows)
@@ -1481,6 +1535,14 @@ def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: in
         f"silhouette:            {v['silhouette']:.4f}",
         "",
     ]
+    if "tv_chambolle_psnr" in v:
+        n_classical = int(table.loc[table["name"] == "tv_chambolle_psnr", "n_images"].iloc[0])
+        lines += [f"Training-free references on a seeded subset of {n_classical} test images",
+                  f"{'':16}{'MSE':>10}{'PSNR (dB)':>12}{'SSIM':>9}"]
+        for method, label in (("noisy_subset", "noisy input"), ("tv_chambolle", "TV (Chambolle)"),
+                              ("nl_means", "non-local means"), ("vae_subset", "VAE")):
+            lines.append(f"{label:16}{v[method + '_mse']:>10.5f}{v[method + '_psnr']:>12.2f}{v[method + '_ssim']:>9.4f}")
+        lines += [f"- {name}: {definition}" for name, definition in CLASSICAL_DENOISERS.items()] + [""]
     if "fd_prior_samples" in v:
         lines += [
             "Generation quality (Fréchet distance to clean test images, classifier features; lower is better)",
@@ -1655,6 +1717,8 @@ def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, s
         grid, ratios = latent_traversal(evaluation.z_mean_test)
         traversal = decode(vae.decoder, grid.reshape(-1, config.latent_dim)).reshape(*grid.shape[:2], IMAGE_SIZE, IMAGE_SIZE, 1)
         plot_latent_traversal(traversal, ratios, 2.5, out / "11_latent_traversal.png", show)
+    with timer.stage("classical references"):
+        classical = classical_references(data.x_test, evaluation.x_noisy_test, evaluation.denoised, config)
     generation = None
     if config.gen_metrics:
         with timer.stage("generation quality"):
@@ -1672,7 +1736,7 @@ def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, s
     with timer.stage("report"):
         write_csv(out / "history.csv", history)
         summary = denoising_summary(evaluation.noisy_quality, evaluation.vae_quality)
-        table = metrics_table(summary, evaluation.representation, len(data.x_test), generation)
+        table = metrics_table(summary, evaluation.representation, len(data.x_test), generation, classical)
         write_csv(out / "metrics.csv", table)
         write_text(out / "metrics.txt", metrics_report(table, config, data.source, len(data.x_train), warnings))
     return table, warnings

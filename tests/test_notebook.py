@@ -85,7 +85,9 @@ def test_notebook_writes_every_output_with_valid_content(executed_run):
     assert history["recon_loss"].iloc[-1] < history["recon_loss"].iloc[0]
 
     metrics = pd.read_csv(out / "metrics.csv").set_index("name")
-    assert list(metrics.index) == list(vf.METRIC_DEFINITIONS) + list(vf.GENERATION_DEFINITIONS)
+    assert list(metrics.index) == (
+        list(vf.METRIC_DEFINITIONS) + list(vf.CLASSICAL_DEFINITIONS) + list(vf.GENERATION_DEFINITIONS)
+    )
     value = metrics["value"]
     assert (metrics.loc["vae_psnr", "n_images"], metrics.loc["noisy_psnr", "n_images"]) == (150, 150)
     for prefix in ("noisy", "vae"):
@@ -102,6 +104,10 @@ def test_notebook_writes_every_output_with_valid_content(executed_run):
     assert 0 <= value["classifier_test_accuracy"] <= 1 and 0 <= value["prior_class_entropy"] <= 1
     assert value["fd_clean_train"] >= 0 and value["fd_noisy_input"] > value["fd_clean_train"]
     assert metrics.loc["fd_prior_samples", "n_images"] == 150
+    assert metrics.loc["tv_chambolle_psnr", "n_images"] == 150  # min(VAE_CLASSICAL_SAMPLES, test images)
+    assert value["noisy_subset_psnr"] == pytest.approx(value["noisy_psnr"])  # the subset is the whole test set here
+    assert value["tv_chambolle_psnr"] > value["noisy_subset_psnr"]
+    assert "Training-free references on a seeded subset of 150 test images" in (out / "metrics.txt").read_text()
 
     report = (out / "metrics.txt").read_text(encoding="utf-8")
     assert f"{value['vae_psnr']:.2f}" in report and f"{value['noisy_ssim']:.4f}" in report

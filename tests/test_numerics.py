@@ -140,6 +140,20 @@ def test_denoising_summary_gains():
     assert s["ssim_gain"] == pytest.approx(0.4)
 
 
+def test_classical_references_score_the_same_seeded_subset():
+    clean = np.zeros((60, 28, 28, 1), np.float32)
+    clean[:, 6:22, 6:22] = 0.8
+    noisy = vf.add_noise(clean, 0.45, seed=1)
+    config = vf.Config(classical_samples=25, seed=3)
+    result = vf.classical_references(clean, noisy, clean * 0.9 + 0.05, config)
+    subset = vf.embedding_subset(60, 25, config.seed + 4)
+    assert result["classical_samples"] == 25
+    assert result["noisy_subset_psnr"] == pytest.approx(vf.image_quality(clean[subset], noisy[subset])["psnr"].mean())
+    for method in ("tv_chambolle", "nl_means"):
+        assert result[f"{method}_psnr"] > result["noisy_subset_psnr"] + 3, method
+        assert result[f"{method}_ssim"] > result["noisy_subset_ssim"], method
+
+
 def test_representation_quality_separates_separable_clusters():
     rng = np.random.default_rng(5)
     centers = rng.normal(0, 10, (10, 4))
