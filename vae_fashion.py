@@ -1330,23 +1330,31 @@ def plot_image_grid(images, title, path, ncols: int = 10, show=False):
     save_figure(fig, Path(path), show)
 
 
-def plot_interpolation(rows, row_labels, path, show=False):
-    """rows: (n_pairs, steps, 28, 28, 1) decoded along straight lines in latent space."""
+def plot_image_rows(images, row_labels, column_labels, title, path, show=False):
+    """A grid of images (rows, columns, 28, 28, 1) with a label per row and per column."""
     plt = _plt()
-    n_pairs, steps = rows.shape[:2]
-    fig, axes = plt.subplots(n_pairs, steps, figsize=(steps * 1.0, n_pairs * 1.05 + 0.6), squeeze=False, layout="constrained")
-    for r in range(n_pairs):
-        for s in range(steps):
-            ax = axes[r][s]
-            ax.imshow(rows[r, s].squeeze(), cmap="gray", vmin=0, vmax=1)
+    n_rows, n_columns = images.shape[:2]
+    fig, axes = plt.subplots(n_rows, n_columns, figsize=(n_columns * 1.0, n_rows * 1.1 + 0.7),
+                             squeeze=False, layout="constrained")
+    for r in range(n_rows):
+        for c in range(n_columns):
+            ax = axes[r][c]
+            ax.imshow(images[r, c].squeeze(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            if s == 0:
+            if c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
-            if r == n_pairs - 1:
-                ax.set_xlabel(f"t={s / (steps - 1):.2f}", fontsize=7)
-    fig.suptitle("Latent interpolation: decoder((1-t) z_a + t z_b), z = z_mean of noisy test images")
+            if r == n_rows - 1:
+                ax.set_xlabel(column_labels[c], fontsize=7)
+    fig.suptitle(title)
     save_figure(fig, Path(path), show)
+
+
+def plot_interpolation(rows, row_labels, path, show=False):
+    """rows: (n_pairs, steps, 28, 28, 1) decoded along straight lines in latent space."""
+    steps = rows.shape[1]
+    plot_image_rows(rows, row_labels, [f"t={s / (steps - 1):.2f}" for s in range(steps)],
+                    "Latent interpolation: decoder((1-t) z_a + t z_b), z = z_mean of noisy test images", path, show)
 
 
 def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
@@ -1382,21 +1390,14 @@ def latent_traversal(z_mean: np.ndarray, n_directions: int = 5, steps: int = 9, 
 
 
 def plot_latent_traversal(images, ratios, span, path, show=False):
-    plt = _plt()
-    n_dirs, steps = images.shape[:2]
-    fig, axes = plt.subplots(n_dirs, steps, figsize=(steps * 1.0, n_dirs * 1.1 + 0.8), squeeze=False, layout="constrained")
-    for r in range(n_dirs):
-        for c in range(steps):
-            ax = axes[r][c]
-            ax.imshow(images[r, c].squeeze(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(f"PC{r + 1}\n({100 * ratios[r]:.0f} %)", fontsize=8, rotation=0, ha="right", va="center")
-            if r == n_dirs - 1:
-                ax.set_xlabel(f"{-span + 2 * span * c / (steps - 1):+.1f} sd", fontsize=7)
-    fig.suptitle("Latent traversal: decoder(mean + t·sd·PC_k) along the top principal directions of z_mean")
-    save_figure(fig, Path(path), show)
+    steps = images.shape[1]
+    plot_image_rows(
+        images,
+        [f"PC{r + 1}\n({100 * ratio:.0f} %)" for r, ratio in enumerate(ratios)],
+        [f"{-span + 2 * span * c / (steps - 1):+.1f} sd" for c in range(steps)],
+        "Latent traversal: decoder(mean + t·sd·PC_k) along the top principal directions of z_mean",
+        path, show,
+    )
 
 
 def plot_title_panel(title: str, subtitle: str, path, show=False):
