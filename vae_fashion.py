@@ -1124,7 +1124,9 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root = linalg.sqrtm(cov_a @ cov_b)
+    # Dead ReLU units make the covariances singular; a tiny ridge keeps sqrtm well defined.
+    ridge = 1e-6 * np.eye(len(cov_a))
+    root = linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge))
     if np.iscomplexobj(root):
         root = root.real
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * root))
