@@ -1126,7 +1126,8 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     # Dead ReLU units make the covariances singular; a tiny ridge keeps sqrtm well defined.
     ridge = 1e-6 * np.eye(len(cov_a))
-    root = linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge))
+    cov_a, cov_b = cov_a + ridge, cov_b + ridge
+    root = linalg.sqrtm(cov_a @ cov_b)
     if np.iscomplexobj(root):
         root = root.real
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * root))
