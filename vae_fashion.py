@@ -181,7 +181,8 @@ NON_TRAINING_FIELDS = {
 }
 
 
-# field -> (environment variable, type, lower bound, bound inclusive?, upper bound)
+# field -> (environment variable, type, lower bound, lower bound inclusive?, upper bound),
+# or (environment variable, tuple of allowed words)
 ENV_SETTINGS = {
     "epochs": ("VAE_EPOCHS", int, 1, True, 10_000),
     "batch_size": ("VAE_BATCH_SIZE", int, 2, True, 65_536),
@@ -1285,7 +1286,7 @@ def plot_training_curve(history: pd.DataFrame, column: str, title: str, ylabel: 
     save_figure(fig, Path(path), show)
 
 
-def plot_denoising_grid(clean, noisy, denoised, labels, path, per_class: int = 1, show=False):
+def plot_denoising_grid(clean, noisy, denoised, labels, path, show=False):
     """Clean / noisy / denoised rows, one column per class (first test image of each)."""
     plt = _plt()
     columns = [int(np.flatnonzero(labels == c)[0]) for c in range(NUM_CLASSES) if np.any(labels == c)]
