@@ -1024,10 +1024,13 @@ def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouet
 
 
 # Parameters picked on 200 noisy *training* images (sigma 0.45) from a small grid; see README.
+TV_WEIGHT = 0.2
+NLM_PARAMS = {"patch_size": 3, "patch_distance": 2, "fast_mode": True}
+NLM_H_OVER_SIGMA = 0.15
 CLASSICAL_DENOISERS = {
-    "tv_chambolle": "skimage.restoration.denoise_tv_chambolle(noisy, weight=0.2)",
-    "nl_means": "skimage.restoration.denoise_nl_means(noisy, h=0.15*sigma, sigma=noise_factor, "
-    "patch_size=3, patch_distance=2, fast_mode=True)",
+    "tv_chambolle": f"skimage.restoration.denoise_tv_chambolle(noisy, weight={TV_WEIGHT})",
+    "nl_means": f"skimage.restoration.denoise_nl_means(noisy, h={NLM_H_OVER_SIGMA}*sigma, sigma=noise_factor, "
+    + ", ".join(f"{k}={v}" for k, v in NLM_PARAMS.items()) + ")",
 }
 
 
@@ -1039,11 +1042,10 @@ def classical_references(clean, noisy, denoised, config: Config) -> dict:
     images = noisy[subset, ..., 0].astype(np.float64)
     sigma = max(config.noise_factor, 1e-3)
     outputs = {
-        "tv_chambolle": np.stack([denoise_tv_chambolle(x, weight=0.2) for x in images]),
-        "nl_means": np.stack([
-            denoise_nl_means(x, h=0.15 * sigma, sigma=sigma, patch_size=3, patch_distance=2, fast_mode=True)
-            for x in images
-        ]),
+        "tv_chambolle": np.stack([denoise_tv_chambolle(x, weight=TV_WEIGHT) for x in images]),
+        "nl_means": np.stack(
+            [denoise_nl_means(x, h=NLM_H_OVER_SIGMA * sigma, sigma=sigma, **NLM_PARAMS) for x in images]
+        ),
         "vae_subset": denoised[subset],
         "noisy_subset": noisy[subset],
     }
