@@ -16,7 +16,8 @@
 # One cell does everything: it loads Fashion-MNIST, adds Gaussian noise
 # (`clip(x + 0.45*N(0,1), 0, 1)`), trains a variational auto-encoder that maps
 # noisy images to clean ones with the loss
-# `BCE + beta*KL + gamma_sc*SupCon(z_mean)`, then writes metrics, latent-space
+# `BCE + beta*KL + gamma_sc*w*SupCon(z_mean)` (w scales SupCon to the size of
+# the BCE term, so that it can separate the classes), then writes metrics, latent-space
 # plots (PCA / UMAP / t-SNE), prior samples and latent interpolations to
 # `vae_outputs_v3/` (`/kaggle/working/vae_outputs_v3` on Kaggle).
 #
@@ -161,9 +162,12 @@ class Config:
     train_samples: int | None = None  # first N training images; None = all
     test_samples: int | None = None  # first N test images; None = all
     supcon_temperature: float = 0.1
+    # "recon": SupCon is rescaled to the size of the reconstruction term, so GAMMA_SC = 1.0 weighs
+    # class separation equally with reconstruction; "none": raw nats, where 1.0 is ~2 % of the loss (the original)
+    supcon_scale: str = "recon"
     learning_rate: float = 2e-3
     embed_samples: int = 3000  # seeded test subset for t-SNE and UMAP
-    fresh_noise: int = 0  # 0: one fixed noisy copy (the original); 1: new training noise every epoch
+    fresh_noise: int = 1  # 1: new training noise every epoch (stops SupCon fitting one noisy copy); 0: the original
     lr_schedule: str = "cosine"  # "cosine" decay to 5 % over the run, or "constant" (the original)
     precision: str = "auto"  # auto: mixed precision on a GPU or a CPU with native bfloat16, else float32
     cpu_replicas: int = 1  # >1 splits the CPU into logical devices to exercise MirroredStrategy
@@ -195,6 +199,7 @@ ENV_SETTINGS = {
     "train_samples": ("VAE_TRAIN_SAMPLES", int, 2, True, 10**9),
     "test_samples": ("VAE_TEST_SAMPLES", int, 20, True, 10**9),
     "supcon_temperature": ("VAE_SUPCON_TEMPERATURE", float, 0.0, False, 100.0),
+    "supcon_scale": ("VAE_SUPCON_SCALE", ("recon", "none")),
     "learning_rate": ("VAE_LEARNING_RATE", float, 0.0, False, 10.0),
     "embed_samples": ("VAE_EMBED_SAMPLES", int, 20, True, 10**7),
     "fresh_noise": ("VAE_FRESH_NOISE", int, 0, True, 1),
@@ -634,6 +639,21 @@ def supcon_loss(features, labels, temperature: float = 0.1):
     return ops.sum(ops.where(has_positive, per_anchor, 0.0)) / ops.maximum(n_anchors, 1.0)
 
 
+def supcon_weight(recon, supcon, gamma_sc: float, scale: str = "recon"):
+    """The factor SupCon is multiplied by in the total loss.
+
+    "none": gamma_sc, in raw nats (the original; next to a BCE of ~240 nats per
+    image, SupCon's ~5 nats then barely move the encoder). "recon": gamma_sc *
+    recon / SupCon, held constant in the gradient, so the term's size is
+    gamma_sc times the reconstruction term's. The divisor is floored at 1 nat so
+    that a batch in which SupCon is nearly solved (few positives) cannot blow up
+    the weight.
+    """
+    if scale == "none":
+        return gamma_sc
+    return gamma_sc * ops.stop_gradient(recon / ops.maximum(supcon, 1.0))
+
+
 def warmup_beta(epoch: int, beta_max: float, warmup_epochs: int) -> float:
     """Linear KL warm-up: beta_max * (epoch + 1) / warmup_epochs, capped at beta_max.
 
@@ -646,15 +666,16 @@ def warmup_beta(epoch: int, beta_max: float, warmup_epochs: int) -> float:
 
 
 class VAE(keras.Model):
-    """Denoising VAE trained on BCE + beta * KL + gamma_sc * SupCon(z_mean)."""
+    """Denoising VAE trained on BCE + beta * KL + gamma_sc * w * SupCon(z_mean); see supcon_weight()."""
 
-    def __init__(self, encoder, decoder, gamma_sc=1.0, supcon_temperature=0.1, **kwargs):
+    def __init__(self, encoder, decoder, gamma_sc=1.0, supcon_temperature=0.1, supcon_scale="recon", **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.decoder = decoder
         self.decoder_logits = keras.Model(decoder.input, decoder.get_layer("logits").output)
         self.gamma_sc = float(gamma_sc)
         self.supcon_temperature = float(supcon_temperature)
+        self.supcon_scale = supcon_scale
         self.beta = keras.Variable(0.0, trainable=False, name="beta", dtype="float32")
         self.total_loss_tracker = keras.metrics.Mean(name="total_loss")
         self.recon_loss_tracker = keras.metrics.Mean(name="recon_loss")
@@ -685,7 +706,7 @@ class VAE(keras.Model):
         recon = reconstruction_loss(clean, logits)
         kl = kl_divergence(z_mean, z_log_var)
         supcon = supcon_loss(z_mean, labels, self.supcon_temperature)
-        total = recon + self.beta * kl + self.gamma_sc * supcon
+        total = recon + self.beta * kl + supcon_weight(recon, supcon, self.gamma_sc, self.supcon_scale) * supcon
         return {"total_loss": total, "recon_loss": recon, "kl_loss": kl, "supcon_loss": supcon}
 
     def train_step(self, data):
@@ -792,7 +813,7 @@ def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Str
     with strategy.scope():
         encoder = build_encoder(config.latent_dim, config.seed, config.hidden_units)
         decoder = build_decoder(config.latent_dim, config.hidden_units)
-        vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, name="vae")
+        vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, config.supcon_scale, name="vae")
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
         vae.compile(optimizer=optimizer)
@@ -1525,7 +1546,9 @@ def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: in
         f"data: {source}; {n_train} training and {n_test} test images",
         f"noise: x_noisy = clip(x + {config.noise_factor} * N(0,1), 0, 1), test noise drawn once (seed {config.seed + 1})",
         f"model: latent_dim={config.latent_dim}, epochs={config.epochs}, batch_size={config.batch_size}, "
-        f"gamma_sc={config.gamma_sc}, beta_max={config.beta_max}, warmup_epochs={config.warmup_epochs}",
+        f"gamma_sc={config.gamma_sc} (supcon_scale={config.supcon_scale}), beta_max={config.beta_max}, "
+        f"warmup_epochs={config.warmup_epochs}, training noise: "
+        + ("new every epoch" if config.fresh_noise else "one fixed noisy copy"),
         "",
         "Denoising (the VAE output is decoder(z_mean), the deterministic mean of the posterior)",
         f"{'':16}{'MSE':>10}{'PSNR (dB)':>12}{'SSIM':>9}",
@@ -1674,7 +1697,7 @@ def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, s
     warnings = []
     with timer.stage("plots: training curves"):
         curves = [
-            ("total_loss", "01_train_total_loss.png", "Training loss: total = recon + beta*KL + gamma_sc*SupCon", "nats per image"),
+            ("total_loss", "01_train_total_loss.png", "Training loss: total = recon + beta*KL + gamma_sc*w*SupCon", "nats per image"),
             ("recon_loss", "02_train_recon_loss.png", "Reconstruction loss (BCE, clean vs recon, summed over pixels)", "nats per image"),
             ("kl_loss", "03_train_kl_loss.png", "KL divergence to N(0, I)", "nats per image"),
             ("supcon_loss", "03B_train_supcon_loss.png", "Supervised contrastive loss on z_mean", "loss"),

@@ -85,6 +85,40 @@ def test_supcon_gradient_is_finite_and_pulls_classes_together():
     assert float(vf.supcon_loss(features, labels, 0.1)) < float(loss)
 
 
+def test_supcon_weight_rescales_to_the_reconstruction_term_without_a_gradient_through_it():
+    rng = np.random.default_rng(11)
+    features = tf.Variable(rng.normal(size=(12, 5)).astype(np.float32))
+    labels = np.arange(12) % 3
+    with tf.GradientTape(persistent=True) as tape:
+        recon = 200.0 + tf.reduce_sum(tf.square(features))  # depends on the features too
+        supcon = vf.supcon_loss(features, labels, 0.1)
+        scaled = vf.supcon_weight(recon, supcon, 0.5, "recon") * supcon
+    r, c = float(recon), float(supcon)
+    assert c > 1.0
+    np.testing.assert_allclose(float(scaled), 0.5 * r, rtol=1e-5)  # the term is half the reconstruction
+    expected = 0.5 * r / c * tape.gradient(supcon, features).numpy()
+    np.testing.assert_allclose(tape.gradient(scaled, features).numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert vf.supcon_weight(recon, supcon, 0.5, "none") == 0.5
+    # A nearly solved SupCon (below 1 nat) is not divided by: the weight stays gamma * recon.
+    np.testing.assert_allclose(float(vf.supcon_weight(tf.constant(240.0), tf.constant(0.01), 1.0)), 240.0)
+
+
+def test_total_loss_combines_the_terms():
+    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, gamma_sc=0.5))
+    rng = np.random.default_rng(12)
+    clean = rng.random((16, 28, 28, 1)).astype(np.float32)
+    labels = np.arange(16, dtype=np.int32) % 4
+    vae.beta.assign(0.25)
+    losses = {k: float(v) for k, v in vae.compute_losses(vf.add_noise(clean, 0.45, 0), clean, labels).items()}
+    assert losses["supcon_loss"] > 1.0
+    expected = losses["recon_loss"] * 1.5 + 0.25 * losses["kl_loss"]
+    np.testing.assert_allclose(losses["total_loss"], expected, rtol=1e-5)
+    vae.supcon_scale = "none"
+    raw = {k: float(v) for k, v in vae.compute_losses(vf.add_noise(clean, 0.45, 0), clean, labels).items()}
+    expected = raw["recon_loss"] + 0.25 * raw["kl_loss"] + 0.5 * raw["supcon_loss"]
+    np.testing.assert_allclose(raw["total_loss"], expected, rtol=1e-5)
+
+
 def test_kl_matches_the_general_gaussian_formula():
     rng = np.random.default_rng(2)
     mean = rng.standard_normal((8, 16)).astype(np.float32)
