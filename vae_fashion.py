@@ -155,14 +155,14 @@ class Config:
     batch_size: int = 256
     latent_dim: int = 16
     noise_factor: float = 0.45
-    gamma_sc: float = 1.0
+    gamma_sc: float = 0.25  # with supcon_scale='recon': SupCon weighs a quarter of the BCE (the original: 1.0, raw)
     beta_max: float = 1.0
     warmup_epochs: int = 8
     seed: int = 42
     train_samples: int | None = None  # first N training images; None = all
     test_samples: int | None = None  # first N test images; None = all
     supcon_temperature: float = 0.1
-    # "recon": SupCon is rescaled to the size of the reconstruction term, so GAMMA_SC = 1.0 weighs
+    # "recon": SupCon is rescaled to the size of the reconstruction term, so GAMMA_SC = 1.0 would weigh
     # class separation equally with reconstruction; "none": raw nats, where 1.0 is ~2 % of the loss (the original)
     supcon_scale: str = "recon"
     learning_rate: float = 2e-3
