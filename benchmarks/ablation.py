@@ -1,0 +1,113 @@
+"""Train + evaluate one variant of the model and print its figures on one line.
+
+The README's ablation figures come from this script and from full runs. Settings
+come from the usual VAE_* variables (VAE_GAMMA_SC, VAE_SUPCON_SCALE,
+VAE_FRESH_NOISE, VAE_EPOCHS, ...); the variants the pipeline has no setting for
+are patched in here with ABL_* variables:
+
+    ABL_ENCODER=64,128   filters of the two stride-2 encoder convolutions (default 32,64)
+    ABL_DECODER=128,64   filters of the two transposed decoder convolutions (default 64,32)
+    ABL_HEAD=64          SupCon on a 2-layer projection head of z_mean instead of z_mean itself
+
+    VAE_GAMMA_SC=1.0 python benchmarks/ablation.py scaled-1.0
+    VAE_EPOCHS=6 VAE_WARMUP_EPOCHS=3 VAE_SUPCON_SCALE=none VAE_GAMMA_SC=50 ABL_HEAD=64 python benchmarks/ablation.py head
+
+It also reports the PSNR of averaging the decoder over 8 posterior samples
+instead of decoding z_mean. No output folder is written.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+import vae_fashion as vf  # noqa: E402
+
+ENCODER = [int(f) for f in os.environ.get("ABL_ENCODER", "32,64").split(",")]
+DECODER = [int(f) for f in os.environ.get("ABL_DECODER", "64,32").split(",")]
+HEAD = int(os.environ.get("ABL_HEAD", "0"))
+
+
+def build_encoder(latent_dim, seed=1337, hidden_units=128):
+    inputs = keras.Input(shape=(28, 28, 1), name="noisy_image")
+    x = inputs
+    for filters in ENCODER:
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(x)
+    x = layers.Dense(hidden_units, activation="relu")(layers.Flatten()(x))
+    z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(x)
+    z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(x)
+    z = vf.Sampling(seed=seed, name="z")([z_mean, z_log_var])
+    return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
+
+
+def build_decoder(latent_dim, hidden_units=128):
+    latent = keras.Input(shape=(latent_dim,), name="z")
+    x = layers.Dense(hidden_units, activation="relu")(latent)
+    x = layers.Reshape((7, 7, DECODER[0]))(layers.Dense(7 * 7 * DECODER[0], activation="relu")(x))
+    for filters in DECODER:
+        x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")(x)
+    logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
+    image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
+    return keras.Model(latent, image, name="decoder")
+
+
+class HeadVAE(vf.VAE):
+    """SupCon on head(z_mean); the head is thrown away after training."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head = keras.Sequential([layers.Dense(HEAD, activation="relu"), layers.Dense(HEAD, dtype="float32")])
+
+    def compute_losses(self, noisy, clean, labels, training=False):
+        z_mean, z_log_var, z = self.encoder(noisy, training=training)
+        z_mean, z_log_var = ops.cast(z_mean, "float32"), ops.cast(z_log_var, "float32")
+        logits = ops.cast(self.decoder_logits(z, training=training), "float32")
+        recon = vf.reconstruction_loss(clean, logits)
+        kl = vf.kl_divergence(z_mean, z_log_var)
+        supcon = vf.supcon_loss(self.head(z_mean), labels, self.supcon_temperature)
+        total = recon + self.beta * kl + vf.supcon_weight(recon, supcon, self.gamma_sc, self.supcon_scale) * supcon
+        return {"total_loss": total, "recon_loss": recon, "kl_loss": kl, "supcon_loss": supcon}
+
+
+def main():
+    vf.build_encoder, vf.build_decoder = build_encoder, build_decoder
+    if HEAD:
+        vf.VAE = HeadVAE
+    config = vf.config_from_env()
+    vf.setup_devices(config)
+    data = vf.load_fashion_mnist(config)
+    noisy_train = vf.add_noise(data.x_train, config.noise_factor, config.seed)
+    noisy_test = vf.add_noise(data.x_test, config.noise_factor, config.seed + 1)
+    vae = vf.build_vae(config, len(data.x_train))
+    if HEAD:  # build the head's variables before the optimizer sees the weights
+        vae.compute_losses(noisy_train[:4], data.x_train[:4], data.y_train[:4])
+    began = time.perf_counter()
+    history = vf.train_vae(vae, noisy_train, data.x_train, data.y_train, config, verbose=0)
+    train_s = time.perf_counter() - began
+    evaluation = vf.evaluate(vae, data, noisy_train, noisy_test, config)
+    summary = vf.denoising_summary(evaluation.noisy_quality, evaluation.vae_quality)
+    z_mean, z_log_var = vf.encode(vae.encoder, noisy_test)
+    rng = np.random.default_rng(0)
+    samples = [z_mean + np.exp(0.5 * z_log_var) * rng.standard_normal(z_mean.shape).astype(np.float32) for _ in range(8)]
+    averaged = vf.image_quality(data.x_test, np.mean([vf.decode(vae.decoder, z) for z in samples], axis=0))
+    figures = {
+        "psnr": round(summary["vae_psnr"], 3), "ssim": round(summary["vae_ssim"], 4),
+        "psnr_avg8": round(float(averaged.psnr.mean()), 3),
+        **{k: round(v, 4) for k, v in evaluation.representation.items() if k != "silhouette_samples"},
+        "kl_end": round(float(history.kl_loss.iloc[-1]), 2), "supcon_end": round(float(history.supcon_loss.iloc[-1]), 3),
+        "train_s": round(train_s, 1), "parameters": vae.encoder.count_params() + vae.decoder.count_params(),
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("VAE_", "ABL_"))},
+    }
+    print("RESULT", sys.argv[1] if len(sys.argv) > 1 else "", json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()
