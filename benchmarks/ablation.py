@@ -8,6 +8,7 @@ are patched in here with ABL_* variables:
     ABL_ENCODER=64,128   filters of the two stride-2 encoder convolutions (default 32,64)
     ABL_DECODER=128,64   filters of the two transposed decoder convolutions (default 64,32)
     ABL_HEAD=64          SupCon on a 2-layer projection head of z_mean instead of z_mean itself
+    ABL_ACTIVATION=silu  activation of the hidden layers (default relu)
 
     VAE_GAMMA_SC=1.0 python benchmarks/ablation.py scaled-1.0
     VAE_EPOCHS=6 VAE_WARMUP_EPOCHS=3 VAE_SUPCON_SCALE=none VAE_GAMMA_SC=50 ABL_HEAD=64 python benchmarks/ablation.py head
@@ -34,14 +35,15 @@ import vae_fashion as vf  # noqa: E402
 ENCODER = [int(f) for f in os.environ.get("ABL_ENCODER", "32,64").split(",")]
 DECODER = [int(f) for f in os.environ.get("ABL_DECODER", "64,32").split(",")]
 HEAD = int(os.environ.get("ABL_HEAD", "0"))
+ACTIVATION = os.environ.get("ABL_ACTIVATION", "relu")
 
 
 def build_encoder(latent_dim, seed=1337, hidden_units=128):
     inputs = keras.Input(shape=(28, 28, 1), name="noisy_image")
     x = inputs
     for filters in ENCODER:
-        x = layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(x)
-    x = layers.Dense(hidden_units, activation="relu")(layers.Flatten()(x))
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", activation=ACTIVATION)(x)
+    x = layers.Dense(hidden_units, activation=ACTIVATION)(layers.Flatten()(x))
     z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(x)
     z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(x)
     z = vf.Sampling(seed=seed, name="z")([z_mean, z_log_var])
@@ -50,10 +52,10 @@ def build_encoder(latent_dim, seed=1337, hidden_units=128):
 
 def build_decoder(latent_dim, hidden_units=128):
     latent = keras.Input(shape=(latent_dim,), name="z")
-    x = layers.Dense(hidden_units, activation="relu")(latent)
-    x = layers.Reshape((7, 7, DECODER[0]))(layers.Dense(7 * 7 * DECODER[0], activation="relu")(x))
+    x = layers.Dense(hidden_units, activation=ACTIVATION)(latent)
+    x = layers.Reshape((7, 7, DECODER[0]))(layers.Dense(7 * 7 * DECODER[0], activation=ACTIVATION)(x))
     for filters in DECODER:
-        x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")(x)
+        x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation=ACTIVATION)(x)
     logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
     image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
     return keras.Model(latent, image, name="decoder")
