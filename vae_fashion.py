@@ -568,12 +568,15 @@ class Sampling(layers.Layer):
         return {**super().get_config(), "seed": self.seed}
 
 
-def build_encoder(latent_dim: int, seed: int = 1337, hidden_units: int = 128) -> keras.Model:
+def build_encoder(
+    latent_dim: int, seed: int = 1337, hidden_units: int = 128, filters=(32, 64), activation: str = "relu"
+) -> keras.Model:
     inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="noisy_image")
-    x = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(inputs)
-    x = layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
+    x = inputs
+    for width in filters:
+        x = layers.Conv2D(width, 3, strides=2, padding="same", activation=activation)(x)
     x = layers.Flatten()(x)
-    x = layers.Dense(hidden_units, activation="relu")(x)
+    x = layers.Dense(hidden_units, activation=activation)(x)
     # float32 heads: exp(z_log_var) and the KL stay accurate under mixed precision
     z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(x)
     z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(x)
@@ -581,15 +584,17 @@ def build_encoder(latent_dim: int, seed: int = 1337, hidden_units: int = 128) ->
     return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
 
 
-def build_decoder(latent_dim: int, hidden_units: int = 128) -> keras.Model:
+def build_decoder(
+    latent_dim: int, hidden_units: int = 128, filters=(64, 32), activation: str = "relu"
+) -> keras.Model:
     """Mirror of the encoder. The last layer applies the sigmoid to a named
     'logits' layer, so training can use the stabler BCE-from-logits."""
     latent = keras.Input(shape=(latent_dim,), name="z")
-    x = layers.Dense(hidden_units, activation="relu")(latent)
-    x = layers.Dense(7 * 7 * 64, activation="relu")(x)
-    x = layers.Reshape((7, 7, 64))(x)
-    x = layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu")(x)
-    x = layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu")(x)
+    x = layers.Dense(hidden_units, activation=activation)(latent)
+    x = layers.Dense(7 * 7 * filters[0], activation=activation)(x)
+    x = layers.Reshape((7, 7, filters[0]))(x)
+    for width in filters:
+        x = layers.Conv2DTranspose(width, 3, strides=2, padding="same", activation=activation)(x)
     logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
     image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
     return keras.Model(latent, image, name="decoder")
@@ -705,9 +710,13 @@ class VAE(keras.Model):
         logits = ops.cast(self.decoder_logits(z, training=training), "float32")
         recon = reconstruction_loss(clean, logits)
         kl = kl_divergence(z_mean, z_log_var)
-        supcon = supcon_loss(z_mean, labels, self.supcon_temperature)
+        supcon = supcon_loss(self.supcon_features(z_mean), labels, self.supcon_temperature)
         total = recon + self.beta * kl + supcon_weight(recon, supcon, self.gamma_sc, self.supcon_scale) * supcon
         return {"total_loss": total, "recon_loss": recon, "kl_loss": kl, "supcon_loss": supcon}
+
+    def supcon_features(self, z_mean):
+        """What SupCon compares: z_mean itself (a subclass may add a projection head)."""
+        return z_mean
 
     def train_step(self, data):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync

@@ -17,6 +17,7 @@ It also reports the PSNR of averaging the decoder over 8 posterior samples
 instead of decoding z_mean. No output folder is written.
 """
 
+import functools
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from keras import layers, ops  # noqa: E402
+from keras import layers  # noqa: E402
 
 import vae_fashion as vf  # noqa: E402
 
@@ -38,29 +39,6 @@ HEAD = int(os.environ.get("ABL_HEAD", "0"))
 ACTIVATION = os.environ.get("ABL_ACTIVATION", "relu")
 
 
-def build_encoder(latent_dim, seed=1337, hidden_units=128):
-    inputs = keras.Input(shape=(28, 28, 1), name="noisy_image")
-    x = inputs
-    for filters in ENCODER:
-        x = layers.Conv2D(filters, 3, strides=2, padding="same", activation=ACTIVATION)(x)
-    x = layers.Dense(hidden_units, activation=ACTIVATION)(layers.Flatten()(x))
-    z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(x)
-    z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(x)
-    z = vf.Sampling(seed=seed, name="z")([z_mean, z_log_var])
-    return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
-
-
-def build_decoder(latent_dim, hidden_units=128):
-    latent = keras.Input(shape=(latent_dim,), name="z")
-    x = layers.Dense(hidden_units, activation=ACTIVATION)(latent)
-    x = layers.Reshape((7, 7, DECODER[0]))(layers.Dense(7 * 7 * DECODER[0], activation=ACTIVATION)(x))
-    for filters in DECODER:
-        x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation=ACTIVATION)(x)
-    logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
-    image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
-    return keras.Model(latent, image, name="decoder")
-
-
 class HeadVAE(vf.VAE):
     """SupCon on head(z_mean); the head is thrown away after training."""
 
@@ -68,19 +46,14 @@ class HeadVAE(vf.VAE):
         super().__init__(*args, **kwargs)
         self.head = keras.Sequential([layers.Dense(HEAD, activation="relu"), layers.Dense(HEAD, dtype="float32")])
 
-    def compute_losses(self, noisy, clean, labels, training=False):
-        z_mean, z_log_var, z = self.encoder(noisy, training=training)
-        z_mean, z_log_var = ops.cast(z_mean, "float32"), ops.cast(z_log_var, "float32")
-        logits = ops.cast(self.decoder_logits(z, training=training), "float32")
-        recon = vf.reconstruction_loss(clean, logits)
-        kl = vf.kl_divergence(z_mean, z_log_var)
-        supcon = vf.supcon_loss(self.head(z_mean), labels, self.supcon_temperature)
-        total = recon + self.beta * kl + vf.supcon_weight(recon, supcon, self.gamma_sc, self.supcon_scale) * supcon
-        return {"total_loss": total, "recon_loss": recon, "kl_loss": kl, "supcon_loss": supcon}
+    def supcon_features(self, z_mean):
+        return self.head(z_mean)
 
 
 def main():
-    vf.build_encoder, vf.build_decoder = build_encoder, build_decoder
+    # build_vae looks these up in vf, so the variants are patched in there
+    vf.build_encoder = functools.partial(vf.build_encoder, filters=ENCODER, activation=ACTIVATION)
+    vf.build_decoder = functools.partial(vf.build_decoder, filters=DECODER, activation=ACTIVATION)
     if HEAD:
         vf.VAE = HeadVAE
     config = vf.config_from_env()
