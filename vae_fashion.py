@@ -114,6 +114,11 @@ OUTPUT_FILES = [
 # Written last, so a folder holding them is a finished run (see run_status.json).
 RESULT_FILES = ("metrics.csv", "metrics.txt")
 HISTORY_COLUMNS = ["epoch", "total_loss", "recon_loss", "kl_loss", "supcon_loss", "beta"]
+# Training draws (noise, posterior samples) are keyed by (seed + stream, epoch * STEP_KEY_STRIDE + step),
+# never by a generator's hidden state, so a resumed run repeats an uninterrupted one exactly.
+STEP_KEY_STRIDE = 1_000_003  # more than the steps of any epoch: one key per (epoch, step)
+TRAIN_NOISE_STREAM = 1_000_000_007
+POSTERIOR_STREAM = 2_000_000_011
 
 
 class VAEFashionError(Exception):
@@ -552,7 +557,13 @@ def add_noise(images: np.ndarray, noise_factor: float, seed: int) -> np.ndarray:
 
 @keras.saving.register_keras_serializable(package="vae_fashion")
 class Sampling(layers.Layer):
-    """Reparameterisation trick: z = z_mean + exp(z_log_var / 2) * epsilon."""
+    """Reparameterisation trick: z = z_mean + exp(z_log_var / 2) * epsilon.
+
+    Called as [z_mean, z_log_var], epsilon comes from the layer's SeedGenerator.
+    Training calls it as [z_mean, z_log_var, step_key]: epsilon is then stateless,
+    a function of (seed, step_key, replica) alone, so a resumed run draws exactly
+    what an uninterrupted one drew.
+    """
 
     def __init__(self, seed: int = 1337, **kwargs):
         super().__init__(**kwargs)
@@ -560,8 +571,15 @@ class Sampling(layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs):
-        z_mean, z_log_var = inputs
-        epsilon = keras.random.normal(ops.shape(z_mean), dtype=z_mean.dtype, seed=self.seed_generator)
+        z_mean, z_log_var, *step_key = inputs
+        if step_key:
+            stream = tf.stack([tf.constant(self.seed + POSTERIOR_STREAM, tf.int64), tf.cast(step_key[0], tf.int64)])
+            context = tf.distribute.get_replica_context()
+            replica = 0 if context is None else context.replica_id_in_sync_group
+            stream = tf.random.experimental.stateless_fold_in(stream, replica)
+            epsilon = tf.random.stateless_normal(tf.shape(z_mean), seed=stream, dtype=z_mean.dtype)
+        else:
+            epsilon = keras.random.normal(ops.shape(z_mean), dtype=z_mean.dtype, seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * epsilon
 
     def get_config(self):
@@ -703,8 +721,11 @@ class VAE(keras.Model):
         z_mean, _z_log_var, _z = self.encoder(noisy, training=training)
         return self.decoder(z_mean, training=training)
 
-    def compute_losses(self, noisy, clean, labels, training=False):
+    def compute_losses(self, noisy, clean, labels, step_key=None, training=False):
+        """The loss terms of one batch; with a step_key the posterior sample is keyed by it (see Sampling)."""
         z_mean, z_log_var, z = self.encoder(noisy, training=training)
+        if step_key is not None:
+            z = self.encoder.get_layer("z")([z_mean, z_log_var, step_key])
         # Under mixed precision the layers compute in 16 bits; the losses stay float32.
         z_mean, z_log_var = ops.cast(z_mean, "float32"), ops.cast(z_log_var, "float32")
         logits = ops.cast(self.decoder_logits(z, training=training), "float32")
@@ -721,7 +742,9 @@ class VAE(keras.Model):
     def train_step(self, data):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
-            losses = self.compute_losses(data["noisy"], data["clean"], data["label"], training=True)
+            losses = self.compute_losses(
+                data["noisy"], data["clean"], data["label"], step_key=data["step_key"][0], training=True
+            )
             # Replica gradients are summed, so each replica contributes its mean / replicas;
             # scale_loss is the identity unless a LossScaleOptimizer (float16) is in use.
             objective = self.optimizer.scale_loss(losses["total_loss"] / replicas)
@@ -838,7 +861,8 @@ def make_train_dataset(
 
     Each epoch's order, and with fresh_noise its noise, depend only on
     (seed, epoch, batch), so a resumed run sees the same batches as an
-    uninterrupted one. Without fresh_noise the fixed noisy copy is used.
+    uninterrupted one. Without fresh_noise the fixed noisy copy is used. Each
+    batch carries its step key, which also keys the posterior sample.
     """
     epochs = config.epochs if epochs is None else epochs
     clean_t = tf.constant(clean)
@@ -849,35 +873,37 @@ def make_train_dataset(
     def epoch_batches(epoch):
         keys = tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch]))
         order = tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(config.batch_size)
-        return order.enumerate().map(lambda step, index: (epoch * 1_000_003 + step, index))
+        return order.enumerate().map(lambda step, index: (epoch * STEP_KEY_STRIDE + step, index))
 
     def gather(step_key, index):
         x = tf.gather(clean_t, index)
         if noisy_t is None:
-            noise = tf.random.stateless_normal(tf.shape(x), seed=tf.stack([seed + 1_000_000_007, step_key]))
+            noise = tf.random.stateless_normal(tf.shape(x), seed=tf.stack([seed + TRAIN_NOISE_STREAM, step_key]))
             noisy_batch = tf.clip_by_value(x + config.noise_factor * noise, 0.0, 1.0)
         else:
             noisy_batch = tf.gather(noisy_t, index)
-        return {"noisy": noisy_batch, "clean": x, "label": tf.gather(labels_t, index)}
+        # one key per example, so that MirroredStrategy can split it with the batch
+        step_keys = tf.fill(tf.shape(index), step_key)
+        return {"noisy": noisy_batch, "clean": x, "label": tf.gather(labels_t, index), "step_key": step_keys}
 
     batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
     return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 class EpochHistoryLog(keras.callbacks.Callback):
-    """Writes history.csv after every epoch (before the backup is taken), so
-    the rows of an interrupted run survive and are never duplicated."""
+    """Collects one history row per epoch and, with a checkpoint, backs up the
+    training state after every epoch (see Checkpoint.save_epoch)."""
 
-    def __init__(self, path: Path | None, rows: list[dict]):
+    def __init__(self, checkpoint: Checkpoint | None, rows: list[dict]):
         super().__init__()
-        self.path = path
+        self.checkpoint = checkpoint
         self.rows = rows
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         self.rows.append({"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_COLUMNS[1:] if k in logs}})
-        if self.path is not None:
-            write_csv(self.path, self.frame())
+        if self.checkpoint is not None:
+            self.checkpoint.save_epoch(self.model, self.rows)
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
@@ -889,7 +915,13 @@ def training_fingerprint(config: Config) -> dict:
 
 @dataclasses.dataclass
 class Checkpoint:
-    """Training state kept in <out>/checkpoint so a rerun resumes or reuses it."""
+    """Training state kept in <out>/checkpoint so that a rerun resumes or reuses it.
+
+    After epoch k it holds epoch-k.weights.h5 (model and optimizer), the copy of
+    epoch k-1, and state.json, which names the last finished epoch and holds the
+    history up to it. Each file is replaced atomically and state.json is written
+    last, so the epoch, the weights and the history can never disagree.
+    """
 
     root: Path
 
@@ -898,29 +930,50 @@ class Checkpoint:
         return self.root / "fingerprint.json"
 
     @property
-    def backup(self) -> Path:  # keras.callbacks.BackupAndRestore's folder
-        return self.root / "backup"
-
-    @property
-    def history(self) -> Path:
-        return self.root / "history.csv"
+    def state(self) -> Path:
+        return self.root / "state.json"
 
     @property
     def weights(self) -> Path:  # present only when training finished
         return self.root / "vae.weights.h5"
 
-    def resume_epoch(self) -> int:
-        """Epochs completed according to the backup (0 when there is none)."""
-        metadata = self.backup / "training_metadata.json"
-        if not metadata.is_file():
-            return 0
-        return int(json.loads(metadata.read_text())["epoch"])
+    def epoch_weights(self, epoch: int) -> Path:
+        return self.root / f"epoch-{epoch:04d}.weights.h5"
 
-    def history_rows(self, up_to_epoch: int) -> list[dict]:
-        if not self.history.is_file():
+    def history(self) -> list[dict]:
+        return json.loads(self.state.read_text())["history"] if self.state.is_file() else []
+
+    def save_epoch(self, vae: keras.Model, rows: list[dict]) -> None:
+        epoch = len(rows)
+        with atomic_path(self.epoch_weights(epoch)) as tmp:
+            vae.save_weights(tmp)
+        write_text(self.state, json.dumps({"epochs_done": epoch, "history": rows}, indent=1) + "\n")
+        for old in self.root.glob("epoch-*.weights.h5"):
+            if old not in (self.epoch_weights(epoch), self.epoch_weights(epoch - 1)):
+                old.unlink()
+
+    def restore(self, vae: keras.Model) -> list[dict]:
+        """Load the newest readable epoch backup into vae and return the history up
+        to it; [] (and vae as it was) when there is none to resume from."""
+        rows = self.history()
+        if not rows:
             return []
-        frame = pd.read_csv(self.history)
-        return frame[frame["epoch"] <= up_to_epoch].to_dict("records")
+        vae.optimizer.build(vae.trainable_variables)  # so that its state can be loaded
+        variables = vae.variables + vae.optimizer.variables
+        initial = [v.numpy() for v in variables]
+        for epoch in (len(rows), len(rows) - 1):
+            path = self.epoch_weights(epoch)
+            if epoch < 1 or not path.is_file():
+                continue
+            try:
+                vae.load_weights(path)
+                return rows[:epoch]
+            except Exception as error:  # noqa: BLE001 - any unreadable backup: try the older copy
+                print(f"  WARNING: cannot read the backup {path} ({type(error).__name__}: {error})")
+        for variable, value in zip(variables, initial):
+            variable.assign(value)
+        print(f"  WARNING: no readable backup in {self.root}: training starts again from epoch 1")
+        return []
 
 
 def open_checkpoint(out: Path, config: Config) -> Checkpoint:
@@ -955,26 +1008,22 @@ def train_vae(
 ) -> pd.DataFrame:
     """Stage 4: train; returns one history row per epoch.
 
-    With a checkpoint, training resumes after the last completed epoch
-    (keras.callbacks.BackupAndRestore), and a finished training is loaded
-    instead of repeated. Raises TrainingDivergedError if a loss term becomes
-    NaN or infinite.
+    With a checkpoint, training resumes after the last backed-up epoch (falling
+    back to the previous epoch's copy if the newest is unreadable), and a
+    finished training is loaded instead of repeated. Raises
+    TrainingDivergedError if a loss term becomes NaN or infinite.
     """
     if checkpoint is not None and checkpoint.weights.is_file():
         vae.load_weights(checkpoint.weights)
         print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
-        return pd.read_csv(checkpoint.history)[HISTORY_COLUMNS]
-    first_epoch = checkpoint.resume_epoch() if checkpoint is not None else 0
+        return pd.DataFrame(checkpoint.history(), columns=HISTORY_COLUMNS)
+    rows = checkpoint.restore(vae) if checkpoint is not None else []
+    first_epoch = len(rows)
     if first_epoch:
-        print(f"  resuming after epoch {first_epoch} from {checkpoint.backup}")
-    history = EpochHistoryLog(
-        checkpoint.history if checkpoint else None,
-        checkpoint.history_rows(first_epoch) if checkpoint else [],
-    )
+        print(f"  resuming after epoch {first_epoch} from {checkpoint.epoch_weights(first_epoch)}")
+    history = EpochHistoryLog(checkpoint, rows)
     guard = StopOnNonFinite()
     callbacks = [BetaWarmup(config.beta_max, config.warmup_epochs), guard, history]
-    if checkpoint is not None:
-        callbacks.append(keras.callbacks.BackupAndRestore(str(checkpoint.backup), double_checkpoint=True))
     if first_epoch < config.epochs:
         dataset = make_train_dataset(x_noisy, x_clean, labels, config, first_epoch)
         vae.fit(
@@ -993,9 +1042,8 @@ def train_vae(
             "Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX, or check the input data."
         )
     if checkpoint is not None:
-        tmp = checkpoint.root / "vae.tmp.weights.h5"
-        vae.save_weights(tmp)
-        os.replace(tmp, checkpoint.weights)
+        with atomic_path(checkpoint.weights) as tmp:
+            vae.save_weights(tmp)
     return history.frame()
 
 
@@ -1298,9 +1346,8 @@ def _plt():
 
 def save_figure(fig, path: Path, show: bool = False) -> None:
     """Save via a temporary file, so a crash never leaves a half-written PNG."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     if show:
         from IPython.display import display
 
@@ -1478,9 +1525,8 @@ def save_models(vae: VAE, out: Path) -> None:
         name="encoder",
     )
     for model, name in ((posterior, "encoder.keras"), (vae.decoder, "decoder.keras")):
-        tmp = out / f".tmp_{name}"
-        model.save(tmp)
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:
+            model.save(tmp)
 
 
 # ---------------------------------------------------------------------------
@@ -1613,10 +1659,23 @@ def pca_report(ratios: np.ndarray) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yields a temporary name beside `path` (same suffix, so Keras and matplotlib
+    pick the right format) and moves it onto `path` only if writing succeeded:
+    a crash never leaves a half-written file under the real name."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_csv(path: Path, frame: pd.DataFrame) -> None:

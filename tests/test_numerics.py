@@ -231,16 +231,27 @@ def test_sampling_layer_draws_from_the_posterior():
     layer = vf.Sampling(seed=3)
     mean = np.full((20000, 2), [1.0, -2.0], np.float32)
     log_var = np.full((20000, 2), [0.0, np.log(0.25)], np.float32)
-    z = layer([mean, log_var]).numpy()
-    np.testing.assert_allclose(z.mean(axis=0), [1.0, -2.0], atol=0.03)
-    np.testing.assert_allclose(z.std(axis=0), [1.0, 0.5], atol=0.03)
+    for z in (layer([mean, log_var]).numpy(), layer([mean, log_var, tf.constant(7)]).numpy()):
+        np.testing.assert_allclose(z.mean(axis=0), [1.0, -2.0], atol=0.03)
+        np.testing.assert_allclose(z.std(axis=0), [1.0, 0.5], atol=0.03)
+
+
+def test_keyed_sampling_depends_only_on_the_seed_and_the_step_key():
+    mean, log_var = np.zeros((64, 3), np.float32), np.zeros((64, 3), np.float32)
+    first, again = vf.Sampling(seed=3), vf.Sampling(seed=3)
+    first([mean, log_var])  # advancing the layer's own generator changes nothing keyed
+    a = first([mean, log_var, tf.constant(11)]).numpy()
+    np.testing.assert_array_equal(a, again([mean, log_var, tf.constant(11)]).numpy())
+    assert not np.allclose(a, again([mean, log_var, tf.constant(12)]).numpy())
+    assert not np.allclose(a, vf.Sampling(seed=4)([mean, log_var, tf.constant(11)]).numpy())
 
 
 def test_a_few_train_steps_lower_the_loss():
     vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, learning_rate=3e-3))
     rng = np.random.default_rng(7)
     clean = rng.random((32, 28, 28, 1)).astype(np.float32) ** 3
-    batch = {"noisy": vf.add_noise(clean, 0.45, 0), "clean": clean, "label": np.arange(32, dtype=np.int32) % 4}
+    batch = {"noisy": vf.add_noise(clean, 0.45, 0), "clean": clean, "label": np.arange(32, dtype=np.int32) % 4,
+             "step_key": np.zeros(32, np.int64)}
     vae.beta.assign(1.0)
     first = float(vae.compute_losses(batch["noisy"], batch["clean"], batch["label"])["total_loss"])
     step = tf.function(vae.train_step)
