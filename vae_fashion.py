@@ -11,21 +11,53 @@
 # ---
 
 # %% [markdown]
-# # VAE denoising, representation learning and generation on Fashion-MNIST
+# # VAE on Fashion-MNIST: denoising, representation learning, generation, interpolation
 #
-# One cell does everything: it loads Fashion-MNIST, adds Gaussian noise
-# (`clip(x + 0.45*N(0,1), 0, 1)`), trains a variational auto-encoder that maps
-# noisy images to clean ones with the loss
-# `BCE + beta*KL + gamma_sc*w*SupCon(z_mean)` (w scales SupCon to the size of
-# the BCE term, so that it can separate the classes), then writes metrics, latent-space
-# plots (PCA / UMAP / t-SNE), prior samples and latent interpolations to
-# `vae_outputs_v3/` (`/kaggle/working/vae_outputs_v3` on Kaggle).
+# One code cell does everything. It loads Fashion-MNIST, adds Gaussian noise
+# (`clip(x + 0.45*N(0,1), 0, 1)`) and trains a variational auto-encoder that maps noisy
+# images to clean ones, with the loss `BCE + beta*KL + gamma_sc*w*SupCon(z_mean)`: the
+# supervised contrastive term (scaled by `w` to the size of the BCE term) makes the classes
+# separate in the latent space. It then writes metrics, latent-space plots (PCA / UMAP /
+# t-SNE), prior samples and latent interpolations to `vae_outputs_v3/`
+# (`/kaggle/working/vae_outputs_v3` on Kaggle).
 #
-# Settings come from environment variables (`VAE_EPOCHS=2`, ...), so a run can
-# be shrunk without editing this notebook. See README.md for the full table.
+# **The cell, in order**
+# 1. *Settings*: `OVERRIDES` and `Config`, every setting with its default.
+# 2. *Model*: `Sampling`, encoder, decoder, the loss terms, and the `VAE` with its `train_step`.
+# 3. *Data and noise*: Fashion-MNIST as float32 in [0, 1], the noise, the training batches.
+# 4. *Training*: devices and precision, optimizer, `train_vae()`.
+# 5. *Evaluation*: denoising quality, latent-space quality, generation quality.
+# 6. *Plots*. 7. *Reports*: `metrics.csv`, `metrics.txt` and their definitions.
+# 8. `run()`: the whole pipeline, stage by stage.
+# 9. *Appendix*, the plumbing: errors, settings parsing, data loading and validation,
+#    checkpoints, run status, atomic writes.
 #
-# This notebook is generated from `vae_fashion.py` with
-# `jupytext --to ipynb vae_fashion.py`; edit the script, not the notebook.
+# **Settings you are most likely to change**
+#
+# | setting | default | meaning |
+# |---|---|---|
+# | `epochs` | 20 | training epochs |
+# | `train_samples` | all (60000) | use the first N training images (fewer = faster) |
+# | `test_samples` | all (10000) | use the first N test images |
+# | `latent_dim` | 16 | size of the latent space |
+# | `batch_size` | 256 | training batch size |
+# | `noise_factor` | 0.45 | sigma of the Gaussian noise |
+# | `gamma_sc` | 0.25 | weight of SupCon against the BCE term (0 = a plain denoising VAE) |
+# | `seed` | 42 | every random draw follows from it |
+# | `gen_metrics` | 1 | 0 skips the generation-quality classifier (saves ~20 s) |
+# | `data_dir` | searched | folder with the four IDX files or the Kaggle CSVs |
+# | `out_dir` | `vae_outputs_v3` | where every output goes |
+#
+# The full list, with comments, is `class Config` below.
+#
+# **Changing a setting on Kaggle**: edit the line `OVERRIDES = {}` at the top of the cell,
+# for example `OVERRIDES = {"epochs": 5, "train_samples": 10000}`. `OVERRIDES` wins over
+# the defaults and loses to environment variables (`VAE_EPOCHS=5`, ...; every setting is
+# `VAE_<NAME>`), which is how CI and nbconvert set them. `config.json` in the output folder
+# records the settings that ran.
+#
+# This notebook is generated from `vae_fashion.py` with `jupytext --to ipynb vae_fashion.py`;
+# edit the script, not the notebook.
 
 # %%
 """VAE denoising + representation learning + generation on Fashion-MNIST."""
@@ -40,6 +72,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import struct
 import subprocess
 import sys
@@ -57,105 +90,20 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers, ops  # noqa: E402
 
-# ---------------------------------------------------------------------------
-# Constants of the dataset and of the output folder (seed README, section 7)
-# ---------------------------------------------------------------------------
+# =============================================================================
+# 1. Settings
+# =============================================================================
 
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-CSV_FILES = {"train": "fashion-mnist_train.csv", "test": "fashion-mnist_test.csv"}
-KAGGLE_INPUT = Path("/kaggle/input")
-KAGGLE_WORKING = Path("/kaggle/working")
-DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
-KERAS_CACHE_DIR = Path("~/.keras/datasets/fashion-mnist")
-
-CLASS_NAMES_EN = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
-CLASS_NAMES_TR = [
-    "Tişört/Üst", "Pantolon", "Kazak", "Elbise", "Ceket",
-    "Sandalet", "Gömlek", "Spor Ayakkabı", "Çanta", "Bilek Bot",
-]
-
-OUTPUT_FILES = [
-    "01_train_total_loss.png",
-    "02_train_recon_loss.png",
-    "03_train_kl_loss.png",
-    "03B_train_supcon_loss.png",
-    "04_beta_warmup.png",
-    "05_denoising_grid.png",
-    "06A_latent_pca_numbers.png",
-    "06B_latent_pca_text_tr.png",
-    "06C_latent_umap_text_tr.png",
-    "06D_latent_tsne_text_tr.png",
-    "07_generated_prior.png",
-    "08_latent_interpolation.png",
-    "09_generation_quality.png",
-    "10_per_class_denoising.png",
-    "11_latent_traversal.png",
-    "A_title_denoising.png",
-    "B_title_representation_learning.png",
-    "C_title_generation.png",
-    "D_title_interpolation.png",
-    "history.csv",
-    "metrics.csv",
-    "metrics.txt",
-    "pca_explained_variance.txt",
-    "encoder.keras",
-    "decoder.keras",
-]
-# Written last, so a folder holding them is a finished run (see run_status.json).
-RESULT_FILES = ("metrics.csv", "metrics.txt")
-HISTORY_COLUMNS = ["epoch", "total_loss", "recon_loss", "kl_loss", "supcon_loss", "beta"]
-# Training draws (noise, posterior samples) are keyed by (seed + stream, epoch * STEP_KEY_STRIDE + step),
-# never by a generator's hidden state, so a resumed run repeats an uninterrupted one exactly.
-STEP_KEY_STRIDE = 1_000_003  # more than the steps of any epoch: one key per (epoch, step)
-TRAIN_NOISE_STREAM = 1_000_000_007
-POSTERIOR_STREAM = 2_000_000_011
-
-
-class VAEFashionError(Exception):
-    """Base class of every error this pipeline reports to the user."""
-
-
-class ConfigError(VAEFashionError, ValueError):
-    """A setting (environment variable) does not parse or is out of range."""
-
-
-class DatasetError(VAEFashionError):
-    """The dataset is missing, incomplete or malformed."""
-
-
-class IDXError(DatasetError, ValueError):
-    """An IDX file is malformed (bad magic, dimensions or length)."""
-
-
-class OutputDirError(VAEFashionError):
-    """The output folder cannot be created or written."""
-
-
-class TrainingDivergedError(VAEFashionError):
-    """A loss term became NaN or infinite during training."""
-
-
-class CheckpointMismatchError(VAEFashionError):
-    """The output folder holds a checkpoint made with different settings."""
-
-
-# ---------------------------------------------------------------------------
-# Configuration: the seed's hyper-parameters, overridable from the environment
-# ---------------------------------------------------------------------------
+# Change settings here, e.g. OVERRIDES = {"epochs": 5, "train_samples": 10000}.
+# They win over the defaults below and lose to VAE_* environment variables.
+OVERRIDES: dict = {}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Every setting of a run. Each is also the environment variable VAE_<NAME>
+    (VAE_FRESH for discard_checkpoint); the seed notebook's value unless noted."""
+
     epochs: int = 20
     batch_size: int = 256
     latent_dim: int = 16
@@ -175,384 +123,43 @@ class Config:
     fresh_noise: int = 1  # 1: new training noise every epoch (stops SupCon fitting one noisy copy); 0: the original
     lr_schedule: str = "cosine"  # "cosine" decay to 5 % over the run, or "constant" (the original)
     precision: str = "auto"  # auto: mixed precision on a GPU or a CPU with native bfloat16, else float32
-    cpu_replicas: int = 1  # >1 splits the CPU into logical devices to exercise MirroredStrategy
     classical_samples: int = 1000  # seeded test subset for the TV / non-local-means reference rows
     hidden_units: int = 256  # width of the dense layer on each side of the latent (the original: 128)
     gen_metrics: int = 1  # 1: train a small classifier and report Fréchet distances (09_generation_quality.png)
-    data_dir: str | None = None
-    out_dir: str = "vae_outputs_v3"
-    fresh: bool = False  # VAE_FRESH=1: discard a checkpoint made with other settings
+    data_dir: str | None = None  # None: search Kaggle, Debian and the Keras cache, then download
+    out_dir: str = "vae_outputs_v3"  # on Kaggle: /kaggle/working/vae_outputs_v3
+    discard_checkpoint: bool = False  # VAE_FRESH=1: discard a checkpoint made with other settings
 
 
-# Settings that do not change the trained model; a checkpoint may be reused across them.
-NON_TRAINING_FIELDS = {
-    "test_samples", "embed_samples", "data_dir", "out_dir", "fresh", "gen_metrics", "classical_samples",
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+CLASS_NAMES_EN = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+CLASS_NAMES_TR = [
+    "Tişört/Üst", "Pantolon", "Kazak", "Elbise", "Ceket",
+    "Sandalet", "Gömlek", "Spor Ayakkabı", "Çanta", "Bilek Bot",
+]
+HISTORY_COLUMNS = ["epoch", "total_loss", "recon_loss", "kl_loss", "supcon_loss", "beta"]
+
+# Every random draw has its own stream: VAE_SEED + offset. Training draws are further keyed
+# by (epoch * STEP_KEY_STRIDE + step), never by a generator's hidden state, so a resumed run
+# repeats an uninterrupted one exactly.
+SEED_OFFSETS = {
+    "test_noise": 1, "prior_grid": 2, "prior_fd": 3, "classical_subset": 4,
+    "train_noise": 1_000_000_007, "posterior": 2_000_000_011,
 }
+STEP_KEY_STRIDE = 1_000_003  # more than the steps of any epoch: one key per (epoch, step)
 
 
-# field -> (environment variable, type, lower bound, lower bound inclusive?, upper bound),
-# or (environment variable, tuple of allowed words)
-ENV_SETTINGS = {
-    "epochs": ("VAE_EPOCHS", int, 1, True, 10_000),
-    "batch_size": ("VAE_BATCH_SIZE", int, 2, True, 65_536),
-    "latent_dim": ("VAE_LATENT_DIM", int, 2, True, 4096),
-    "noise_factor": ("VAE_NOISE_FACTOR", float, 0.0, True, 10.0),
-    "gamma_sc": ("VAE_GAMMA_SC", float, 0.0, True, 1e6),
-    "beta_max": ("VAE_BETA_MAX", float, 0.0, True, 1e6),
-    "warmup_epochs": ("VAE_WARMUP_EPOCHS", int, 0, True, 10_000),
-    "seed": ("VAE_SEED", int, 0, True, 2**31 - 1),
-    "train_samples": ("VAE_TRAIN_SAMPLES", int, 2, True, 10**9),
-    "test_samples": ("VAE_TEST_SAMPLES", int, 20, True, 10**9),
-    "supcon_temperature": ("VAE_SUPCON_TEMPERATURE", float, 0.0, False, 100.0),
-    "supcon_scale": ("VAE_SUPCON_SCALE", ("recon", "none")),
-    "learning_rate": ("VAE_LEARNING_RATE", float, 0.0, False, 10.0),
-    "embed_samples": ("VAE_EMBED_SAMPLES", int, 20, True, 10**7),
-    "fresh_noise": ("VAE_FRESH_NOISE", int, 0, True, 1),
-    "lr_schedule": ("VAE_LR_SCHEDULE", ("cosine", "constant")),
-    "precision": ("VAE_PRECISION", ("auto", "float32", "mixed_float16", "mixed_bfloat16")),
-    "cpu_replicas": ("VAE_CPU_REPLICAS", int, 1, True, 64),
-    "gen_metrics": ("VAE_GEN_METRICS", int, 0, True, 1),
-    "hidden_units": ("VAE_HIDDEN_UNITS", int, 8, True, 8192),
-    "classical_samples": ("VAE_CLASSICAL_SAMPLES", int, 1, True, 10**6),
-}
+def seed_for(config: Config, draw: str) -> int:
+    return config.seed + SEED_OFFSETS[draw]
 
 
-def default_out_dir() -> Path:
-    if KAGGLE_WORKING.is_dir():
-        return KAGGLE_WORKING / "vae_outputs_v3"
-    return Path("vae_outputs_v3")
-
-
-def _parse_setting(field: str, raw: str):
-    name, kind, *bounds = ENV_SETTINGS[field]
-    default = getattr(Config, field)
-    hint = f"unset {name} to use the default ({default})"
-    if isinstance(kind, tuple):  # a choice among words
-        if raw.strip() not in kind:
-            raise ConfigError(f"{name}={raw!r} must be one of {', '.join(kind)}; {hint}")
-        return raw.strip()
-    low, low_inclusive, high = bounds
-    try:
-        value = int(raw.strip()) if kind is int else float(raw.strip())
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"{name}={raw!r} is not {what}; {hint}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{name}={raw!r} must be a finite number; {hint}")
-    too_low = value < low if low_inclusive else value <= low
-    if too_low or value > high:
-        bracket = "[" if low_inclusive else "("
-        raise ConfigError(
-            f"{name}={raw!r} is out of range: it must lie in {bracket}{low}, {high}]; {hint}"
-        )
-    return value
-
-
-def config_from_env(environ=None) -> Config:
-    """Build the effective Config from VAE_* environment variables.
-
-    Unset or empty variables keep the seed's defaults. Anything that does not
-    parse, or is out of range, raises ConfigError naming the variable.
-    """
-    environ = os.environ if environ is None else environ
-    values = {}
-    for field, (name, *_bounds) in ENV_SETTINGS.items():
-        raw = environ.get(name, "")
-        if raw.strip():
-            values[field] = _parse_setting(field, raw)
-    data_dir = environ.get("VAE_DATA_DIR", "").strip()
-    out_dir = environ.get("VAE_OUT_DIR", "").strip()
-    values["data_dir"] = data_dir or None
-    values["out_dir"] = out_dir or str(default_out_dir())
-    fresh = environ.get("VAE_FRESH", "").strip()
-    if fresh not in ("", "0", "1"):
-        raise ConfigError(f"VAE_FRESH={fresh!r} must be 0 or 1; set VAE_FRESH=1 to discard an old checkpoint")
-    values["fresh"] = fresh == "1"
-    return Config(**values)
-
-
-# ---------------------------------------------------------------------------
-# Data: IDX files (raw or .gz) or the Kaggle CSVs, searched in a fixed order
-# ---------------------------------------------------------------------------
-
-IDX_UBYTE = 0x08
-# A real Fashion-MNIST file is at most 47 MB; anything much larger is forged.
-MAX_IDX_BYTES = 256 * 1024 * 1024
-
-
-def parse_idx(data: bytes, name: str = "<bytes>", expected_ndim: int | None = None) -> np.ndarray:
-    """Parse the bytes of an unsigned-byte IDX file into a uint8 array.
-
-    Checks the magic number (0x0000 08 NN), the dimension count, and that the
-    byte length is exactly header + product(dims). Raises IDXError otherwise.
-    """
-    if len(data) < 4:
-        raise IDXError(f"{name}: only {len(data)} bytes; an IDX file starts with a 4-byte magic number")
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != IDX_UBYTE or not 1 <= ndim <= 4:
-        raise IDXError(
-            f"{name}: bad magic number 0x{data[:4].hex()} (expected 0x000008NN, "
-            f"e.g. 0x00000803 for images, 0x00000801 for labels); this is not an unsigned-byte IDX file"
-        )
-    if expected_ndim is not None and ndim != expected_ndim:
-        kind = {1: "labels (idx1)", 3: "images (idx3)"}.get(expected_ndim, f"idx{expected_ndim}")
-        raise IDXError(
-            f"{name}: magic number 0x{data[:4].hex()} says {ndim} dimension(s), but {kind} were expected; "
-            "check that the file names were not swapped"
-        )
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IDXError(f"{name}: truncated header ({len(data)} bytes, need {header})")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + math.prod(dims)
-    if len(data) != expected:
-        problem = "truncated" if len(data) < expected else "has trailing bytes"
-        raise IDXError(
-            f"{name}: {problem}: {len(data)} bytes, but the header (dims {dims}) implies {expected}; "
-            "re-download or re-extract the file"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def read_idx(path, expected_ndim: int | None = None) -> np.ndarray:
-    """Read an IDX file, gzipped when its name ends in .gz, with a bounded read."""
-    path = Path(path)
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                data = handle.read(MAX_IDX_BYTES + 1)
-        else:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_IDX_BYTES + 1)
-    except (OSError, EOFError, zlib.error) as error:
-        raise IDXError(f"{path}: cannot be read ({error}); re-download or re-extract the file") from None
-    if len(data) > MAX_IDX_BYTES:
-        raise IDXError(f"{path}: larger than {MAX_IDX_BYTES} bytes; not a Fashion-MNIST IDX file")
-    return parse_idx(data, str(path), expected_ndim)
-
-
-@dataclasses.dataclass
-class FashionMNIST:
-    x_train: np.ndarray  # float32 (N, 28, 28, 1) in [0, 1]
-    y_train: np.ndarray  # int32 (N,)
-    x_test: np.ndarray
-    y_test: np.ndarray
-    source: str
-
-
-def _find_idx_file(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / stem, folder / f"{stem}.gz", folder / stem / stem):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def idx_files_in(folder: Path) -> dict[str, Path | None]:
-    return {key: _find_idx_file(folder, stem) for key, stem in IDX_FILES.items()}
-
-
-def _check_images(images: np.ndarray, path) -> np.ndarray:
-    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise IDXError(
-            f"{path}: images are {images.shape[1:]} but Fashion-MNIST images are "
-            f"{IMAGE_SIZE}x{IMAGE_SIZE}; point VAE_DATA_DIR at the Fashion-MNIST files"
-        )
-    return images
-
-
-def _check_labels(labels: np.ndarray, images: np.ndarray, label_path, image_path) -> np.ndarray:
-    if len(labels) != len(images):
-        raise DatasetError(
-            f"{label_path} holds {len(labels)} labels but {image_path} holds {len(images)} images; "
-            "the two files must come from the same split of the same dataset"
-        )
-    bad = np.flatnonzero(labels >= NUM_CLASSES)
-    if bad.size:
-        raise DatasetError(
-            f"{label_path}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside 0-9 "
-            f"({bad.size} such labels); this is not a Fashion-MNIST labels file"
-        )
-    return labels.astype(np.int32)
-
-
-def load_idx_folder(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Load the four IDX files of one folder as uint8 images and int32 labels."""
-    folder = Path(folder)
-    files = idx_files_in(folder)
-    missing = [IDX_FILES[key] for key, path in files.items() if path is None]
-    if missing:
-        raise DatasetError(
-            f"{folder}: missing {', '.join(missing)} (raw or .gz); "
-            "all four Fashion-MNIST IDX files must be in the same folder"
-        )
-    arrays = []
-    for split in ("train", "test"):
-        image_path, label_path = files[f"{split}_images"], files[f"{split}_labels"]
-        images = _check_images(read_idx(image_path, expected_ndim=3), image_path)
-        labels = _check_labels(read_idx(label_path, expected_ndim=1), images, label_path, image_path)
-        arrays += [images, labels]
-    return tuple(arrays)
-
-
-def read_fashion_csv(path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a Kaggle Fashion-MNIST CSV: a header row, then label and 784 pixels per row."""
-    path = Path(path)
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as error:
-        raise DatasetError(f"{path}: not a readable CSV ({error}); re-download the Kaggle dataset") from None
-    if frame.shape[1] != 1 + IMAGE_SIZE * IMAGE_SIZE or frame.shape[0] == 0:
-        raise DatasetError(
-            f"{path}: has {frame.shape[0]} rows x {frame.shape[1]} columns; "
-            f"expected a label column plus {IMAGE_SIZE * IMAGE_SIZE} pixel columns"
-        )
-    values = frame.to_numpy()
-    if not np.issubdtype(values.dtype, np.integer):
-        raise DatasetError(f"{path}: holds non-integer or empty cells; expected integer labels and pixels")
-    labels, pixels = values[:, 0], values[:, 1:]
-    if pixels.min() < 0 or pixels.max() > 255:
-        raise DatasetError(f"{path}: pixel values outside 0-255")
-    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise DatasetError(f"{path}: labels outside 0-9 in the first column")
-    images = pixels.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-    return images, labels.astype(np.int32)
-
-
-def load_csv_folder(folder):
-    folder = Path(folder)
-    x_train, y_train = read_fashion_csv(folder / CSV_FILES["train"])
-    x_test, y_test = read_fashion_csv(folder / CSV_FILES["test"])
-    return x_train, y_train, x_test, y_test
-
-
-def _has_csvs(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in CSV_FILES.values())
-
-
-def _kaggle_folders(root: Path, max_depth: int = 5):
-    """Folders below /kaggle/input that hold the IDX files or the Kaggle CSVs."""
-    if not root.is_dir():
-        return
-    for current, dirs, _files in os.walk(root):
-        depth = len(Path(current).relative_to(root).parts)
-        if depth >= max_depth:
-            dirs[:] = []
-        folder = Path(current)
-        if all(idx_files_in(folder).values()) or _has_csvs(folder):
-            yield folder
-        dirs.sort()
-
-
-def candidate_data_dirs() -> list[Path]:
-    """Default search order after VAE_DATA_DIR (see README, 'Where the data comes from')."""
-    folders = [KAGGLE_INPUT / "fashionmnist"]
-    folders += [f for f in _kaggle_folders(KAGGLE_INPUT) if f != folders[0]]
-    folders += [DEBIAN_DATA_DIR, KERAS_CACHE_DIR.expanduser()]
-    return folders
-
-
-def _load_folder(folder: Path):
-    """Load a folder with all four IDX files, or else with both CSVs; None if neither."""
-    if all(idx_files_in(folder).values()):
-        return load_idx_folder(folder), f"IDX files in {folder}"
-    if _has_csvs(folder):
-        return load_csv_folder(folder), f"Kaggle CSV files in {folder}"
-    return None
-
-
-def _download_with_keras():
-    return keras.datasets.fashion_mnist.load_data()
-
-
-def missing_data_message(searched: list[str]) -> str:
-    lines = "\n".join(f"  - {place}" for place in searched)
-    return (
-        "Fashion-MNIST was not found. Searched, in order:\n"
-        f"{lines}\n"
-        "Get the data in one of three ways:\n"
-        "  1. Kaggle: 'Add data' -> search 'fashionmnist' (zalando-research) and attach it;\n"
-        "  2. Debian/Ubuntu: apt-get install dataset-fashion-mnist "
-        f"(installs into {DEBIAN_DATA_DIR});\n"
-        "  3. go online, so that keras.datasets.fashion_mnist.load_data() can download it.\n"
-        "Or set VAE_DATA_DIR to a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-        "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (raw or .gz)."
-    )
-
-
-def find_and_load_raw(data_dir=None, search_dirs=None, download=_download_with_keras):
-    """Return ((x_train, y_train, x_test, y_test) as uint8/int32, description of the source).
-
-    An explicit data_dir (VAE_DATA_DIR) must hold the data; otherwise the
-    default folders are tried in order, then the Keras download.
-    """
-    if data_dir is not None:
-        folder = Path(data_dir).expanduser()
-        if not folder.is_dir():
-            raise DatasetError(
-                f"VAE_DATA_DIR={data_dir!r} is not a folder; point it at the folder holding the four "
-                "Fashion-MNIST IDX files, or unset it to search the default places"
-            )
-        loaded = _load_folder(folder)
-        if loaded is None:
-            load_idx_folder(folder)  # raises, naming the missing files
-        return loaded
-
-    searched = ["VAE_DATA_DIR (not set)"]
-    for folder in candidate_data_dirs() if search_dirs is None else search_dirs:
-        folder = Path(folder)
-        loaded = _load_folder(folder) if folder.is_dir() else None
-        if loaded is not None:
-            return loaded
-        found = [p.name for p in idx_files_in(folder).values() if p] if folder.is_dir() else []
-        searched.append(f"{folder}" + (f" (incomplete: only {', '.join(found)})" if found else ""))
-    if download is not None:
-        try:
-            (x_train, y_train), (x_test, y_test) = download()
-        except Exception as error:  # noqa: BLE001 - any failure means "offline"
-            searched.append(f"keras.datasets.fashion_mnist.load_data() (failed: {type(error).__name__})")
-        else:
-            return (x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)), "keras download"
-    raise DatasetError(missing_data_message(searched))
-
-
-def to_unit_float(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]."""
-    return (images.astype(np.float32) / 255.0)[..., None]
-
-
-def _first(array: np.ndarray, count: int | None, variable: str) -> np.ndarray:
-    if count is None:
-        return array
-    if count > len(array):
-        raise ConfigError(f"{variable}={count} is larger than the {len(array)} images available; lower it")
-    return array[:count]
-
-
-def load_fashion_mnist(config: Config, **search) -> FashionMNIST:
-    """Stage 1: find, validate and preprocess Fashion-MNIST."""
-    (x_train, y_train, x_test, y_test), source = find_and_load_raw(config.data_dir, **search)
-    x_train = _first(x_train, config.train_samples, "VAE_TRAIN_SAMPLES")
-    y_train = _first(y_train, config.train_samples, "VAE_TRAIN_SAMPLES")
-    x_test = _first(x_test, config.test_samples, "VAE_TEST_SAMPLES")
-    y_test = _first(y_test, config.test_samples, "VAE_TEST_SAMPLES")
-    return FashionMNIST(to_unit_float(x_train), y_train, to_unit_float(x_test), y_test, source)
-
-
-# ---------------------------------------------------------------------------
-# Noise
-# ---------------------------------------------------------------------------
-
-
-def add_noise(images: np.ndarray, noise_factor: float, seed: int) -> np.ndarray:
-    """x_noisy = clip(x + noise_factor * N(0, 1), 0, 1), drawn once from a seeded generator."""
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal(images.shape, dtype=np.float32)
-    return np.clip(images + np.float32(noise_factor) * noise, 0.0, 1.0)
-
-
-# ---------------------------------------------------------------------------
-# The model: encoder -> (z_mean, z_log_var, z), Sampling, decoder
-# ---------------------------------------------------------------------------
+# =============================================================================
+# 2. Model: Sampling, encoder, decoder, loss terms, and the VAE's train_step
+# =============================================================================
 
 
 @keras.saving.register_keras_serializable(package="vae_fashion")
@@ -573,7 +180,8 @@ class Sampling(layers.Layer):
     def call(self, inputs):
         z_mean, z_log_var, *step_key = inputs
         if step_key:
-            stream = tf.stack([tf.constant(self.seed + POSTERIOR_STREAM, tf.int64), tf.cast(step_key[0], tf.int64)])
+            stream = tf.stack([tf.constant(self.seed + SEED_OFFSETS["posterior"], tf.int64),
+                               tf.cast(step_key[0], tf.int64)])
             context = tf.distribute.get_replica_context()
             replica = 0 if context is None else context.replica_id_in_sync_group
             stream = tf.random.experimental.stateless_fold_in(stream, replica)
@@ -618,9 +226,7 @@ def build_decoder(
     return keras.Model(latent, image, name="decoder")
 
 
-# ---------------------------------------------------------------------------
-# Loss terms (per-batch means of per-image quantities)
-# ---------------------------------------------------------------------------
+# Loss terms: per-batch means of per-image quantities.
 
 
 def reconstruction_loss(clean, logits):
@@ -790,67 +396,46 @@ class StopOnNonFinite(keras.callbacks.Callback):
                 return
 
 
-def cpu_has_native_bfloat16() -> bool:
-    """AVX512_BF16 or AMX: oneDNN then runs bfloat16 convolutions about 1.4x faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+# =============================================================================
+# 3. Data and noise
+# =============================================================================
 
 
-def setup_devices(config: Config) -> tf.distribute.Strategy:
-    """MirroredStrategy over every GPU when there are several (or over logical
-    CPU devices when VAE_CPU_REPLICAS > 1); the default strategy otherwise.
-    Also sets the Keras dtype policy from VAE_PRECISION. Call before building."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if config.cpu_replicas > 1 and not gpus:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        try:  # listing logical devices would start TensorFlow, so just try
-            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * config.cpu_replicas)
-        except RuntimeError as error:
-            if len(tf.config.list_logical_devices("CPU")) < config.cpu_replicas:
-                raise ConfigError(
-                    f"VAE_CPU_REPLICAS={config.cpu_replicas} must be set before TensorFlow starts "
-                    f"({error}); restart the kernel or process"
-                ) from None
-    policy = config.precision
-    if policy == "auto":
-        if gpus:
-            major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))[0]
-            policy = "mixed_bfloat16" if major >= 8 else "mixed_float16"
-        else:
-            policy = "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
-    keras.mixed_precision.set_global_policy(policy)
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    if config.cpu_replicas > 1 and not gpus:
-        devices = [d.name for d in tf.config.list_logical_devices("CPU")][: config.cpu_replicas]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    return tf.distribute.get_strategy()
+@dataclasses.dataclass
+class FashionMNIST:
+    x_train: np.ndarray  # float32 (N, 28, 28, 1) in [0, 1]
+    y_train: np.ndarray  # int32 (N,)
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source: str
 
 
-def learning_rate_schedule(config: Config, steps_per_epoch: int):
-    if config.lr_schedule == "constant":
-        return config.learning_rate
-    return keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch), alpha=0.05
-    )
+def load_fashion_mnist(config: Config, **search) -> FashionMNIST:
+    """Find, validate and preprocess Fashion-MNIST (the search is in the appendix)."""
+    (x_train, y_train, x_test, y_test), source = find_and_load_raw(config.data_dir, **search)
+    x_train, y_train = (take_first(a, config.train_samples, "VAE_TRAIN_SAMPLES") for a in (x_train, y_train))
+    x_test, y_test = (take_first(a, config.test_samples, "VAE_TEST_SAMPLES") for a in (x_test, y_test))
+    return FashionMNIST(to_unit_float(x_train), y_train, to_unit_float(x_test), y_test, source)
 
 
-def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Strategy | None = None) -> VAE:
-    """Stage 3: build and compile the VAE (inside the strategy's scope)."""
-    keras.utils.set_random_seed(config.seed)
-    strategy = strategy or tf.distribute.get_strategy()
-    with strategy.scope():
-        encoder = build_encoder(config.latent_dim, config.seed, config.hidden_units)
-        decoder = build_decoder(config.latent_dim, config.hidden_units)
-        vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, config.supcon_scale, name="vae")
-        steps_per_epoch = math.ceil(n_train / config.batch_size)
-        optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
-        vae.compile(optimizer=optimizer)
-        vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # build: fit, checkpoints and load_weights need it
-    return vae
+def to_unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]."""
+    return (images.astype(np.float32) / 255.0)[..., None]
+
+
+def take_first(array: np.ndarray, count: int | None, variable: str) -> np.ndarray:
+    if count is None:
+        return array
+    if count > len(array):
+        raise ConfigError(f"{variable}={count} is larger than the {len(array)} images available; lower it")
+    return array[:count]
+
+
+def add_noise(images: np.ndarray, noise_factor: float, seed: int) -> np.ndarray:
+    """x_noisy = clip(x + noise_factor * N(0, 1), 0, 1), drawn once from a seeded generator."""
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(images.shape, dtype=np.float32)
+    return np.clip(images + np.float32(noise_factor) * noise, 0.0, 1.0)
 
 
 def make_train_dataset(
@@ -878,7 +463,8 @@ def make_train_dataset(
     def gather(step_key, index):
         x = tf.gather(clean_t, index)
         if noisy_t is None:
-            noise = tf.random.stateless_normal(tf.shape(x), seed=tf.stack([seed + TRAIN_NOISE_STREAM, step_key]))
+            noise_seed = tf.stack([seed + SEED_OFFSETS["train_noise"], step_key])
+            noise = tf.random.stateless_normal(tf.shape(x), seed=noise_seed)
             noisy_batch = tf.clip_by_value(x + config.noise_factor * noise, 0.0, 1.0)
         else:
             noisy_batch = tf.gather(noisy_t, index)
@@ -888,6 +474,58 @@ def make_train_dataset(
 
     batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
     return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+# =============================================================================
+# 4. Training
+# =============================================================================
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """AVX512_BF16 or AMX: oneDNN then runs bfloat16 convolutions about 1.4x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def setup_devices(config: Config) -> tf.distribute.Strategy:
+    """MirroredStrategy over every GPU when there are several, the default strategy
+    otherwise; also sets the Keras dtype policy from VAE_PRECISION. Call before building."""
+    gpus = tf.config.list_physical_devices("GPU")
+    policy = config.precision
+    if policy == "auto":
+        if gpus:
+            major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))[0]
+            policy = "mixed_bfloat16" if major >= 8 else "mixed_float16"
+        else:
+            policy = "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def learning_rate_schedule(config: Config, steps_per_epoch: int):
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch), alpha=0.05
+    )
+
+
+def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Strategy | None = None) -> VAE:
+    """Build and compile the VAE (inside the strategy's scope)."""
+    keras.utils.set_random_seed(config.seed)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        encoder = build_encoder(config.latent_dim, config.seed, config.hidden_units)
+        decoder = build_decoder(config.latent_dim, config.hidden_units)
+        vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, config.supcon_scale, name="vae")
+        steps_per_epoch = math.ceil(n_train / config.batch_size)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
+        vae.compile(optimizer=optimizer)
+        vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # build: fit, checkpoints and load_weights need it
+    return vae
 
 
 class EpochHistoryLog(keras.callbacks.Callback):
@@ -907,6 +545,1178 @@ class EpochHistoryLog(keras.callbacks.Callback):
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
+
+
+def train_vae(
+    vae: VAE, x_noisy, x_clean, labels, config: Config, checkpoint: Checkpoint | None = None, verbose="auto"
+) -> pd.DataFrame:
+    """Train; returns one history row per epoch.
+
+    With a checkpoint, training resumes after the last backed-up epoch (falling
+    back to the previous epoch's copy if the newest is unreadable), and a
+    finished training is loaded instead of repeated. Raises
+    TrainingDivergedError if a loss term becomes NaN or infinite.
+    """
+    if checkpoint is not None and checkpoint.weights.is_file():
+        vae.load_weights(checkpoint.weights)
+        print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
+        return pd.DataFrame(checkpoint.history(), columns=HISTORY_COLUMNS)
+    rows = checkpoint.restore(vae) if checkpoint is not None else []
+    first_epoch = len(rows)
+    if first_epoch:
+        print(f"  resuming after epoch {first_epoch} from {checkpoint.epoch_weights(first_epoch)}")
+    history = EpochHistoryLog(checkpoint, rows)
+    guard = StopOnNonFinite()
+    if first_epoch < config.epochs:
+        vae.fit(
+            make_train_dataset(x_noisy, x_clean, labels, config, first_epoch),
+            epochs=config.epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=math.ceil(len(x_clean) / config.batch_size),
+            callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), guard, history],
+            verbose=verbose,
+            shuffle=False,  # the dataset shuffles by (seed, epoch) itself
+        )
+    if guard.failure is not None:
+        term, value, epoch, batch = guard.failure
+        raise TrainingDivergedError(
+            f"training stopped: {term} became {value} in epoch {epoch}, batch {batch}. "
+            "Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX, or check the input data."
+        )
+    if checkpoint is not None:
+        with atomic_path(checkpoint.weights) as tmp:
+            vae.save_weights(tmp)
+    return history.frame()
+
+
+# =============================================================================
+# 5. Evaluation: denoising, latent space, generation
+# =============================================================================
+
+QUALITY_COLUMNS = ("mse", "psnr", "ssim")
+
+
+def image_quality(reference: np.ndarray, images: np.ndarray) -> pd.DataFrame:
+    """Per-image MSE, PSNR (dB) and SSIM against the clean reference, data_range=1."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    ref = reference.reshape(len(reference), IMAGE_SIZE, IMAGE_SIZE).astype(np.float64)
+    img = images.reshape(len(images), IMAGE_SIZE, IMAGE_SIZE).astype(np.float64)
+    mse = np.mean((ref - img) ** 2, axis=(1, 2))
+    with np.errstate(divide="ignore"):
+        psnr = np.array([peak_signal_noise_ratio(r, i, data_range=1.0) for r, i in zip(ref, img)])
+    ssim = np.array([structural_similarity(r, i, data_range=1.0) for r, i in zip(ref, img)])
+    return pd.DataFrame({"mse": mse, "psnr": psnr, "ssim": ssim})
+
+
+def quality_means(per_method: dict[str, pd.DataFrame]) -> dict:
+    """{method}_{mse,psnr,ssim}: the mean over images of each method's image_quality()."""
+    return {f"{method}_{column}": float(quality[column].mean())
+            for method, quality in per_method.items() for column in QUALITY_COLUMNS}
+
+
+def denoising_summary(noisy: pd.DataFrame, vae: pd.DataFrame) -> dict:
+    """Means over the test images, and the gains of the VAE over the noisy input."""
+    summary = quality_means({"noisy": noisy, "vae": vae})
+    baseline = summary["noisy_mse"]
+    summary["mse_improvement_pct"] = (
+        100.0 * (1.0 - summary["vae_mse"] / baseline) if baseline > 0 else float("nan")
+    )
+    summary["psnr_gain_db"] = summary["vae_psnr"] - summary["noisy_psnr"]
+    summary["ssim_gain"] = summary["vae_ssim"] - summary["noisy_ssim"]
+    return summary
+
+
+def encode(encoder: keras.Model, images: np.ndarray, batch_size: int = 1024):
+    """Batched (z_mean, z_log_var) of the encoder; the sampled z is not needed here."""
+    z_mean, z_log_var, _z = encoder.predict(images, batch_size=batch_size, verbose=0)
+    return z_mean, z_log_var
+
+
+def decode(decoder: keras.Model, latents: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    return decoder.predict(np.asarray(latents, dtype=np.float32), batch_size=batch_size, verbose=0)
+
+
+def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouette_samples: int = 5000):
+    """Linear probe, kNN accuracy and silhouette of z_mean against the class labels."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import silhouette_score
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    probe.fit(z_train, y_train)
+    knn = KNeighborsClassifier(n_neighbors=min(10, len(z_train)), n_jobs=-1).fit(z_train, y_train)
+    rng = np.random.default_rng(seed)
+    subset = rng.permutation(len(z_test))[:silhouette_samples]
+    silhouette = (
+        silhouette_score(z_test[subset], y_test[subset])
+        if len(np.unique(y_test[subset])) > 1
+        else float("nan")
+    )
+    return {
+        "linear_probe_accuracy": float(probe.score(z_test, y_test)),
+        "knn10_accuracy": float(knn.score(z_test, y_test)),
+        "silhouette": float(silhouette),
+        "silhouette_samples": int(len(subset)),
+    }
+
+
+@dataclasses.dataclass
+class Evaluation:
+    x_noisy_test: np.ndarray
+    z_mean_test: np.ndarray
+    denoised: np.ndarray
+    noisy_quality: pd.DataFrame  # per image
+    vae_quality: pd.DataFrame  # per image
+    representation: dict
+
+
+def evaluate(vae: VAE, data: FashionMNIST, x_noisy_train, x_noisy_test, config: Config) -> Evaluation:
+    """Denoise the test set with decoder(z_mean) and score it; score the latent space."""
+    z_mean_test, _ = encode(vae.encoder, x_noisy_test)
+    denoised = decode(vae.decoder, z_mean_test)
+    z_mean_train, _ = encode(vae.encoder, x_noisy_train)
+    return Evaluation(
+        x_noisy_test=x_noisy_test,
+        z_mean_test=z_mean_test,
+        denoised=denoised,
+        noisy_quality=image_quality(data.x_test, x_noisy_test),
+        vae_quality=image_quality(data.x_test, denoised),
+        representation=representation_quality(
+            z_mean_train, data.y_train, z_mean_test, data.y_test, config.seed
+        ),
+    )
+
+
+# Training-free references. Parameters picked on 200 noisy *training* images (sigma 0.45)
+# from a small grid; see docs/RESULTS.md.
+TV_WEIGHT = 0.2
+NLM_PARAMS = {"patch_size": 3, "patch_distance": 2, "fast_mode": True}
+NLM_H_OVER_SIGMA = 0.15
+CLASSICAL_DENOISERS = {
+    "tv_chambolle": f"skimage.restoration.denoise_tv_chambolle(noisy, weight={TV_WEIGHT})",
+    "nl_means": f"skimage.restoration.denoise_nl_means(noisy, h={NLM_H_OVER_SIGMA}*sigma, sigma=noise_factor, "
+    + ", ".join(f"{k}={v}" for k, v in NLM_PARAMS.items()) + ")",
+}
+
+
+def classical_references(clean, noisy, denoised, config: Config) -> dict:
+    """PSNR/SSIM/MSE of two training-free denoisers, and of the VAE, on one seeded test subset."""
+    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+
+    subset = embedding_subset(len(clean), config.classical_samples, seed_for(config, "classical_subset"))
+    images = noisy[subset, ..., 0].astype(np.float64)
+    sigma = max(config.noise_factor, 1e-3)
+    outputs = {
+        "tv_chambolle": np.stack([denoise_tv_chambolle(x, weight=TV_WEIGHT) for x in images]),
+        "nl_means": np.stack(
+            [denoise_nl_means(x, h=NLM_H_OVER_SIGMA * sigma, sigma=sigma, **NLM_PARAMS) for x in images]
+        ),
+        "vae_subset": denoised[subset],
+        "noisy_subset": noisy[subset],
+    }
+    per_method = {method: image_quality(clean[subset], output) for method, output in outputs.items()}
+    return {"classical_samples": int(len(subset)), **quality_means(per_method)}
+
+
+def build_classifier(seed: int) -> keras.Model:
+    """A small CNN; its 64-d 'features' layer plays the role Inception plays in FID."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1))
+    x = layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    features = layers.Dense(64, activation="relu", name="features")(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32")(features)
+    model = keras.Model(inputs, outputs, name="fashion_classifier")
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets."""
+    from scipy import linalg
+
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    # Dead ReLU units make the covariances singular; a tiny ridge keeps sqrtm well defined.
+    ridge = 1e-6 * np.eye(len(cov_a))
+    cov_a, cov_b = cov_a + ridge, cov_b + ridge
+    root = linalg.sqrtm(cov_a @ cov_b)
+    if np.iscomplexobj(root):
+        root = root.real
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * root))
+
+
+def normalised_entropy(counts: np.ndarray) -> float:
+    """Shannon entropy of a class histogram divided by log(classes): 1 = uniform."""
+    p = np.asarray(counts, np.float64) / max(1, np.sum(counts))
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum() / np.log(NUM_CLASSES))
+
+
+def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config, epochs: int = 3) -> dict:
+    """Classifier accuracy, Fréchet distances to the clean test images (same N for
+    every set) and the class histogram of prior samples."""
+    classifier = build_classifier(config.seed)
+    classifier.fit(data.x_train, data.y_train, batch_size=256, epochs=epochs, verbose=0)
+    feature_model = keras.Model(classifier.input, classifier.get_layer("features").output)
+    n = min(len(data.x_test), len(data.x_train))
+    rng = np.random.default_rng(seed_for(config, "prior_fd"))
+    prior = decode(vae.decoder, rng.standard_normal((n, config.latent_dim)).astype(np.float32))
+
+    def classifier_features(images):
+        return feature_model.predict(images[:n], batch_size=1024, verbose=0)
+
+    reference = classifier_features(data.x_test)
+    prior_probs = classifier.predict(prior, batch_size=1024, verbose=0)
+    counts = np.bincount(prior_probs.argmax(axis=1), minlength=NUM_CLASSES)
+    return {
+        "classifier_test_accuracy": float(classifier.evaluate(data.x_test, data.y_test, verbose=0)[1]),
+        "fd_clean_train": frechet_distance(classifier_features(data.x_train), reference),
+        "fd_vae_reconstruction": frechet_distance(classifier_features(evaluation.denoised), reference),
+        "fd_prior_samples": frechet_distance(classifier_features(prior), reference),
+        "fd_noisy_input": frechet_distance(classifier_features(evaluation.x_noisy_test), reference),
+        "prior_class_entropy": normalised_entropy(counts),
+        "prior_mean_confidence": float(prior_probs.max(axis=1).mean()),
+        "prior_class_counts": counts.tolist(),
+        "fd_samples": n,
+    }
+
+
+def embedding_subset(n: int, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset (t-SNE, UMAP, classical references)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n)[: min(size, n)])
+
+
+def project_pca(z: np.ndarray, seed: int):
+    """2-D PCA coordinates and the explained-variance ratio of every component."""
+    from sklearn.decomposition import PCA
+
+    full = PCA(random_state=seed).fit(z)
+    return full.transform(z)[:, :2], full.explained_variance_ratio_
+
+
+def project_tsne(z: np.ndarray, seed: int) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(2.0, (len(z) - 1) / 3.0)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, n_jobs=-1)
+    return tsne.fit_transform(z)
+
+
+def import_umap(auto_install: bool = True):
+    """Return (umap module, None), or (None, reason) when it cannot be had.
+
+    Like the seed notebook, a missing umap-learn is pip-installed once.
+    """
+    try:
+        import umap
+
+        return umap, None
+    except ImportError as error:
+        reason = f"import umap failed ({error})"
+    if auto_install:
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "install", "-q", "umap-learn"],
+                check=True, timeout=600, capture_output=True,
+            )
+            import umap
+
+            return umap, None
+        except Exception as error:  # noqa: BLE001 - any failure only skips one plot
+            reason += f"; pip install umap-learn failed ({type(error).__name__})"
+    return None, reason
+
+
+def project_umap(z: np.ndarray, seed: int, umap_module) -> np.ndarray:
+    n_neighbors = int(min(15, max(2, len(z) - 1)))
+    reducer = umap_module.UMAP(n_neighbors=n_neighbors, min_dist=0.1, random_state=seed)
+    return reducer.fit_transform(z)
+
+
+def latent_traversal(z_mean: np.ndarray, n_directions: int = 5, steps: int = 9, span: float = 2.5):
+    """Latents along the top principal directions of z_mean: mean + t * sd * direction,
+    t from -span to +span. Returns (n_directions, steps, latent_dim) and the variance ratios."""
+    from sklearn.decomposition import PCA
+
+    n_directions = min(n_directions, z_mean.shape[1])
+    pca = PCA(n_components=n_directions).fit(z_mean)
+    t = np.linspace(-span, span, steps)
+    sd = np.sqrt(pca.explained_variance_)
+    grid = pca.mean_[None, None, :] + (t[None, :, None] * sd[:, None, None]) * pca.components_[:, None, :]
+    return grid.astype(np.float32), pca.explained_variance_ratio_
+
+
+def interpolate_latents(z_a: np.ndarray, z_b: np.ndarray, steps: int) -> np.ndarray:
+    """(n_pairs, steps, latent_dim) points on the segments from z_a to z_b."""
+    t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[None, :, None]
+    return (1.0 - t) * z_a[:, None, :] + t * z_b[:, None, :]
+
+
+def interpolation_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> list[tuple[int, int]]:
+    """Pairs of test indices from different classes, seeded."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    classes = rng.permutation(NUM_CLASSES)
+    for k in range(n_pairs):
+        a_class, b_class = classes[k % NUM_CLASSES], classes[(k + 1) % NUM_CLASSES]
+        a_pool, b_pool = np.flatnonzero(labels == a_class), np.flatnonzero(labels == b_class)
+        if len(a_pool) == 0 or len(b_pool) == 0:
+            a_pool = b_pool = np.arange(len(labels))
+        pairs.append((int(rng.choice(a_pool)), int(rng.choice(b_pool))))
+    return pairs
+
+
+# =============================================================================
+# 6. Plots (each written atomically; nothing here runs the model again)
+# =============================================================================
+
+
+def _plt():
+    import matplotlib
+
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, show: bool = False, tight: bool = True) -> None:
+    """Save at 120 dpi; tight=False keeps the whole canvas (title panels)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight" if tight else None)
+    if show:
+        from IPython.display import display
+
+        display(fig)
+    _plt().close(fig)
+
+
+def plot_training_curve(history: pd.DataFrame, column: str, title: str, ylabel: str, path, show=False):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["epoch"], history[column], marker="o", label=column)
+    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, Path(path), show)
+
+
+def plot_denoising_grid(clean, noisy, denoised, labels, path, show=False):
+    """Clean / noisy / denoised rows, one column per class (first test image of each)."""
+    plt = _plt()
+    columns = [int(np.flatnonzero(labels == c)[0]) for c in range(NUM_CLASSES) if np.any(labels == c)]
+    rows = [("Clean", clean), ("Noisy", noisy), ("Denoised (VAE)", denoised)]
+    fig, axes = plt.subplots(3, len(columns), figsize=(1.4 * len(columns), 4.8), squeeze=False, layout="constrained")
+    for r, (name, images) in enumerate(rows):
+        for c, index in enumerate(columns):
+            ax = axes[r][c]
+            ax.imshow(images[index].squeeze(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(CLASS_NAMES_TR[labels[index]], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=9)
+    fig.suptitle("Denoising: clean / noisy input / VAE output decoder(z_mean)")
+    save_figure(fig, Path(path), show)
+
+
+def plot_latent_scatter(coords, labels, title, path, class_names=None, axis_names=("dim 1", "dim 2"),
+                        show=False, seed: int = 0):
+    """Scatter of 2-D latent coordinates drawn in one seeded random order, so that no
+    class is painted over another; the legend uses digits 0-9 or class names."""
+    plt = _plt()
+    from matplotlib.lines import Line2D
+
+    cmap = plt.get_cmap("tab10")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    fig, ax = plt.subplots(figsize=(9, 6.5), layout="constrained")
+    ax.scatter(coords[order, 0], coords[order, 1], s=5, alpha=0.7, c=cmap(np.asarray(labels)[order]))
+    names = [str(c) for c in range(NUM_CLASSES)] if class_names is None else class_names
+    handles = [Line2D([], [], ls="", marker="o", ms=7, color=cmap(c), label=names[c])
+               for c in range(NUM_CLASSES) if np.any(labels == c)]
+    ax.set(title=title, xlabel=axis_names[0], ylabel=axis_names[1])
+    ax.legend(handles=handles, fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), title="class")
+    save_figure(fig, Path(path), show)
+
+
+def plot_image_grid(images, title, path, ncols: int = 10, show=False):
+    plt = _plt()
+    nrows = math.ceil(len(images) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 1.0, nrows * 1.0 + 0.5), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image in zip(axes.flat, images):
+        ax.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=1)
+    fig.suptitle(title)
+    save_figure(fig, Path(path), show)
+
+
+def plot_image_rows(images, row_labels, column_labels, title, path, show=False):
+    """A grid of images (rows, columns, 28, 28, 1) with a label per row and per column."""
+    plt = _plt()
+    n_rows, n_columns = images.shape[:2]
+    fig, axes = plt.subplots(n_rows, n_columns, figsize=(n_columns * 1.0, n_rows * 1.1 + 0.7),
+                             squeeze=False, layout="constrained")
+    for r in range(n_rows):
+        for c in range(n_columns):
+            ax = axes[r][c]
+            ax.imshow(images[r, c].squeeze(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+            if r == n_rows - 1:
+                ax.set_xlabel(column_labels[c], fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, Path(path), show)
+
+
+def plot_interpolation(rows, row_labels, path, show=False):
+    """rows: (n_pairs, steps, 28, 28, 1) decoded along straight lines in latent space."""
+    steps = rows.shape[1]
+    plot_image_rows(rows, row_labels, [f"t={s / (steps - 1):.2f}" for s in range(steps)],
+                    "Latent interpolation: decoder((1-t) z_a + t z_b), z = z_mean of noisy test images", path, show)
+
+
+def plot_latent_traversal(images, ratios, span, path, show=False):
+    steps = images.shape[1]
+    plot_image_rows(
+        images,
+        [f"PC{r + 1}\n({100 * ratio:.0f} %)" for r, ratio in enumerate(ratios)],
+        [f"{-span + 2 * span * c / (steps - 1):+.1f} sd" for c in range(steps)],
+        "Latent traversal: decoder(mean + t·sd·PC_k) along the top principal directions of z_mean",
+        path, show,
+    )
+
+
+def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
+    """Mean PSNR per class for the noisy input and the VAE output."""
+    plt = _plt()
+    classes = [c for c in range(NUM_CLASSES) if np.any(labels == c)]
+    noisy = [noisy_quality["psnr"][labels == c].mean() for c in classes]
+    vae = [vae_quality["psnr"][labels == c].mean() for c in classes]
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    ax.bar(x - 0.2, noisy, 0.4, label="noisy input", color="#999999")
+    bars = ax.bar(x + 0.2, vae, 0.4, label="VAE: decoder(z_mean)", color="#1f77b4")
+    ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(x, [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes], fontsize=7)
+    ax.set(title="Denoising quality per class (test set)", xlabel="class", ylabel="mean PSNR (dB)")
+    ax.set_ylim(0, 1.25 * max(max(vae), max(noisy)))
+    ax.legend(loc="upper left", ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, Path(path), show)
+
+
+def plot_generation_quality(generation: dict, path, show=False):
+    plt = _plt()
+    names = ["clean train\n(floor)", "VAE reconstructions\nof noisy test", "prior samples", "noisy test\n(ceiling)"]
+    keys = ["fd_clean_train", "fd_vae_reconstruction", "fd_prior_samples", "fd_noisy_input"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.2, 1]})
+    bars = ax.bar(names, [generation[k] for k in keys], color=["#2ca02c", "#1f77b4", "#ff7f0e", "#999999"])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_yscale("log")
+    ax.set(title=f"Fréchet distance to clean test images (n={generation['fd_samples']}, classifier features)",
+           xlabel="image set", ylabel="Fréchet distance (log scale, lower is better)")
+    ax.tick_params(axis="x", labelsize=8)
+    ax2.bar(CLASS_NAMES_TR, generation["prior_class_counts"], color="#ff7f0e", label="prior samples")
+    ax2.axhline(generation["fd_samples"] / NUM_CLASSES, color="k", ls="--", lw=1, label="uniform")
+    ax2.set(title=f"Classes of prior samples (entropy {generation['prior_class_entropy']:.2f}, "
+                  f"confidence {generation['prior_mean_confidence']:.2f})", xlabel="predicted class", ylabel="count")
+    ax2.tick_params(axis="x", labelsize=7, rotation=45)
+    ax2.legend()
+    fig.tight_layout()
+    save_figure(fig, Path(path), show)
+
+
+def plot_title_panel(title: str, subtitle: str, path, show=False):
+    """A framed 16:9 title card, 1536x864 px; the whole canvas is kept (no tight crop)."""
+    plt = _plt()
+    from matplotlib.patches import FancyBboxPatch
+
+    fig = plt.figure(figsize=(12.8, 7.2), facecolor="white")
+    fig.patches.append(FancyBboxPatch((0.04, 0.06), 0.92, 0.88, boxstyle="round,pad=0,rounding_size=0.02",
+                                      transform=fig.transFigure, fill=False, edgecolor="#1f77b4", linewidth=3))
+    fig.text(0.5, 0.58, title, ha="center", va="center", fontsize=40, weight="bold")
+    fig.text(0.5, 0.40, subtitle, ha="center", va="center", fontsize=18, color="#444444")
+    fig.text(0.5, 0.12, "VAE on Fashion-MNIST", ha="center", fontsize=12, color="#888888")
+    save_figure(fig, Path(path), show, tight=False)
+
+
+# =============================================================================
+# 7. Reports: one table of metric definitions, metrics.csv / metrics.txt, models, config
+# =============================================================================
+
+# name -> (group, unit, which images it counts, definition); the order is the order of metrics.csv.
+METRICS = {
+    "noisy_mse": ("denoising", "", "test", "mean over test images of the per-image MSE of the noisy input vs the clean image"),
+    "noisy_psnr": ("denoising", "dB", "test", "mean over test images of skimage peak_signal_noise_ratio(clean, noisy, data_range=1)"),
+    "noisy_ssim": ("denoising", "", "test", "mean over test images of skimage structural_similarity(clean, noisy, data_range=1)"),
+    "vae_mse": ("denoising", "", "test", "as noisy_mse, for the VAE output decoder(z_mean(noisy))"),
+    "vae_psnr": ("denoising", "dB", "test", "as noisy_psnr, for the VAE output decoder(z_mean(noisy))"),
+    "vae_ssim": ("denoising", "", "test", "as noisy_ssim, for the VAE output decoder(z_mean(noisy))"),
+    "mse_improvement_pct": ("gain", "%", "test", "100 * (1 - vae_mse / noisy_mse)"),
+    "psnr_gain_db": ("gain", "dB", "test", "vae_psnr - noisy_psnr"),
+    "ssim_gain": ("gain", "", "test", "vae_ssim - noisy_ssim"),
+    "linear_probe_accuracy": (
+        "representation", "", "test",
+        "test accuracy of StandardScaler+LogisticRegression fitted on z_mean of the noisy training images",
+    ),
+    "knn10_accuracy": ("representation", "", "test", "test accuracy of a 10-nearest-neighbour classifier on the same z_mean split"),
+    "silhouette": ("representation", "", "silhouette", "sklearn silhouette_score of test z_mean against the class labels (seeded subset)"),
+    **{
+        f"{method}_{metric}": ("classical", "dB" if metric == "psnr" else "", "classical",
+                               f"{metric.upper()} of {label} on the seeded classical-reference test subset")
+        for method, label in (
+            ("tv_chambolle", CLASSICAL_DENOISERS["tv_chambolle"]),
+            ("nl_means", CLASSICAL_DENOISERS["nl_means"]),
+            ("vae_subset", "the VAE output decoder(z_mean)"),
+            ("noisy_subset", "the noisy input"),
+        )
+        for metric in QUALITY_COLUMNS
+    },
+    "classifier_test_accuracy": ("generation", "", "generation", "test accuracy of the small CNN (3 epochs on clean training images) whose 64-d penultimate features define the Fréchet distances"),
+    "fd_clean_train": ("generation", "", "generation", "Fréchet distance between classifier features of clean training images and of clean test images (the floor)"),
+    "fd_vae_reconstruction": ("generation", "", "generation", "Fréchet distance of VAE outputs decoder(z_mean(noisy test)) to clean test images"),
+    "fd_prior_samples": ("generation", "", "generation", "Fréchet distance of decoder(z), z ~ N(0, I), to clean test images"),
+    "fd_noisy_input": ("generation", "", "generation", "Fréchet distance of the noisy test images to clean test images (a ceiling)"),
+    "prior_class_entropy": ("generation", "", "generation", "entropy of the classifier's labels for the prior samples / log(10); 1 = every class equally often"),
+    "prior_mean_confidence": ("generation", "", "generation", "mean max-softmax probability of the classifier on the prior samples"),
+}
+
+
+def metrics_table(
+    summary: dict, representation: dict, n_test: int, generation: dict | None = None, classical: dict | None = None
+) -> pd.DataFrame:
+    """One row per metric of METRICS whose stage ran: value, unit, images counted, definition."""
+    values = {**summary, **representation, **(generation or {}), **(classical or {})}
+    counts = {"test": n_test, "silhouette": representation["silhouette_samples"]}
+    if classical:
+        counts["classical"] = classical["classical_samples"]
+    if generation:
+        counts["generation"] = generation["fd_samples"]
+    rows = [
+        {"group": group, "name": name, "value": values[name], "unit": unit, "n_images": counts[count],
+         "definition": definition}
+        for name, (group, unit, count, definition) in METRICS.items() if count in counts
+    ]
+    return pd.DataFrame(rows)
+
+
+def quality_lines(values: dict, methods) -> list[str]:
+    """A small MSE / PSNR / SSIM table, one line per (method, label)."""
+    lines = [f"{'':16}{'MSE':>10}{'PSNR (dB)':>12}{'SSIM':>9}"]
+    for method, label in methods:
+        lines.append(f"{label:16}{values[method + '_mse']:>10.5f}{values[method + '_psnr']:>12.2f}"
+                     f"{values[method + '_ssim']:>9.4f}")
+    return lines
+
+
+def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: int, warnings: list[str]) -> str:
+    values = dict(zip(table["name"], table["value"]))
+    n_images = dict(zip(table["name"], table["n_images"]))
+    lines = [
+        "VAE denoising on Fashion-MNIST: test-set metrics",
+        "=" * 49,
+        f"data: {source}; {n_train} training and {n_images['vae_psnr']} test images",
+        f"noise: x_noisy = clip(x + {config.noise_factor} * N(0,1), 0, 1), test noise drawn once "
+        f"(seed {seed_for(config, 'test_noise')})",
+        f"model: latent_dim={config.latent_dim}, epochs={config.epochs}, batch_size={config.batch_size}, "
+        f"gamma_sc={config.gamma_sc} (supcon_scale={config.supcon_scale}), beta_max={config.beta_max}, "
+        f"warmup_epochs={config.warmup_epochs}, training noise: "
+        + ("new every epoch" if config.fresh_noise else "one fixed noisy copy"),
+        "",
+        "Denoising (the VAE output is decoder(z_mean), the deterministic mean of the posterior)",
+        *quality_lines(values, [("noisy", "noisy input"), ("vae", "VAE")]),
+        "",
+        f"MSE improvement: {values['mse_improvement_pct']:.1f} %",
+        f"PSNR gain:       {values['psnr_gain_db']:+.2f} dB",
+        f"SSIM gain:       {values['ssim_gain']:+.4f}",
+        "",
+        "Representation (z_mean of noisy images)",
+        f"linear probe accuracy: {values['linear_probe_accuracy']:.4f}",
+        f"kNN (k=10) accuracy:   {values['knn10_accuracy']:.4f}",
+        f"silhouette:            {values['silhouette']:.4f}",
+        "",
+    ]
+    if "tv_chambolle_psnr" in values:
+        lines += [f"Training-free references on a seeded subset of {n_images['tv_chambolle_psnr']} test images"]
+        lines += quality_lines(values, [("noisy_subset", "noisy input"), ("tv_chambolle", "TV (Chambolle)"),
+                                        ("nl_means", "non-local means"), ("vae_subset", "VAE")])
+        lines += [f"- {name}: {definition}" for name, definition in CLASSICAL_DENOISERS.items()] + [""]
+    if "fd_prior_samples" in values:
+        lines += [
+            "Generation quality (Fréchet distance to clean test images, classifier features; lower is better)",
+            f"classifier test accuracy:     {values['classifier_test_accuracy']:.4f}",
+            f"clean training images:        {values['fd_clean_train']:.3f}   (floor)",
+            f"VAE reconstructions:          {values['fd_vae_reconstruction']:.3f}",
+            f"prior samples:                {values['fd_prior_samples']:.3f}",
+            f"noisy test images:            {values['fd_noisy_input']:.3f}   (ceiling)",
+            f"prior samples' class entropy: {values['prior_class_entropy']:.3f} (1 = uniform), "
+            f"mean confidence {values['prior_mean_confidence']:.3f}",
+            "",
+        ]
+    lines += [
+        "Definitions",
+        "PSNR and SSIM are per-image means over the test set, computed with skimage.metrics "
+        "(peak_signal_noise_ratio, structural_similarity) with data_range=1; MSE is the per-image "
+        "mean squared error averaged over images.",
+    ]
+    lines += [f"- {name}: {definition}" for name, definition in zip(table["name"], table["definition"])]
+    lines += ["", "Warnings"] + ([f"- {w}" for w in warnings] if warnings else ["- none"])
+    return "\n".join(lines) + "\n"
+
+
+def pca_report(ratios: np.ndarray) -> str:
+    lines = ["PCA of test-set z_mean: explained variance ratio per component", "component  ratio     cumulative"]
+    for i, (ratio, cumulative) in enumerate(zip(ratios, np.cumsum(ratios)), start=1):
+        lines.append(f"PC{i:<8d} {ratio:.5f}   {cumulative:.5f}")
+    lines.append(f"The 2-D PCA plots (06A, 06B) show {100 * ratios[:2].sum():.1f} % of the variance.")
+    return "\n".join(lines) + "\n"
+
+
+def save_models(vae: VAE, out: Path) -> None:
+    """encoder.keras (image -> z_mean, z_log_var) and decoder.keras (z -> image).
+
+    Both hold only built-in Keras layers, so keras.models.load_model opens them
+    without this module or any custom-object registration. Sampling is left out
+    of the saved encoder: denoising uses z_mean.
+    """
+    encoder = vae.encoder
+    posterior = keras.Model(
+        encoder.input, [encoder.get_layer("z_mean").output, encoder.get_layer("z_log_var").output],
+        name="encoder",
+    )
+    for model, name in ((posterior, "encoder.keras"), (vae.decoder, "decoder.keras")):
+        with atomic_path(out / name) as tmp:
+            model.save(tmp)
+
+
+def effective_config_record(config: Config, overrides: dict | None = None) -> dict:
+    """config.json: the settings that ran, where they came from, and the versions."""
+    return {
+        "config": dataclasses.asdict(config),
+        "overrides": dict(OVERRIDES if overrides is None else overrides),
+        "environment_variables": {name: os.environ.get(name) for name, *_ in SETTING_RULES.values()},
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
+        },
+    }
+
+
+# =============================================================================
+# 8. run(): load -> noise -> build -> train -> evaluate -> plot -> report
+# =============================================================================
+
+
+def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, show=False):
+    """Every figure and report of the seed's section 7."""
+    warnings = []
+    with timer.stage("plots: training curves"):
+        curves = [
+            ("total_loss", "01_train_total_loss.png", "Training loss: total = recon + beta*KL + gamma_sc*w*SupCon", "nats per image"),
+            ("recon_loss", "02_train_recon_loss.png", "Reconstruction loss (BCE, clean vs recon, summed over pixels)", "nats per image"),
+            ("kl_loss", "03_train_kl_loss.png", "KL divergence to N(0, I)", "nats per image"),
+            ("supcon_loss", "03B_train_supcon_loss.png", "Supervised contrastive loss on z_mean", "loss"),
+            ("beta", "04_beta_warmup.png", f"KL weight beta: linear warm-up over {config.warmup_epochs} epochs", "beta"),
+        ]
+        for column, name, title, ylabel in curves:
+            plot_training_curve(history, column, title, ylabel, out / name, show)
+    with timer.stage("plots: denoising"):
+        plot_denoising_grid(data.x_test, evaluation.x_noisy_test, evaluation.denoised, data.y_test,
+                            out / "05_denoising_grid.png", show=show)
+        plot_per_class_psnr(evaluation.noisy_quality, evaluation.vae_quality, data.y_test,
+                            out / "10_per_class_denoising.png", show)
+    with timer.stage("pca"):
+        pca_coords, ratios = project_pca(evaluation.z_mean_test, config.seed)
+        axes = (f"PC1 ({100 * ratios[0]:.1f} %)", f"PC2 ({100 * ratios[1]:.1f} %)")
+        n = len(pca_coords)
+        plot_latent_scatter(pca_coords, data.y_test, f"PCA of test z_mean (n={n}), labels 0-9",
+                            out / "06A_latent_pca_numbers.png", axis_names=axes, show=show, seed=config.seed)
+        plot_latent_scatter(pca_coords, data.y_test, f"Latent uzay PCA (test z_mean, n={n})",
+                            out / "06B_latent_pca_text_tr.png", CLASS_NAMES_TR, axes, show, config.seed)
+        write_text(out / "pca_explained_variance.txt", pca_report(ratios))
+    subset = embedding_subset(len(evaluation.z_mean_test), config.embed_samples, config.seed)
+    z_subset, y_subset = evaluation.z_mean_test[subset], data.y_test[subset]
+    with timer.stage("t-SNE"):
+        coords = project_tsne(z_subset, config.seed)
+        plot_latent_scatter(coords, y_subset, f"Latent uzay t-SNE (test z_mean, seeded subset n={len(subset)})",
+                            out / "06D_latent_tsne_text_tr.png", CLASS_NAMES_TR, ("t-SNE 1", "t-SNE 2"), show,
+                            config.seed)
+    with timer.stage("UMAP"):
+        umap_module, reason = import_umap()
+        if umap_module is None:
+            warnings.append(f"06C_latent_umap_text_tr.png was not written: {reason}")
+            print(f"WARNING: UMAP skipped: {reason}", file=sys.stderr)
+        else:
+            coords = project_umap(z_subset, config.seed, umap_module)
+            plot_latent_scatter(coords, y_subset, f"Latent uzay UMAP (test z_mean, seeded subset n={len(subset)})",
+                                out / "06C_latent_umap_text_tr.png", CLASS_NAMES_TR, ("UMAP 1", "UMAP 2"), show,
+                                config.seed)
+    with timer.stage("plots: generation and interpolation"):
+        rng = np.random.default_rng(seed_for(config, "prior_grid"))
+        prior = decode(vae.decoder, rng.standard_normal((100, config.latent_dim)).astype(np.float32))
+        plot_image_grid(prior, "Samples from the prior: decoder(z), z ~ N(0, I)", out / "07_generated_prior.png", show=show)
+        pairs = interpolation_pairs(data.y_test, 8, config.seed)
+        a, b = (np.array(idx) for idx in zip(*pairs))
+        line_latents = interpolate_latents(evaluation.z_mean_test[a], evaluation.z_mean_test[b], 10)
+        decoded = decode(vae.decoder, line_latents.reshape(-1, config.latent_dim))
+        labels = [f"{CLASS_NAMES_TR[data.y_test[i]]} →\n{CLASS_NAMES_TR[data.y_test[j]]}" for i, j in pairs]
+        plot_interpolation(decoded.reshape(len(pairs), 10, IMAGE_SIZE, IMAGE_SIZE, 1), labels,
+                           out / "08_latent_interpolation.png", show=show)
+        grid, ratios = latent_traversal(evaluation.z_mean_test)
+        traversal = decode(vae.decoder, grid.reshape(-1, config.latent_dim))
+        plot_latent_traversal(traversal.reshape(*grid.shape[:2], IMAGE_SIZE, IMAGE_SIZE, 1), ratios, 2.5,
+                              out / "11_latent_traversal.png", show)
+    with timer.stage("classical references"):
+        classical = classical_references(data.x_test, evaluation.x_noisy_test, evaluation.denoised, config)
+    generation = None
+    if config.gen_metrics:
+        with timer.stage("generation quality"):
+            generation = generation_quality(vae, data, evaluation, config)
+            plot_generation_quality(generation, out / "09_generation_quality.png", show)
+    with timer.stage("plots: title panels"):
+        panels = [
+            ("A_title_denoising.png", "Denoising", "Gürültülü görüntü → temiz görüntü"),
+            ("B_title_representation_learning.png", "Representation Learning", "Latent uzayda sınıf ayrışması (PCA / UMAP / t-SNE)"),
+            ("C_title_generation.png", "Generation", "Prior'dan örnekleme: z ~ N(0, I)"),
+            ("D_title_interpolation.png", "Latent Interpolation", "Latent uzayda süreklilik"),
+        ]
+        for name, title, subtitle in panels:
+            plot_title_panel(title, subtitle, out / name)
+    with timer.stage("report"):
+        write_csv(out / "history.csv", history)
+        summary = denoising_summary(evaluation.noisy_quality, evaluation.vae_quality)
+        table = metrics_table(summary, evaluation.representation, len(data.x_test), generation, classical)
+        write_csv(out / "metrics.csv", table)
+        write_text(out / "metrics.txt", metrics_report(table, config, data.source, len(data.x_train), warnings))
+    return table, warnings
+
+
+def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
+    """Run the whole pipeline into config.out_dir; returns the metrics table."""
+    out = prepare_output_dir(config.out_dir)
+    started_at = _now()
+    write_run_status(out, "running", started_at)
+    write_text(out / "config.json", json.dumps(effective_config_record(config), indent=2) + "\n")
+    timer = StageTimer()
+    try:
+        checkpoint = open_checkpoint(out, config)
+        with timer.stage("load"):
+            data = load_fashion_mnist(config, **search)
+            print(f"  {data.source}: train {data.x_train.shape}, test {data.x_test.shape}")
+        with timer.stage("noise"):
+            x_noisy_train = add_noise(data.x_train, config.noise_factor, config.seed)
+            x_noisy_test = add_noise(data.x_test, config.noise_factor, seed_for(config, "test_noise"))
+        with timer.stage("build"):
+            strategy = setup_devices(config)
+            vae = build_vae(config, len(data.x_train), strategy)
+            print(f"  {strategy.num_replicas_in_sync} replica(s), dtype policy {keras.mixed_precision.global_policy().name}")
+        with timer.stage("train"):
+            verbose = 1 if sys.stdout.isatty() else 2
+            history = train_vae(vae, x_noisy_train, data.x_train, data.y_train, config, checkpoint, verbose)
+        with timer.stage("evaluate"):
+            evaluation = evaluate(vae, data, x_noisy_train, x_noisy_test, config)
+        with timer.stage("save models"):
+            save_models(vae, out)
+        table, warnings = make_plots_and_reports(vae, data, history, evaluation, config, out, timer, show_plots)
+    except BaseException as error:
+        write_run_status(out, "failed", started_at, error=f"{type(error).__name__}: {error}")
+        raise
+    timings = timer.frame()
+    write_csv(out / "timings.csv", timings)
+    write_run_status(out, "finished", started_at, data_source=data.source, warnings=warnings)
+    print("\n" + (out / "metrics.txt").read_text(encoding="utf-8"))
+    print("Stage timings (s):\n" + timings.to_string(index=False))
+    print("\n" + list_output_dir(out))
+    return table
+
+
+def main(environ=None, show_plots: bool = False) -> pd.DataFrame:
+    return run(config_from_env(environ), show_plots=show_plots)
+
+
+def cli() -> int:
+    """Script entry point: a readable message and a non-zero exit on bad input."""
+    try:
+        main()
+    except VAEFashionError as error:
+        print(f"\nERROR: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    return 0
+
+
+# =============================================================================
+# 9. Appendix: the plumbing
+# =============================================================================
+
+# --- Errors: one class per thing a user must fix --------------------------------------
+
+
+class VAEFashionError(Exception):
+    """Base class of every error this pipeline reports to the user."""
+
+
+class ConfigError(VAEFashionError, ValueError):
+    """A setting (environment variable or OVERRIDES entry) does not parse or is out of range."""
+
+
+class DatasetError(VAEFashionError, ValueError):
+    """The dataset is missing, incomplete or malformed."""
+
+
+class OutputDirError(VAEFashionError):
+    """The output folder cannot be created or written."""
+
+
+class TrainingDivergedError(VAEFashionError):
+    """A loss term became NaN or infinite during training."""
+
+
+class CheckpointMismatchError(VAEFashionError):
+    """The output folder holds a checkpoint made with different settings."""
+
+
+# --- Settings: OVERRIDES and VAE_* environment variables, one validation path ------------
+
+# field -> (environment variable, type or allowed words, lower bound, lower bound inclusive?, upper bound)
+SETTING_RULES = {
+    "epochs": ("VAE_EPOCHS", int, 1, True, 10_000),
+    "batch_size": ("VAE_BATCH_SIZE", int, 2, True, 65_536),
+    "latent_dim": ("VAE_LATENT_DIM", int, 2, True, 4096),
+    "noise_factor": ("VAE_NOISE_FACTOR", float, 0.0, True, 10.0),
+    "gamma_sc": ("VAE_GAMMA_SC", float, 0.0, True, 1e6),
+    "beta_max": ("VAE_BETA_MAX", float, 0.0, True, 1e6),
+    "warmup_epochs": ("VAE_WARMUP_EPOCHS", int, 0, True, 10_000),
+    "seed": ("VAE_SEED", int, 0, True, 2**31 - 1),
+    "train_samples": ("VAE_TRAIN_SAMPLES", int, 2, True, 10**9),
+    "test_samples": ("VAE_TEST_SAMPLES", int, 20, True, 10**9),
+    "supcon_temperature": ("VAE_SUPCON_TEMPERATURE", float, 0.0, False, 100.0),
+    "supcon_scale": ("VAE_SUPCON_SCALE", ("recon", "none")),
+    "learning_rate": ("VAE_LEARNING_RATE", float, 0.0, False, 10.0),
+    "embed_samples": ("VAE_EMBED_SAMPLES", int, 20, True, 10**7),
+    "fresh_noise": ("VAE_FRESH_NOISE", int, 0, True, 1),
+    "lr_schedule": ("VAE_LR_SCHEDULE", ("cosine", "constant")),
+    "precision": ("VAE_PRECISION", ("auto", "float32", "mixed_float16", "mixed_bfloat16")),
+    "gen_metrics": ("VAE_GEN_METRICS", int, 0, True, 1),
+    "hidden_units": ("VAE_HIDDEN_UNITS", int, 8, True, 8192),
+    "classical_samples": ("VAE_CLASSICAL_SAMPLES", int, 1, True, 10**6),
+    "data_dir": ("VAE_DATA_DIR", str),
+    "out_dir": ("VAE_OUT_DIR", str),
+    "discard_checkpoint": ("VAE_FRESH", ("0", "1")),
+}
+# Settings that do not change the trained model; a checkpoint may be reused across them.
+NON_TRAINING_FIELDS = {
+    "test_samples", "embed_samples", "data_dir", "out_dir", "discard_checkpoint", "gen_metrics", "classical_samples",
+}
+KAGGLE_WORKING = Path("/kaggle/working")
+
+
+def default_out_dir() -> Path:
+    if KAGGLE_WORKING.is_dir():
+        return KAGGLE_WORKING / "vae_outputs_v3"
+    return Path("vae_outputs_v3")
+
+
+def parse_setting(field: str, raw: str, source: str, hint: str):
+    """Parse one setting's text; `source` names it in errors (VAE_EPOCHS or OVERRIDES['epochs'])."""
+    _name, kind, *bounds = SETTING_RULES[field]
+    hint = f"{hint} to use the default ({getattr(Config, field)})"
+    text = raw.strip()
+    if kind is str:
+        return text or None
+    if isinstance(kind, tuple):  # a choice among words
+        if text not in kind:
+            choices = ", ".join(kind[:-1]) + " or " + kind[-1]
+            raise ConfigError(f"{source}={raw!r} must be {choices}; {hint}")
+        return text == "1" if field == "discard_checkpoint" else text
+    low, low_inclusive, high = bounds
+    try:
+        value = int(text) if kind is int else float(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{source}={raw!r} is not {what}; {hint}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}={raw!r} must be a finite number; {hint}")
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or value > high:
+        bracket = "[" if low_inclusive else "("
+        raise ConfigError(f"{source}={raw!r} is out of range: it must lie in {bracket}{low}, {high}]; {hint}")
+    return value
+
+
+def config_from_env(environ=None, overrides: dict | None = None) -> Config:
+    """The effective Config: the defaults, then OVERRIDES, then VAE_* environment variables.
+
+    Unset or empty variables (and None in OVERRIDES) keep the default. Anything that
+    does not parse, or is out of range, raises ConfigError naming where it came from.
+    """
+    environ = os.environ if environ is None else environ
+    overrides = OVERRIDES if overrides is None else overrides
+    unknown = sorted(set(overrides) - set(SETTING_RULES))
+    if unknown:
+        raise ConfigError(f"OVERRIDES names unknown setting(s) {', '.join(unknown)}; "
+                          f"the settings are: {', '.join(SETTING_RULES)}")
+    values = {}
+    for field, (name, *_rule) in SETTING_RULES.items():
+        raw = environ.get(name, "")
+        if raw.strip():
+            values[field] = parse_setting(field, raw, name, f"unset {name}")
+        elif overrides.get(field) is not None:
+            value = overrides[field]
+            text = str(int(value)) if isinstance(value, bool) else str(value)
+            values[field] = parse_setting(field, text, f"OVERRIDES[{field!r}]", f"remove {field!r} from OVERRIDES")
+    if not values.get("out_dir"):
+        values["out_dir"] = str(default_out_dir())
+    return Config(**values)
+
+
+# --- Data: IDX files (raw or .gz) or the Kaggle CSVs, searched in a fixed order -----------
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+CSV_FILES = {"train": "fashion-mnist_train.csv", "test": "fashion-mnist_test.csv"}
+KAGGLE_INPUT = Path("/kaggle/input")
+DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+KERAS_CACHE_DIR = Path("~/.keras/datasets/fashion-mnist")
+IDX_UBYTE = 0x08
+MAX_IDX_BYTES = 256 * 1024 * 1024  # a real Fashion-MNIST file is at most 47 MB; anything much larger is forged
+
+
+def parse_idx(data: bytes, name: str = "<bytes>", expected_ndim: int | None = None) -> np.ndarray:
+    """Parse the bytes of an unsigned-byte IDX file into a uint8 array.
+
+    Checks the magic number (0x0000 08 NN), the dimension count, and that the
+    byte length is exactly header + product(dims). Raises DatasetError otherwise.
+    """
+    if len(data) < 4:
+        raise DatasetError(f"{name}: only {len(data)} bytes; an IDX file starts with a 4-byte magic number")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != IDX_UBYTE or not 1 <= ndim <= 4:
+        raise DatasetError(
+            f"{name}: bad magic number 0x{data[:4].hex()} (expected 0x000008NN, "
+            f"e.g. 0x00000803 for images, 0x00000801 for labels); this is not an unsigned-byte IDX file"
+        )
+    if expected_ndim is not None and ndim != expected_ndim:
+        kind = {1: "labels (idx1)", 3: "images (idx3)"}.get(expected_ndim, f"idx{expected_ndim}")
+        raise DatasetError(
+            f"{name}: magic number 0x{data[:4].hex()} says {ndim} dimension(s), but {kind} were expected; "
+            "check that the file names were not swapped"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{name}: truncated header ({len(data)} bytes, need {header})")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        problem = "truncated" if len(data) < expected else "has trailing bytes"
+        raise DatasetError(
+            f"{name}: {problem}: {len(data)} bytes, but the header (dims {dims}) implies {expected}; "
+            "re-download or re-extract the file"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx(path, expected_ndim: int | None = None) -> np.ndarray:
+    """Read an IDX file, gzipped when its name ends in .gz, with a bounded read."""
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+            data = handle.read(MAX_IDX_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DatasetError(f"{path}: cannot be read ({error}); re-download or re-extract the file") from None
+    if len(data) > MAX_IDX_BYTES:
+        raise DatasetError(f"{path}: larger than {MAX_IDX_BYTES} bytes; not a Fashion-MNIST IDX file")
+    return parse_idx(data, str(path), expected_ndim)
+
+
+def validated_split(images, labels, image_name, label_name) -> tuple[np.ndarray, np.ndarray]:
+    """The one check every data source passes: 28x28 images with pixels in 0-255, as many
+    labels as images, labels in 0-9. Returns uint8 images and int32 labels."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DatasetError(
+            f"{image_name}: images are {images.shape[1:]} but Fashion-MNIST images are "
+            f"{IMAGE_SIZE}x{IMAGE_SIZE}; point VAE_DATA_DIR at the Fashion-MNIST files"
+        )
+    if images.size and (images.min() < 0 or images.max() > 255):
+        raise DatasetError(f"{image_name}: pixel values outside 0-255")
+    if len(labels) != len(images):
+        raise DatasetError(
+            f"{label_name} holds {len(labels)} labels but {image_name} holds {len(images)} images; "
+            "the two files must come from the same split of the same dataset"
+        )
+    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    if bad.size:
+        raise DatasetError(
+            f"{label_name}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside 0-9 "
+            f"({bad.size} such labels); this is not a Fashion-MNIST labels file"
+        )
+    return images.astype(np.uint8), labels.astype(np.int32)
+
+
+def _find_idx_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz", folder / stem / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def idx_files_in(folder: Path) -> dict[str, Path | None]:
+    return {key: _find_idx_file(folder, stem) for key, stem in IDX_FILES.items()}
+
+
+def load_idx_folder(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The four IDX files of one folder as validated uint8 images and int32 labels."""
+    folder = Path(folder)
+    files = idx_files_in(folder)
+    missing = [IDX_FILES[key] for key, path in files.items() if path is None]
+    if missing:
+        raise DatasetError(
+            f"{folder}: missing {', '.join(missing)} (raw or .gz); "
+            "all four Fashion-MNIST IDX files must be in the same folder"
+        )
+    arrays = []
+    for split in ("train", "test"):
+        image_path, label_path = files[f"{split}_images"], files[f"{split}_labels"]
+        images, labels = read_idx(image_path, expected_ndim=3), read_idx(label_path, expected_ndim=1)
+        arrays += validated_split(images, labels, image_path, label_path)
+    return tuple(arrays)
+
+
+def read_fashion_csv(path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a Kaggle Fashion-MNIST CSV (a header row, then label and 784 pixels per row), validated."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        raise DatasetError(f"{path}: not a readable CSV ({error}); re-download the Kaggle dataset") from None
+    if frame.shape[1] != 1 + IMAGE_SIZE * IMAGE_SIZE or frame.shape[0] == 0:
+        raise DatasetError(
+            f"{path}: has {frame.shape[0]} rows x {frame.shape[1]} columns; "
+            f"expected a label column plus {IMAGE_SIZE * IMAGE_SIZE} pixel columns"
+        )
+    values = frame.to_numpy()
+    if not np.issubdtype(values.dtype, np.integer):
+        raise DatasetError(f"{path}: holds non-integer or empty cells; expected integer labels and pixels")
+    images = values[:, 1:].reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    return validated_split(images, values[:, 0], path, f"{path} (first column)")
+
+
+def _has_csvs(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in CSV_FILES.values())
+
+
+def _kaggle_folders(root: Path, max_depth: int = 5):
+    """Folders below /kaggle/input that hold the IDX files or the Kaggle CSVs."""
+    if not root.is_dir():
+        return
+    for current, dirs, _files in os.walk(root):
+        depth = len(Path(current).relative_to(root).parts)
+        if depth >= max_depth:
+            dirs[:] = []
+        folder = Path(current)
+        if all(idx_files_in(folder).values()) or _has_csvs(folder):
+            yield folder
+        dirs.sort()
+
+
+def candidate_data_dirs() -> list[Path]:
+    """Default search order after VAE_DATA_DIR (see README, 'Where the data comes from')."""
+    folders = [KAGGLE_INPUT / "fashionmnist"]
+    folders += [f for f in _kaggle_folders(KAGGLE_INPUT) if f != folders[0]]
+    folders += [DEBIAN_DATA_DIR, KERAS_CACHE_DIR.expanduser()]
+    return folders
+
+
+def _load_folder(folder: Path):
+    """Load a folder with all four IDX files, or else with both CSVs; None if neither."""
+    if all(idx_files_in(folder).values()):
+        return load_idx_folder(folder), f"IDX files in {folder}"
+    if _has_csvs(folder):
+        (x_train, y_train), (x_test, y_test) = (read_fashion_csv(folder / CSV_FILES[s]) for s in ("train", "test"))
+        return (x_train, y_train, x_test, y_test), f"Kaggle CSV files in {folder}"
+    return None
+
+
+def _download_with_keras():
+    return keras.datasets.fashion_mnist.load_data()
+
+
+def missing_data_message(searched: list[str]) -> str:
+    lines = "\n".join(f"  - {place}" for place in searched)
+    return (
+        "Fashion-MNIST was not found. Searched, in order:\n"
+        f"{lines}\n"
+        "Get the data in one of three ways:\n"
+        "  1. Kaggle: 'Add data' -> search 'fashionmnist' (zalando-research) and attach it;\n"
+        "  2. Debian/Ubuntu: apt-get install dataset-fashion-mnist "
+        f"(installs into {DEBIAN_DATA_DIR});\n"
+        "  3. go online, so that keras.datasets.fashion_mnist.load_data() can download it.\n"
+        "Or set VAE_DATA_DIR to a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (raw or .gz)."
+    )
+
+
+def find_and_load_raw(data_dir=None, search_dirs=None, download=_download_with_keras):
+    """Return ((x_train, y_train, x_test, y_test) as uint8/int32, description of the source).
+
+    An explicit data_dir (VAE_DATA_DIR) must hold the data; otherwise the
+    default folders are tried in order, then the Keras download.
+    """
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise DatasetError(
+                f"VAE_DATA_DIR={data_dir!r} is not a folder; point it at the folder holding the four "
+                "Fashion-MNIST IDX files, or unset it to search the default places"
+            )
+        loaded = _load_folder(folder)
+        if loaded is None:
+            load_idx_folder(folder)  # raises, naming the missing files
+        return loaded
+
+    searched = ["VAE_DATA_DIR (not set)"]
+    for folder in candidate_data_dirs() if search_dirs is None else search_dirs:
+        folder = Path(folder)
+        loaded = _load_folder(folder) if folder.is_dir() else None
+        if loaded is not None:
+            return loaded
+        found = [p.name for p in idx_files_in(folder).values() if p] if folder.is_dir() else []
+        searched.append(f"{folder}" + (f" (incomplete: only {', '.join(found)})" if found else ""))
+    if download is not None:
+        try:
+            (x_train, y_train), (x_test, y_test) = download()
+        except Exception as error:  # noqa: BLE001 - any failure means "offline"
+            searched.append(f"keras.datasets.fashion_mnist.load_data() (failed: {type(error).__name__})")
+        else:
+            name = "keras.datasets.fashion_mnist"
+            train = validated_split(x_train, y_train, f"{name} train images", f"{name} train labels")
+            test = validated_split(x_test, y_test, f"{name} test images", f"{name} test labels")
+            return (*train, *test), "keras download"
+    raise DatasetError(missing_data_message(searched))
+
+
+# --- Checkpoints: resume after a kill, reuse a finished training ---------------------------
 
 
 def training_fingerprint(config: Config) -> dict:
@@ -979,8 +1789,6 @@ class Checkpoint:
 def open_checkpoint(out: Path, config: Config) -> Checkpoint:
     """Use <out>/checkpoint if it was made with the same settings; refuse to mix
     settings unless VAE_FRESH=1, which discards the old checkpoint."""
-    import shutil
-
     checkpoint = Checkpoint(out / "checkpoint")
     wanted = training_fingerprint(config)
     if checkpoint.root.exists():
@@ -989,697 +1797,24 @@ def open_checkpoint(out: Path, config: Config) -> Checkpoint:
         except (OSError, ValueError):
             stored = {}
         differences = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
-        if differences and not config.fresh:
+        if differences and not config.discard_checkpoint:
             listed = ", ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in differences.items())
             raise CheckpointMismatchError(
                 f"{checkpoint.root} holds a training checkpoint made with other settings ({listed}). "
                 "Rerun with the same settings to resume, set VAE_FRESH=1 to discard it and start fresh, "
                 "or choose another VAE_OUT_DIR."
             )
-        if differences or config.fresh:
+        if differences or config.discard_checkpoint:
             shutil.rmtree(checkpoint.root)
     checkpoint.root.mkdir(parents=True, exist_ok=True)
     write_text(checkpoint.fingerprint, json.dumps(wanted, indent=2) + "\n")
     return checkpoint
 
 
-def train_vae(
-    vae: VAE, x_noisy, x_clean, labels, config: Config, checkpoint: Checkpoint | None = None, verbose="auto"
-) -> pd.DataFrame:
-    """Stage 4: train; returns one history row per epoch.
+# --- Output folder, run status, stage timings -------------------------------------------
 
-    With a checkpoint, training resumes after the last backed-up epoch (falling
-    back to the previous epoch's copy if the newest is unreadable), and a
-    finished training is loaded instead of repeated. Raises
-    TrainingDivergedError if a loss term becomes NaN or infinite.
-    """
-    if checkpoint is not None and checkpoint.weights.is_file():
-        vae.load_weights(checkpoint.weights)
-        print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
-        return pd.DataFrame(checkpoint.history(), columns=HISTORY_COLUMNS)
-    rows = checkpoint.restore(vae) if checkpoint is not None else []
-    first_epoch = len(rows)
-    if first_epoch:
-        print(f"  resuming after epoch {first_epoch} from {checkpoint.epoch_weights(first_epoch)}")
-    history = EpochHistoryLog(checkpoint, rows)
-    guard = StopOnNonFinite()
-    callbacks = [BetaWarmup(config.beta_max, config.warmup_epochs), guard, history]
-    if first_epoch < config.epochs:
-        dataset = make_train_dataset(x_noisy, x_clean, labels, config, first_epoch)
-        vae.fit(
-            dataset,
-            epochs=config.epochs,
-            initial_epoch=first_epoch,
-            steps_per_epoch=math.ceil(len(x_clean) / config.batch_size),
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,  # the dataset shuffles by (seed, epoch) itself
-        )
-    if guard.failure is not None:
-        term, value, epoch, batch = guard.failure
-        raise TrainingDivergedError(
-            f"training stopped: {term} became {value} in epoch {epoch}, batch {batch}. "
-            "Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX, or check the input data."
-        )
-    if checkpoint is not None:
-        with atomic_path(checkpoint.weights) as tmp:
-            vae.save_weights(tmp)
-    return history.frame()
-
-
-# ---------------------------------------------------------------------------
-# Evaluation: denoising quality and latent-space quality on the test set
-# ---------------------------------------------------------------------------
-
-
-def image_quality(reference: np.ndarray, images: np.ndarray) -> pd.DataFrame:
-    """Per-image MSE, PSNR (dB) and SSIM against the clean reference, data_range=1."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    ref = reference.reshape(len(reference), IMAGE_SIZE, IMAGE_SIZE).astype(np.float64)
-    img = images.reshape(len(images), IMAGE_SIZE, IMAGE_SIZE).astype(np.float64)
-    mse = np.mean((ref - img) ** 2, axis=(1, 2))
-    with np.errstate(divide="ignore"):
-        psnr = np.array([peak_signal_noise_ratio(r, i, data_range=1.0) for r, i in zip(ref, img)])
-    ssim = np.array([structural_similarity(r, i, data_range=1.0) for r, i in zip(ref, img)])
-    return pd.DataFrame({"mse": mse, "psnr": psnr, "ssim": ssim})
-
-
-def encode(encoder: keras.Model, images: np.ndarray, batch_size: int = 1024):
-    """Batched (z_mean, z_log_var) of the encoder; the sampled z is not needed here."""
-    z_mean, z_log_var, _z = encoder.predict(images, batch_size=batch_size, verbose=0)
-    return z_mean, z_log_var
-
-
-def decode(decoder: keras.Model, latents: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    return decoder.predict(np.asarray(latents, dtype=np.float32), batch_size=batch_size, verbose=0)
-
-
-def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouette_samples: int = 5000):
-    """Linear probe, kNN accuracy and silhouette of z_mean against the class labels."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import silhouette_score
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    probe.fit(z_train, y_train)
-    knn = KNeighborsClassifier(n_neighbors=min(10, len(z_train)), n_jobs=-1).fit(z_train, y_train)
-    rng = np.random.default_rng(seed)
-    subset = rng.permutation(len(z_test))[:silhouette_samples]
-    silhouette = (
-        silhouette_score(z_test[subset], y_test[subset])
-        if len(np.unique(y_test[subset])) > 1
-        else float("nan")
-    )
-    return {
-        "linear_probe_accuracy": float(probe.score(z_test, y_test)),
-        "knn10_accuracy": float(knn.score(z_test, y_test)),
-        "silhouette": float(silhouette),
-        "silhouette_samples": int(len(subset)),
-    }
-
-
-# Parameters picked on 200 noisy *training* images (sigma 0.45) from a small grid; see README.
-TV_WEIGHT = 0.2
-NLM_PARAMS = {"patch_size": 3, "patch_distance": 2, "fast_mode": True}
-NLM_H_OVER_SIGMA = 0.15
-CLASSICAL_DENOISERS = {
-    "tv_chambolle": f"skimage.restoration.denoise_tv_chambolle(noisy, weight={TV_WEIGHT})",
-    "nl_means": f"skimage.restoration.denoise_nl_means(noisy, h={NLM_H_OVER_SIGMA}*sigma, sigma=noise_factor, "
-    + ", ".join(f"{k}={v}" for k, v in NLM_PARAMS.items()) + ")",
-}
-
-
-def classical_references(clean, noisy, denoised, config: Config) -> dict:
-    """PSNR/SSIM/MSE of two training-free denoisers, and of the VAE, on one seeded test subset."""
-    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
-
-    subset = embedding_subset(len(clean), config.classical_samples, config.seed + 4)
-    images = noisy[subset, ..., 0].astype(np.float64)
-    sigma = max(config.noise_factor, 1e-3)
-    outputs = {
-        "tv_chambolle": np.stack([denoise_tv_chambolle(x, weight=TV_WEIGHT) for x in images]),
-        "nl_means": np.stack(
-            [denoise_nl_means(x, h=NLM_H_OVER_SIGMA * sigma, sigma=sigma, **NLM_PARAMS) for x in images]
-        ),
-        "vae_subset": denoised[subset],
-        "noisy_subset": noisy[subset],
-    }
-    result = {"classical_samples": int(len(subset))}
-    for method, output in outputs.items():
-        quality = image_quality(clean[subset], output)
-        for column in ("mse", "psnr", "ssim"):
-            result[f"{method}_{column}"] = float(quality[column].mean())
-    return result
-
-
-@dataclasses.dataclass
-class Evaluation:
-    x_noisy_test: np.ndarray
-    z_mean_test: np.ndarray
-    denoised: np.ndarray
-    noisy_quality: pd.DataFrame  # per image
-    vae_quality: pd.DataFrame  # per image
-    representation: dict
-
-
-def evaluate(vae: VAE, data: FashionMNIST, x_noisy_train, x_noisy_test, config: Config) -> Evaluation:
-    """Stage 5: denoise the test set with decoder(z_mean) and score it."""
-    z_mean_test, _ = encode(vae.encoder, x_noisy_test)
-    denoised = decode(vae.decoder, z_mean_test)
-    z_mean_train, _ = encode(vae.encoder, x_noisy_train)
-    return Evaluation(
-        x_noisy_test=x_noisy_test,
-        z_mean_test=z_mean_test,
-        denoised=denoised,
-        noisy_quality=image_quality(data.x_test, x_noisy_test),
-        vae_quality=image_quality(data.x_test, denoised),
-        representation=representation_quality(
-            z_mean_train, data.y_train, z_mean_test, data.y_test, config.seed
-        ),
-    )
-
-
-def denoising_summary(noisy: pd.DataFrame, vae: pd.DataFrame) -> dict:
-    """Means over the test images, and the gains of the VAE over the noisy input."""
-    summary = {}
-    for name, frame in (("noisy", noisy), ("vae", vae)):
-        for column in ("mse", "psnr", "ssim"):
-            summary[f"{name}_{column}"] = float(frame[column].mean())
-    baseline = summary["noisy_mse"]
-    summary["mse_improvement_pct"] = (
-        100.0 * (1.0 - summary["vae_mse"] / baseline) if baseline > 0 else float("nan")
-    )
-    summary["psnr_gain_db"] = summary["vae_psnr"] - summary["noisy_psnr"]
-    summary["ssim_gain"] = summary["vae_ssim"] - summary["noisy_ssim"]
-    return summary
-
-
-# ---------------------------------------------------------------------------
-# Generation quality: a small classifier's features, Fréchet distances
-# ---------------------------------------------------------------------------
-
-
-def build_classifier(seed: int) -> keras.Model:
-    """A small CNN; its 64-d 'features' layer plays the role Inception plays in FID."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1))
-    x = layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
-    x = layers.MaxPooling2D()(x)
-    x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
-    x = layers.MaxPooling2D()(x)
-    x = layers.Flatten()(x)
-    features = layers.Dense(64, activation="relu", name="features")(x)
-    outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32")(features)
-    model = keras.Model(inputs, outputs, name="fashion_classifier")
-    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
-
-
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets."""
-    from scipy import linalg
-
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    # Dead ReLU units make the covariances singular; a tiny ridge keeps sqrtm well defined.
-    ridge = 1e-6 * np.eye(len(cov_a))
-    cov_a, cov_b = cov_a + ridge, cov_b + ridge
-    root = linalg.sqrtm(cov_a @ cov_b)
-    if np.iscomplexobj(root):
-        root = root.real
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * root))
-
-
-def normalised_entropy(counts: np.ndarray) -> float:
-    """Shannon entropy of a class histogram divided by log(classes): 1 = uniform."""
-    p = np.asarray(counts, np.float64) / max(1, np.sum(counts))
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum() / np.log(NUM_CLASSES))
-
-
-def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config, epochs: int = 3) -> dict:
-    """Classifier accuracy, Fréchet distances to the clean test images (same N for
-    every set) and the class histogram of prior samples."""
-    classifier = build_classifier(config.seed)
-    classifier.fit(data.x_train, data.y_train, batch_size=256, epochs=epochs, verbose=0)
-    features = keras.Model(classifier.input, classifier.get_layer("features").output)
-    n = min(len(data.x_test), len(data.x_train))
-    rng = np.random.default_rng(config.seed + 3)
-    prior = decode(vae.decoder, rng.standard_normal((n, config.latent_dim)).astype(np.float32))
-
-    def feats(images):
-        return features.predict(images[:n], batch_size=1024, verbose=0)
-
-    reference = feats(data.x_test)
-    prior_probs = classifier.predict(prior, batch_size=1024, verbose=0)
-    counts = np.bincount(prior_probs.argmax(axis=1), minlength=NUM_CLASSES)
-    return {
-        "classifier_test_accuracy": float(classifier.evaluate(data.x_test, data.y_test, verbose=0)[1]),
-        "fd_clean_train": frechet_distance(feats(data.x_train), reference),
-        "fd_vae_reconstruction": frechet_distance(feats(evaluation.denoised), reference),
-        "fd_prior_samples": frechet_distance(feats(prior), reference),
-        "fd_noisy_input": frechet_distance(feats(evaluation.x_noisy_test), reference),
-        "prior_class_entropy": normalised_entropy(counts),
-        "prior_mean_confidence": float(prior_probs.max(axis=1).mean()),
-        "prior_class_counts": counts.tolist(),
-        "fd_samples": n,
-    }
-
-
-def plot_generation_quality(gen: dict, path, show=False):
-    plt = _plt()
-    names = ["clean train\n(floor)", "VAE reconstructions\nof noisy test", "prior samples", "noisy test\n(ceiling)"]
-    keys = ["fd_clean_train", "fd_vae_reconstruction", "fd_prior_samples", "fd_noisy_input"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.2, 1]})
-    bars = ax.bar(names, [gen[k] for k in keys], color=["#2ca02c", "#1f77b4", "#ff7f0e", "#999999"])
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_yscale("log")
-    ax.set(title=f"Fréchet distance to clean test images (n={gen['fd_samples']}, classifier features)",
-           xlabel="image set", ylabel="Fréchet distance (log scale, lower is better)")
-    ax.tick_params(axis="x", labelsize=8)
-    ax2.bar(CLASS_NAMES_TR, gen["prior_class_counts"], color="#ff7f0e", label="prior samples")
-    ax2.axhline(gen["fd_samples"] / NUM_CLASSES, color="k", ls="--", lw=1, label="uniform")
-    ax2.set(title=f"Classes of prior samples (entropy {gen['prior_class_entropy']:.2f}, "
-                  f"confidence {gen['prior_mean_confidence']:.2f})", xlabel="predicted class", ylabel="count")
-    ax2.tick_params(axis="x", labelsize=7, rotation=45)
-    ax2.legend()
-    fig.tight_layout()
-    save_figure(fig, Path(path), show)
-
-
-# ---------------------------------------------------------------------------
-# Latent projections: PCA on the whole test set, t-SNE and UMAP on a subset
-# ---------------------------------------------------------------------------
-
-
-def embedding_subset(n: int, size: int, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded random subset used for t-SNE and UMAP."""
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.permutation(n)[: min(size, n)])
-
-
-def project_pca(z: np.ndarray, seed: int):
-    """2-D PCA coordinates and the explained-variance ratio of every component."""
-    from sklearn.decomposition import PCA
-
-    full = PCA(random_state=seed).fit(z)
-    return full.transform(z)[:, :2], full.explained_variance_ratio_
-
-
-def project_tsne(z: np.ndarray, seed: int) -> np.ndarray:
-    from sklearn.manifold import TSNE
-
-    perplexity = float(min(30.0, max(2.0, (len(z) - 1) / 3.0)))
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, n_jobs=-1)
-    return tsne.fit_transform(z)
-
-
-def import_umap(auto_install: bool = True):
-    """Return (umap module, None), or (None, reason) when it cannot be had.
-
-    Like the seed notebook, a missing umap-learn is pip-installed once.
-    """
-    try:
-        import umap
-
-        return umap, None
-    except ImportError as error:
-        reason = f"import umap failed ({error})"
-    if auto_install:
-        try:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "install", "-q", "umap-learn"],
-                check=True, timeout=600, capture_output=True,
-            )
-            import umap
-
-            return umap, None
-        except Exception as error:  # noqa: BLE001 - any failure only skips one plot
-            reason += f"; pip install umap-learn failed ({type(error).__name__})"
-    return None, reason
-
-
-def project_umap(z: np.ndarray, seed: int, umap_module) -> np.ndarray:
-    n_neighbors = int(min(15, max(2, len(z) - 1)))
-    reducer = umap_module.UMAP(n_neighbors=n_neighbors, min_dist=0.1, random_state=seed)
-    return reducer.fit_transform(z)
-
-
-# ---------------------------------------------------------------------------
-# Plots (each written atomically; nothing here runs the model again)
-# ---------------------------------------------------------------------------
-
-
-def _plt():
-    import matplotlib
-
-    if "ipykernel" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path, show: bool = False) -> None:
-    """Save via a temporary file, so a crash never leaves a half-written PNG."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    if show:
-        from IPython.display import display
-
-        display(fig)
-    _plt().close(fig)
-
-
-def plot_training_curve(history: pd.DataFrame, column: str, title: str, ylabel: str, path, show=False):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["epoch"], history[column], marker="o", label=column)
-    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, Path(path), show)
-
-
-def plot_denoising_grid(clean, noisy, denoised, labels, path, show=False):
-    """Clean / noisy / denoised rows, one column per class (first test image of each)."""
-    plt = _plt()
-    columns = [int(np.flatnonzero(labels == c)[0]) for c in range(NUM_CLASSES) if np.any(labels == c)]
-    rows = [("Clean", clean), ("Noisy", noisy), ("Denoised (VAE)", denoised)]
-    fig, axes = plt.subplots(3, len(columns), figsize=(1.4 * len(columns), 4.8), squeeze=False, layout="constrained")
-    for r, (name, images) in enumerate(rows):
-        for c, index in enumerate(columns):
-            ax = axes[r][c]
-            ax.imshow(images[index].squeeze(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(CLASS_NAMES_TR[labels[index]], fontsize=8)
-            if c == 0:
-                ax.set_ylabel(name, fontsize=9)
-    fig.suptitle("Denoising: clean / noisy input / VAE output decoder(z_mean)")
-    save_figure(fig, Path(path), show)
-
-
-def plot_latent_scatter(coords, labels, title, path, class_names=None, axis_names=("dim 1", "dim 2"), show=False):
-    """Scatter of 2-D latent coordinates; legend uses digits 0-9 or class names."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 6.5))
-    cmap = plt.get_cmap("tab10")
-    for c in range(NUM_CLASSES):
-        mask = labels == c
-        if not np.any(mask):
-            continue
-        name = str(c) if class_names is None else class_names[c]
-        ax.scatter(coords[mask, 0], coords[mask, 1], s=4, alpha=0.6, color=cmap(c), label=name)
-    ax.set(title=title, xlabel=axis_names[0], ylabel=axis_names[1])
-    ax.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), title="class")
-    save_figure(fig, Path(path), show)
-
-
-def plot_image_grid(images, title, path, ncols: int = 10, show=False):
-    plt = _plt()
-    nrows = math.ceil(len(images) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 1.0, nrows * 1.0 + 0.5), squeeze=False, layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image in zip(axes.flat, images):
-        ax.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=1)
-    fig.suptitle(title)
-    save_figure(fig, Path(path), show)
-
-
-def plot_image_rows(images, row_labels, column_labels, title, path, show=False):
-    """A grid of images (rows, columns, 28, 28, 1) with a label per row and per column."""
-    plt = _plt()
-    n_rows, n_columns = images.shape[:2]
-    fig, axes = plt.subplots(n_rows, n_columns, figsize=(n_columns * 1.0, n_rows * 1.1 + 0.7),
-                             squeeze=False, layout="constrained")
-    for r in range(n_rows):
-        for c in range(n_columns):
-            ax = axes[r][c]
-            ax.imshow(images[r, c].squeeze(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
-            if r == n_rows - 1:
-                ax.set_xlabel(column_labels[c], fontsize=7)
-    fig.suptitle(title)
-    save_figure(fig, Path(path), show)
-
-
-def plot_interpolation(rows, row_labels, path, show=False):
-    """rows: (n_pairs, steps, 28, 28, 1) decoded along straight lines in latent space."""
-    steps = rows.shape[1]
-    plot_image_rows(rows, row_labels, [f"t={s / (steps - 1):.2f}" for s in range(steps)],
-                    "Latent interpolation: decoder((1-t) z_a + t z_b), z = z_mean of noisy test images", path, show)
-
-
-def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
-    """Mean PSNR per class for the noisy input and the VAE output."""
-    plt = _plt()
-    classes = [c for c in range(NUM_CLASSES) if np.any(labels == c)]
-    noisy = [noisy_quality["psnr"][labels == c].mean() for c in classes]
-    vae = [vae_quality["psnr"][labels == c].mean() for c in classes]
-    x = np.arange(len(classes))
-    fig, ax = plt.subplots(figsize=(10, 4.8))
-    ax.bar(x - 0.2, noisy, 0.4, label="noisy input", color="#999999")
-    bars = ax.bar(x + 0.2, vae, 0.4, label="VAE: decoder(z_mean)", color="#1f77b4")
-    ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(x, [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes], fontsize=7)
-    ax.set(title="Denoising quality per class (test set)", xlabel="class", ylabel="mean PSNR (dB)")
-    ax.set_ylim(0, 1.25 * max(max(vae), max(noisy)))
-    ax.legend(loc="upper left", ncol=2)
-    ax.grid(axis="y", alpha=0.3)
-    save_figure(fig, Path(path), show)
-
-
-def latent_traversal(z_mean: np.ndarray, n_directions: int = 5, steps: int = 9, span: float = 2.5):
-    """Latents along the top principal directions of z_mean: mean + t * sd * direction,
-    t from -span to +span. Returns (n_directions, steps, latent_dim) and the variance ratios."""
-    from sklearn.decomposition import PCA
-
-    n_directions = min(n_directions, z_mean.shape[1])
-    pca = PCA(n_components=n_directions).fit(z_mean)
-    t = np.linspace(-span, span, steps)
-    sd = np.sqrt(pca.explained_variance_)
-    grid = pca.mean_[None, None, :] + (t[None, :, None] * sd[:, None, None]) * pca.components_[:, None, :]
-    return grid.astype(np.float32), pca.explained_variance_ratio_
-
-
-def plot_latent_traversal(images, ratios, span, path, show=False):
-    steps = images.shape[1]
-    plot_image_rows(
-        images,
-        [f"PC{r + 1}\n({100 * ratio:.0f} %)" for r, ratio in enumerate(ratios)],
-        [f"{-span + 2 * span * c / (steps - 1):+.1f} sd" for c in range(steps)],
-        "Latent traversal: decoder(mean + t·sd·PC_k) along the top principal directions of z_mean",
-        path, show,
-    )
-
-
-def plot_title_panel(title: str, subtitle: str, path, show=False):
-    plt = _plt()
-    fig = plt.figure(figsize=(12.8, 7.2))
-    fig.text(0.5, 0.58, title, ha="center", va="center", fontsize=40, weight="bold")
-    fig.text(0.5, 0.40, subtitle, ha="center", va="center", fontsize=18, color="#444444")
-    fig.text(0.5, 0.08, "VAE on Fashion-MNIST", ha="center", fontsize=12, color="#888888")
-    save_figure(fig, Path(path), show)
-
-
-def interpolate_latents(z_a: np.ndarray, z_b: np.ndarray, steps: int) -> np.ndarray:
-    """(n_pairs, steps, latent_dim) points on the segments from z_a to z_b."""
-    t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[None, :, None]
-    return (1.0 - t) * z_a[:, None, :] + t * z_b[:, None, :]
-
-
-def interpolation_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> list[tuple[int, int]]:
-    """Pairs of test indices from different classes, seeded."""
-    rng = np.random.default_rng(seed)
-    pairs = []
-    classes = rng.permutation(NUM_CLASSES)
-    for k in range(n_pairs):
-        a_class, b_class = classes[k % NUM_CLASSES], classes[(k + 1) % NUM_CLASSES]
-        a_pool, b_pool = np.flatnonzero(labels == a_class), np.flatnonzero(labels == b_class)
-        if len(a_pool) == 0 or len(b_pool) == 0:
-            a_pool = b_pool = np.arange(len(labels))
-        pairs.append((int(rng.choice(a_pool)), int(rng.choice(b_pool))))
-    return pairs
-
-
-def save_models(vae: VAE, out: Path) -> None:
-    """encoder.keras (image -> z_mean, z_log_var) and decoder.keras (z -> image).
-
-    Both hold only built-in Keras layers, so keras.models.load_model opens them
-    without this module or any custom-object registration. Sampling is left out
-    of the saved encoder: denoising uses z_mean.
-    """
-    encoder = vae.encoder
-    posterior = keras.Model(
-        encoder.input, [encoder.get_layer("z_mean").output, encoder.get_layer("z_log_var").output],
-        name="encoder",
-    )
-    for model, name in ((posterior, "encoder.keras"), (vae.decoder, "decoder.keras")):
-        with atomic_path(out / name) as tmp:
-            model.save(tmp)
-
-
-# ---------------------------------------------------------------------------
-# Reports: history, metrics, PCA variance, config, timings, run status
-# ---------------------------------------------------------------------------
-
-METRIC_DEFINITIONS = {
-    "noisy_mse": ("denoising", "", "mean over test images of the per-image MSE of the noisy input vs the clean image"),
-    "noisy_psnr": ("denoising", "dB", "mean over test images of skimage peak_signal_noise_ratio(clean, noisy, data_range=1)"),
-    "noisy_ssim": ("denoising", "", "mean over test images of skimage structural_similarity(clean, noisy, data_range=1)"),
-    "vae_mse": ("denoising", "", "as noisy_mse, for the VAE output decoder(z_mean(noisy))"),
-    "vae_psnr": ("denoising", "dB", "as noisy_psnr, for the VAE output decoder(z_mean(noisy))"),
-    "vae_ssim": ("denoising", "", "as noisy_ssim, for the VAE output decoder(z_mean(noisy))"),
-    "mse_improvement_pct": ("gain", "%", "100 * (1 - vae_mse / noisy_mse)"),
-    "psnr_gain_db": ("gain", "dB", "vae_psnr - noisy_psnr"),
-    "ssim_gain": ("gain", "", "vae_ssim - noisy_ssim"),
-    "linear_probe_accuracy": (
-        "representation", "",
-        "test accuracy of StandardScaler+LogisticRegression fitted on z_mean of the noisy training images",
-    ),
-    "knn10_accuracy": ("representation", "", "test accuracy of a 10-nearest-neighbour classifier on the same z_mean split"),
-    "silhouette": ("representation", "", "sklearn silhouette_score of test z_mean against the class labels (seeded subset)"),
-}
-CLASSICAL_DEFINITIONS = {
-    f"{method}_{metric}": ("classical", "dB" if metric == "psnr" else "", f"{metric.upper()} of {label} on the seeded classical-reference test subset")
-    for method, label in (
-        ("tv_chambolle", CLASSICAL_DENOISERS["tv_chambolle"]),
-        ("nl_means", CLASSICAL_DENOISERS["nl_means"]),
-        ("vae_subset", "the VAE output decoder(z_mean)"),
-        ("noisy_subset", "the noisy input"),
-    )
-    for metric in ("mse", "psnr", "ssim")
-}
-GENERATION_DEFINITIONS = {
-    "classifier_test_accuracy": ("generation", "", "test accuracy of the small CNN (3 epochs on clean training images) whose 64-d penultimate features define the Fréchet distances"),
-    "fd_clean_train": ("generation", "", "Fréchet distance between classifier features of clean training images and of clean test images (the floor)"),
-    "fd_vae_reconstruction": ("generation", "", "Fréchet distance of VAE outputs decoder(z_mean(noisy test)) to clean test images"),
-    "fd_prior_samples": ("generation", "", "Fréchet distance of decoder(z), z ~ N(0, I), to clean test images"),
-    "fd_noisy_input": ("generation", "", "Fréchet distance of the noisy test images to clean test images (a ceiling)"),
-    "prior_class_entropy": ("generation", "", "entropy of the classifier's labels for the prior samples / log(10); 1 = every class equally often"),
-    "prior_mean_confidence": ("generation", "", "mean max-softmax probability of the classifier on the prior samples"),
-}
-
-
-def metrics_table(
-    summary: dict, representation: dict, n_test: int, generation: dict | None = None, classical: dict | None = None
-) -> pd.DataFrame:
-    values = {**summary, **representation, **(generation or {}), **(classical or {})}
-    definitions = {
-        **METRIC_DEFINITIONS,
-        **(CLASSICAL_DEFINITIONS if classical else {}),
-        **(GENERATION_DEFINITIONS if generation else {}),
-    }
-    rows = []
-    for name, (group, unit, definition) in definitions.items():
-        n = representation["silhouette_samples"] if name == "silhouette" else n_test
-        if generation and name in GENERATION_DEFINITIONS:
-            n = generation["fd_samples"]
-        if classical and name in CLASSICAL_DEFINITIONS:
-            n = classical["classical_samples"]
-        rows.append({"group": group, "name": name, "value": values[name], "unit": unit,
-                     "n_images": n, "definition": definition})
-    return pd.DataFrame(rows)
-
-
-def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: int, warnings: list[str]) -> str:
-    v = dict(zip(table["name"], table["value"]))
-    n_test = int(table.loc[table["name"] == "vae_psnr", "n_images"].iloc[0])
-    lines = [
-        "VAE denoising on Fashion-MNIST: test-set metrics",
-        "=" * 49,
-        f"data: {source}; {n_train} training and {n_test} test images",
-        f"noise: x_noisy = clip(x + {config.noise_factor} * N(0,1), 0, 1), test noise drawn once (seed {config.seed + 1})",
-        f"model: latent_dim={config.latent_dim}, epochs={config.epochs}, batch_size={config.batch_size}, "
-        f"gamma_sc={config.gamma_sc} (supcon_scale={config.supcon_scale}), beta_max={config.beta_max}, "
-        f"warmup_epochs={config.warmup_epochs}, training noise: "
-        + ("new every epoch" if config.fresh_noise else "one fixed noisy copy"),
-        "",
-        "Denoising (the VAE output is decoder(z_mean), the deterministic mean of the posterior)",
-        f"{'':16}{'MSE':>10}{'PSNR (dB)':>12}{'SSIM':>9}",
-        f"{'noisy input':16}{v['noisy_mse']:>10.5f}{v['noisy_psnr']:>12.2f}{v['noisy_ssim']:>9.4f}",
-        f"{'VAE':16}{v['vae_mse']:>10.5f}{v['vae_psnr']:>12.2f}{v['vae_ssim']:>9.4f}",
-        "",
-        f"MSE improvement: {v['mse_improvement_pct']:.1f} %",
-        f"PSNR gain:       {v['psnr_gain_db']:+.2f} dB",
-        f"SSIM gain:       {v['ssim_gain']:+.4f}",
-        "",
-        "Representation (z_mean of noisy images)",
-        f"linear probe accuracy: {v['linear_probe_accuracy']:.4f}",
-        f"kNN (k=10) accuracy:   {v['knn10_accuracy']:.4f}",
-        f"silhouette:            {v['silhouette']:.4f}",
-        "",
-    ]
-    if "tv_chambolle_psnr" in v:
-        n_classical = int(table.loc[table["name"] == "tv_chambolle_psnr", "n_images"].iloc[0])
-        lines += [f"Training-free references on a seeded subset of {n_classical} test images",
-                  f"{'':16}{'MSE':>10}{'PSNR (dB)':>12}{'SSIM':>9}"]
-        for method, label in (("noisy_subset", "noisy input"), ("tv_chambolle", "TV (Chambolle)"),
-                              ("nl_means", "non-local means"), ("vae_subset", "VAE")):
-            lines.append(f"{label:16}{v[method + '_mse']:>10.5f}{v[method + '_psnr']:>12.2f}{v[method + '_ssim']:>9.4f}")
-        lines += [f"- {name}: {definition}" for name, definition in CLASSICAL_DENOISERS.items()] + [""]
-    if "fd_prior_samples" in v:
-        lines += [
-            "Generation quality (Fréchet distance to clean test images, classifier features; lower is better)",
-            f"classifier test accuracy:     {v['classifier_test_accuracy']:.4f}",
-            f"clean training images:        {v['fd_clean_train']:.3f}   (floor)",
-            f"VAE reconstructions:          {v['fd_vae_reconstruction']:.3f}",
-            f"prior samples:                {v['fd_prior_samples']:.3f}",
-            f"noisy test images:            {v['fd_noisy_input']:.3f}   (ceiling)",
-            f"prior samples' class entropy: {v['prior_class_entropy']:.3f} (1 = uniform), "
-            f"mean confidence {v['prior_mean_confidence']:.3f}",
-            "",
-        ]
-    lines += [
-        "Definitions",
-        "PSNR and SSIM are per-image means over the test set, computed with skimage.metrics "
-        "(peak_signal_noise_ratio, structural_similarity) with data_range=1; MSE is the per-image "
-        "mean squared error averaged over images.",
-    ]
-    lines += [f"- {name}: {definition}" for name, definition in zip(table["name"], table["definition"])]
-    lines += ["", "Warnings"] + ([f"- {w}" for w in warnings] if warnings else ["- none"])
-    return "\n".join(lines) + "\n"
-
-
-def pca_report(ratios: np.ndarray) -> str:
-    lines = ["PCA of test-set z_mean: explained variance ratio per component", "component  ratio     cumulative"]
-    for i, (ratio, cumulative) in enumerate(zip(ratios, np.cumsum(ratios)), start=1):
-        lines.append(f"PC{i:<8d} {ratio:.5f}   {cumulative:.5f}")
-    lines.append(f"The 2-D PCA plots (06A, 06B) show {100 * ratios[:2].sum():.1f} % of the variance.")
-    return "\n".join(lines) + "\n"
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yields a temporary name beside `path` (same suffix, so Keras and matplotlib
-    pick the right format) and moves it onto `path` only if writing succeeded:
-    a crash never leaves a half-written file under the real name."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    write_text(path, frame.to_csv(index=False))
+# Written last, so a folder holding them is a finished run (see run_status.json).
+RESULT_FILES = ("metrics.csv", "metrics.txt")
 
 
 def _now() -> str:
@@ -1709,20 +1844,6 @@ def write_run_status(out: Path, status: str, started_at: str, **extra) -> None:
     record = {"status": status, "started_at": started_at, "updated_at": _now(), "pid": os.getpid(),
               "host": platform.node(), **extra}
     write_text(out / "run_status.json", json.dumps(record, indent=2) + "\n")
-
-
-def effective_config_record(config: Config) -> dict:
-    return {
-        "config": dataclasses.asdict(config),
-        "environment_variables": {name: os.environ.get(name) for name, *_ in ENV_SETTINGS.values()},
-        "versions": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "numpy": np.__version__,
-            "pandas": pd.__version__,
-        },
-    }
 
 
 class StageTimer:
@@ -1755,142 +1876,30 @@ def list_output_dir(out: Path) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------
-# The whole run: load -> noise -> build -> train -> evaluate -> plot -> report
-# ---------------------------------------------------------------------------
+# --- Atomic writes: the one way every file of a run is written ------------------------------
 
 
-def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, show=False):
-    """Stages 6-7: every figure and report of the seed's section 7."""
-    warnings = []
-    with timer.stage("plots: training curves"):
-        curves = [
-            ("total_loss", "01_train_total_loss.png", "Training loss: total = recon + beta*KL + gamma_sc*w*SupCon", "nats per image"),
-            ("recon_loss", "02_train_recon_loss.png", "Reconstruction loss (BCE, clean vs recon, summed over pixels)", "nats per image"),
-            ("kl_loss", "03_train_kl_loss.png", "KL divergence to N(0, I)", "nats per image"),
-            ("supcon_loss", "03B_train_supcon_loss.png", "Supervised contrastive loss on z_mean", "loss"),
-            ("beta", "04_beta_warmup.png", f"KL weight beta: linear warm-up over {config.warmup_epochs} epochs", "beta"),
-        ]
-        for column, name, title, ylabel in curves:
-            plot_training_curve(history, column, title, ylabel, out / name, show)
-    with timer.stage("plots: denoising"):
-        plot_denoising_grid(data.x_test, evaluation.x_noisy_test, evaluation.denoised, data.y_test,
-                            out / "05_denoising_grid.png", show=show)
-        plot_per_class_psnr(evaluation.noisy_quality, evaluation.vae_quality, data.y_test,
-                            out / "10_per_class_denoising.png", show)
-    with timer.stage("pca"):
-        pca_coords, ratios = project_pca(evaluation.z_mean_test, config.seed)
-        axes = (f"PC1 ({100 * ratios[0]:.1f} %)", f"PC2 ({100 * ratios[1]:.1f} %)")
-        n = len(pca_coords)
-        plot_latent_scatter(pca_coords, data.y_test, f"PCA of test z_mean (n={n}), labels 0-9",
-                            out / "06A_latent_pca_numbers.png", axis_names=axes, show=show)
-        plot_latent_scatter(pca_coords, data.y_test, f"Latent uzay PCA (test z_mean, n={n})",
-                            out / "06B_latent_pca_text_tr.png", CLASS_NAMES_TR, axes, show)
-        write_text(out / "pca_explained_variance.txt", pca_report(ratios))
-    subset = embedding_subset(len(evaluation.z_mean_test), config.embed_samples, config.seed)
-    z_subset, y_subset = evaluation.z_mean_test[subset], data.y_test[subset]
-    with timer.stage("t-SNE"):
-        coords = project_tsne(z_subset, config.seed)
-        plot_latent_scatter(coords, y_subset, f"Latent uzay t-SNE (test z_mean, seeded subset n={len(subset)})",
-                            out / "06D_latent_tsne_text_tr.png", CLASS_NAMES_TR, ("t-SNE 1", "t-SNE 2"), show)
-    with timer.stage("UMAP"):
-        umap_module, reason = import_umap()
-        if umap_module is None:
-            warnings.append(f"06C_latent_umap_text_tr.png was not written: {reason}")
-            print(f"WARNING: UMAP skipped: {reason}", file=sys.stderr)
-        else:
-            coords = project_umap(z_subset, config.seed, umap_module)
-            plot_latent_scatter(coords, y_subset, f"Latent uzay UMAP (test z_mean, seeded subset n={len(subset)})",
-                                out / "06C_latent_umap_text_tr.png", CLASS_NAMES_TR, ("UMAP 1", "UMAP 2"), show)
-    with timer.stage("plots: generation and interpolation"):
-        rng = np.random.default_rng(config.seed + 2)
-        prior = decode(vae.decoder, rng.standard_normal((100, config.latent_dim)).astype(np.float32))
-        plot_image_grid(prior, "Samples from the prior: decoder(z), z ~ N(0, I)", out / "07_generated_prior.png", show=show)
-        pairs = interpolation_pairs(data.y_test, 8, config.seed)
-        a, b = (np.array(idx) for idx in zip(*pairs))
-        path = interpolate_latents(evaluation.z_mean_test[a], evaluation.z_mean_test[b], 10)
-        decoded = decode(vae.decoder, path.reshape(-1, config.latent_dim)).reshape(len(pairs), 10, IMAGE_SIZE, IMAGE_SIZE, 1)
-        labels = [f"{CLASS_NAMES_TR[data.y_test[i]]} →\n{CLASS_NAMES_TR[data.y_test[j]]}" for i, j in pairs]
-        plot_interpolation(decoded, labels, out / "08_latent_interpolation.png", show=show)
-        grid, ratios = latent_traversal(evaluation.z_mean_test)
-        traversal = decode(vae.decoder, grid.reshape(-1, config.latent_dim)).reshape(*grid.shape[:2], IMAGE_SIZE, IMAGE_SIZE, 1)
-        plot_latent_traversal(traversal, ratios, 2.5, out / "11_latent_traversal.png", show)
-    with timer.stage("classical references"):
-        classical = classical_references(data.x_test, evaluation.x_noisy_test, evaluation.denoised, config)
-    generation = None
-    if config.gen_metrics:
-        with timer.stage("generation quality"):
-            generation = generation_quality(vae, data, evaluation, config)
-            plot_generation_quality(generation, out / "09_generation_quality.png", show)
-    with timer.stage("plots: title panels"):
-        panels = [
-            ("A_title_denoising.png", "Denoising", "Gürültülü görüntü → temiz görüntü"),
-            ("B_title_representation_learning.png", "Representation Learning", "Latent uzayda sınıf ayrışması (PCA / UMAP / t-SNE)"),
-            ("C_title_generation.png", "Generation", "Prior'dan örnekleme: z ~ N(0, I)"),
-            ("D_title_interpolation.png", "Latent Interpolation", "Latent uzayda süreklilik"),
-        ]
-        for name, title, subtitle in panels:
-            plot_title_panel(title, subtitle, out / name)
-    with timer.stage("report"):
-        write_csv(out / "history.csv", history)
-        summary = denoising_summary(evaluation.noisy_quality, evaluation.vae_quality)
-        table = metrics_table(summary, evaluation.representation, len(data.x_test), generation, classical)
-        write_csv(out / "metrics.csv", table)
-        write_text(out / "metrics.txt", metrics_report(table, config, data.source, len(data.x_train), warnings))
-    return table, warnings
-
-
-def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
-    """Run the whole pipeline into config.out_dir; returns the metrics table."""
-    out = prepare_output_dir(config.out_dir)
-    started_at = _now()
-    write_run_status(out, "running", started_at)
-    write_text(out / "config.json", json.dumps(effective_config_record(config), indent=2) + "\n")
-    timer = StageTimer()
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yields a temporary name beside `path` (same suffix, so Keras and matplotlib
+    pick the right format) and moves it onto `path` only if writing succeeded:
+    a crash never leaves a half-written file under the real name."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
     try:
-        checkpoint = open_checkpoint(out, config)
-        with timer.stage("load"):
-            data = load_fashion_mnist(config, **search)
-            print(f"  {data.source}: train {data.x_train.shape}, test {data.x_test.shape}")
-        with timer.stage("noise"):
-            x_noisy_train = add_noise(data.x_train, config.noise_factor, config.seed)
-            x_noisy_test = add_noise(data.x_test, config.noise_factor, config.seed + 1)
-        with timer.stage("build"):
-            strategy = setup_devices(config)
-            vae = build_vae(config, len(data.x_train), strategy)
-            print(f"  {strategy.num_replicas_in_sync} replica(s), dtype policy {keras.mixed_precision.global_policy().name}")
-        with timer.stage("train"):
-            verbose = 1 if sys.stdout.isatty() else 2
-            history = train_vae(vae, x_noisy_train, data.x_train, data.y_train, config, checkpoint, verbose)
-        with timer.stage("evaluate"):
-            evaluation = evaluate(vae, data, x_noisy_train, x_noisy_test, config)
-        with timer.stage("save models"):
-            save_models(vae, out)
-        table, warnings = make_plots_and_reports(vae, data, history, evaluation, config, out, timer, show_plots)
-    except BaseException as error:
-        write_run_status(out, "failed", started_at, error=f"{type(error).__name__}: {error}")
-        raise
-    timings = timer.frame()
-    write_csv(out / "timings.csv", timings)
-    write_run_status(out, "finished", started_at, data_source=data.source, warnings=warnings)
-    print("\n" + (out / "metrics.txt").read_text(encoding="utf-8"))
-    print("Stage timings (s):\n" + timings.to_string(index=False))
-    print("\n" + list_output_dir(out))
-    return table
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def main(environ=None, show_plots: bool = False) -> pd.DataFrame:
-    return run(config_from_env(environ), show_plots=show_plots)
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
-def cli() -> int:
-    """Script entry point: a readable message and a non-zero exit on bad input."""
-    try:
-        main()
-    except VAEFashionError as error:
-        print(f"\nERROR: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
-    return 0
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    write_text(path, frame.to_csv(index=False))
 
 
 if __name__ == "__main__":
@@ -1898,3 +1907,24 @@ if __name__ == "__main__":
         main(show_plots=True)  # in a notebook an error shows as the cell's exception
     else:
         sys.exit(cli())
+
+# %% [markdown]
+# ## What the run wrote
+#
+# Everything is in `vae_outputs_v3/` (`/kaggle/working/vae_outputs_v3` on Kaggle):
+#
+# | file | content |
+# |---|---|
+# | `01_train_total_loss.png` … `04_beta_warmup.png`, `03B_train_supcon_loss.png` | training curves per epoch |
+# | `05_denoising_grid.png`, `10_per_class_denoising.png` | clean / noisy / denoised images; PSNR per class |
+# | `06A_latent_pca_numbers.png`, `06B_latent_pca_text_tr.png` | PCA of the test `z_mean` (labels 0-9, Turkish names) |
+# | `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png` | UMAP and t-SNE of a seeded test subset |
+# | `07_generated_prior.png` | 100 samples `decoder(z)`, `z ~ N(0, I)` |
+# | `08_latent_interpolation.png`, `11_latent_traversal.png` | straight lines between test images; principal directions |
+# | `09_generation_quality.png` | Fréchet distances and the class histogram of prior samples |
+# | `A_title_denoising.png` … `D_title_interpolation.png` | 16:9 title cards of the four parts |
+# | `metrics.csv`, `metrics.txt` | every metric with its definition (written last: their presence means a finished run) |
+# | `history.csv`, `timings.csv`, `pca_explained_variance.txt` | losses per epoch, seconds per stage, PCA variance |
+# | `config.json`, `run_status.json` | the settings and versions that ran; `running` / `finished` / `failed` |
+# | `encoder.keras`, `decoder.keras` | the trained models, loadable with plain `keras.models.load_model` |
+# | `checkpoint/` | training state for resuming an interrupted run |

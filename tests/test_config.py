@@ -75,3 +75,21 @@ def test_effective_config_record_is_json(monkeypatch):
     assert record["config"]["epochs"] == 4
     assert record["environment_variables"]["VAE_EPOCHS"] == "4"
     assert record["versions"]["keras"].startswith("3.")
+
+
+def test_overrides_win_over_defaults_and_lose_to_the_environment():
+    overrides = {"epochs": 5, "latent_dim": 8, "discard_checkpoint": True, "train_samples": None}
+    config = vf.config_from_env({"VAE_LATENT_DIM": "32"}, overrides)
+    assert (config.epochs, config.latent_dim, config.discard_checkpoint) == (5, 32, True)
+    assert config.train_samples is None
+    assert vf.config_from_env({}, {}).epochs == 20
+
+
+def test_bad_overrides_name_the_entry_and_the_known_settings():
+    with pytest.raises(vf.ConfigError, match="OVERRIDES\\['epochs'\\]='0' is out of range") as info:
+        vf.config_from_env({}, {"epochs": 0})
+    assert "remove 'epochs' from OVERRIDES to use the default (20)" in str(info.value)
+    with pytest.raises(vf.ConfigError, match="unknown setting\\(s\\) epoch;.*epochs, batch_size"):
+        vf.config_from_env({}, {"epoch": 5})
+    with pytest.raises(vf.ConfigError, match="OVERRIDES\\['lr_schedule'\\]='linear' must be cosine or constant"):
+        vf.config_from_env({}, {"lr_schedule": "linear"})

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the IDX reader: only IDXError may escape, quickly."""
+"""Property-based fuzzing of the IDX reader: only DatasetError may escape, quickly."""
 
 import gzip
 import struct
@@ -20,7 +20,7 @@ FUZZ = settings(max_examples=400, deadline=500, suppress_health_check=[HealthChe
 def _parse(data, expected_ndim=None):
     try:
         array = vf.parse_idx(data, "fuzz", expected_ndim)
-    except vf.IDXError as error:
+    except vf.DatasetError as error:
         assert str(error).startswith("fuzz: ")
         return None
     # Whatever parses is exactly what the header says.
@@ -66,5 +66,5 @@ def test_random_files_on_disk_raw_or_gzip(tmp_path_factory, data, mode):
     path.write_bytes(gzip.compress(data) if mode == "gzip" else data)
     try:
         vf.read_idx(path)
-    except vf.IDXError as error:
+    except vf.DatasetError as error:
         assert str(error).startswith(str(path))
