@@ -36,6 +36,7 @@
 #
 # | setting | default | meaning |
 # |---|---|---|
+# | `preset` | `default` | `faithful`: the original notebook's configuration; `quality`: a larger model, 40 epochs |
 # | `epochs` | 20 | training epochs |
 # | `train_samples` | all (60000) | use the first N training images (fewer = faster) |
 # | `test_samples` | all (10000) | use the first N test images |
@@ -125,10 +126,22 @@ class Config:
     precision: str = "auto"  # auto: mixed precision on a GPU or a CPU with native bfloat16, else float32
     classical_samples: int = 1000  # seeded test subset for the TV / non-local-means reference rows
     hidden_units: int = 256  # width of the dense layer on each side of the latent (the original: 128)
+    conv_depth: int = 1  # convolutions per resolution level, encoder and decoder (1: the original's)
     gen_metrics: int = 1  # 1: train a small classifier and report Fréchet distances (09_generation_quality.png)
     data_dir: str | None = None  # None: search Kaggle, Debian and the Keras cache, then download
     out_dir: str = "vae_outputs_v3"  # on Kaggle: /kaggle/working/vae_outputs_v3
     discard_checkpoint: bool = False  # VAE_FRESH=1: discard a checkpoint made with other settings
+    preset: str = "default"  # a named set of defaults from PRESETS; settings named one by one still win
+
+
+# Named sets of defaults (VAE_PRESET or OVERRIDES["preset"]). "faithful" is the original notebook's
+# configuration; "quality" is a larger model trained longer, for a GPU or time to spare.
+PRESETS = {
+    "default": {},
+    "faithful": {"supcon_scale": "none", "gamma_sc": 1.0, "fresh_noise": 0, "hidden_units": 128,
+                 "learning_rate": 0.001, "lr_schedule": "constant", "precision": "float32"},
+    "quality": {"epochs": 40, "warmup_epochs": 10, "latent_dim": 32, "conv_depth": 2, "hidden_units": 512},
+}
 
 
 IMAGE_SIZE = 28
@@ -147,8 +160,8 @@ HISTORY_COLUMNS = ["epoch", "total_loss", "recon_loss", "kl_loss", "supcon_loss"
 # by (epoch * STEP_KEY_STRIDE + step), never by a generator's hidden state, so a resumed run
 # repeats an uninterrupted one exactly.
 SEED_OFFSETS = {
-    "test_noise": 1, "prior_grid": 2, "prior_fd": 3, "classical_subset": 4,
-    "train_noise": 1_000_000_007, "posterior": 2_000_000_011,
+    "test_noise": 1, "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "expost": 5, "conditional": 6,
+    "robustness_subset": 7, "robustness_noise": 1000, "train_noise": 1_000_000_007, "posterior": 2_000_000_011,
 }
 STEP_KEY_STRIDE = 1_000_003  # more than the steps of any epoch: one key per (epoch, step)
 
@@ -195,12 +208,17 @@ class Sampling(layers.Layer):
 
 
 def build_encoder(
-    latent_dim: int, seed: int = 1337, hidden_units: int = 128, filters=(32, 64), activation: str = "relu"
+    latent_dim: int, seed: int = 1337, hidden_units: int = 128, filters=(32, 64), activation: str = "relu",
+    conv_depth: int = 1,
 ) -> keras.Model:
+    """Stride-2 convolutions (each followed by conv_depth - 1 stride-1 ones), a dense layer, and
+    the posterior's mean and log-variance."""
     inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="noisy_image")
     x = inputs
     for width in filters:
         x = layers.Conv2D(width, 3, strides=2, padding="same", activation=activation)(x)
+        for _ in range(conv_depth - 1):
+            x = layers.Conv2D(width, 3, padding="same", activation=activation)(x)
     x = layers.Flatten()(x)
     x = layers.Dense(hidden_units, activation=activation)(x)
     # float32 heads: exp(z_log_var) and the KL stay accurate under mixed precision
@@ -211,7 +229,7 @@ def build_encoder(
 
 
 def build_decoder(
-    latent_dim: int, hidden_units: int = 128, filters=(64, 32), activation: str = "relu"
+    latent_dim: int, hidden_units: int = 128, filters=(64, 32), activation: str = "relu", conv_depth: int = 1
 ) -> keras.Model:
     """Mirror of the encoder. The last layer applies the sigmoid to a named
     'logits' layer, so training can use the stabler BCE-from-logits."""
@@ -221,6 +239,8 @@ def build_decoder(
     x = layers.Reshape((7, 7, filters[0]))(x)
     for width in filters:
         x = layers.Conv2DTranspose(width, 3, strides=2, padding="same", activation=activation)(x)
+        for _ in range(conv_depth - 1):
+            x = layers.Conv2D(width, 3, padding="same", activation=activation)(x)
     logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
     image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
     return keras.Model(latent, image, name="decoder")
@@ -518,8 +538,8 @@ def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Str
     keras.utils.set_random_seed(config.seed)
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
-        encoder = build_encoder(config.latent_dim, config.seed, config.hidden_units)
-        decoder = build_decoder(config.latent_dim, config.hidden_units)
+        encoder = build_encoder(config.latent_dim, config.seed, config.hidden_units, conv_depth=config.conv_depth)
+        decoder = build_decoder(config.latent_dim, config.hidden_units, conv_depth=config.conv_depth)
         vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, config.supcon_scale, name="vae")
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
@@ -558,6 +578,7 @@ def train_vae(
     TrainingDivergedError if a loss term becomes NaN or infinite.
     """
     if checkpoint is not None and checkpoint.weights.is_file():
+        vae.optimizer.build(vae.trainable_variables)  # the file holds the optimizer's state too
         vae.load_weights(checkpoint.weights)
         print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
         return pd.DataFrame(checkpoint.history(), columns=HISTORY_COLUMNS)
@@ -610,14 +631,22 @@ def image_quality(reference: np.ndarray, images: np.ndarray) -> pd.DataFrame:
 
 
 def quality_means(per_method: dict[str, pd.DataFrame]) -> dict:
-    """{method}_{mse,psnr,ssim}: the mean over images of each method's image_quality()."""
-    return {f"{method}_{column}": float(quality[column].mean())
-            for method, quality in per_method.items() for column in QUALITY_COLUMNS}
+    """{method}_{mse,psnr,ssim}: the mean over images of each method's image_quality(); and
+    {method}_psnr_pooled: 10*log10(1 / MSE) with the MSE pooled over all pixels of all images,
+    the PSNR most denoising papers report (every image has 784 pixels, so the pooled MSE is
+    the mean of the per-image MSEs)."""
+    means = {}
+    for method, quality in per_method.items():
+        means.update({f"{method}_{column}": float(quality[column].mean()) for column in QUALITY_COLUMNS})
+        with np.errstate(divide="ignore"):
+            means[f"{method}_psnr_pooled"] = float(10.0 * np.log10(1.0 / quality["mse"].mean()))
+    return means
 
 
-def denoising_summary(noisy: pd.DataFrame, vae: pd.DataFrame) -> dict:
-    """Means over the test images, and the gains of the VAE over the noisy input."""
-    summary = quality_means({"noisy": noisy, "vae": vae})
+def denoising_summary(noisy: pd.DataFrame, vae: pd.DataFrame, ceiling: pd.DataFrame | None = None) -> dict:
+    """Means over the test images, and the gains of the VAE over the noisy input; with
+    `ceiling`, also the quality of the VAE on clean inputs."""
+    summary = quality_means({"noisy": noisy, "vae": vae, **({"ceiling": ceiling} if ceiling is not None else {})})
     baseline = summary["noisy_mse"]
     summary["mse_improvement_pct"] = (
         100.0 * (1.0 - summary["vae_mse"] / baseline) if baseline > 0 else float("nan")
@@ -667,23 +696,29 @@ def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouet
 class Evaluation:
     x_noisy_test: np.ndarray
     z_mean_test: np.ndarray
+    z_mean_train: np.ndarray
     denoised: np.ndarray
     noisy_quality: pd.DataFrame  # per image
     vae_quality: pd.DataFrame  # per image
+    ceiling_quality: pd.DataFrame  # per image: decoder(z_mean(clean)) against clean
     representation: dict
 
 
 def evaluate(vae: VAE, data: FashionMNIST, x_noisy_train, x_noisy_test, config: Config) -> Evaluation:
-    """Denoise the test set with decoder(z_mean) and score it; score the latent space."""
+    """Denoise the test set with decoder(z_mean) and score it, score the same model on the clean
+    test images (the ceiling of denoising at this latent size), and score the latent space."""
     z_mean_test, _ = encode(vae.encoder, x_noisy_test)
     denoised = decode(vae.decoder, z_mean_test)
     z_mean_train, _ = encode(vae.encoder, x_noisy_train)
+    z_mean_clean, _ = encode(vae.encoder, data.x_test)  # the ceiling: what the bottleneck keeps of a clean image
     return Evaluation(
         x_noisy_test=x_noisy_test,
         z_mean_test=z_mean_test,
+        z_mean_train=z_mean_train,
         denoised=denoised,
         noisy_quality=image_quality(data.x_test, x_noisy_test),
         vae_quality=image_quality(data.x_test, denoised),
+        ceiling_quality=image_quality(data.x_test, decode(vae.decoder, z_mean_clean)),
         representation=representation_quality(
             z_mean_train, data.y_train, z_mean_test, data.y_test, config.seed
         ),
@@ -702,15 +737,22 @@ CLASSICAL_DENOISERS = {
 }
 
 
+def denoise_tv(noisy: np.ndarray) -> np.ndarray:
+    """The TV reference denoiser, image by image: (N, 28, 28, 1) -> (N, 28, 28)."""
+    from skimage.restoration import denoise_tv_chambolle
+
+    return np.stack([denoise_tv_chambolle(x, weight=TV_WEIGHT) for x in noisy[..., 0].astype(np.float64)])
+
+
 def classical_references(clean, noisy, denoised, config: Config) -> dict:
     """PSNR/SSIM/MSE of two training-free denoisers, and of the VAE, on one seeded test subset."""
-    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+    from skimage.restoration import denoise_nl_means
 
     subset = embedding_subset(len(clean), config.classical_samples, seed_for(config, "classical_subset"))
     images = noisy[subset, ..., 0].astype(np.float64)
     sigma = max(config.noise_factor, 1e-3)
     outputs = {
-        "tv_chambolle": np.stack([denoise_tv_chambolle(x, weight=TV_WEIGHT) for x in images]),
+        "tv_chambolle": denoise_tv(noisy[subset]),
         "nl_means": np.stack(
             [denoise_nl_means(x, h=NLM_H_OVER_SIGMA * sigma, sigma=sigma, **NLM_PARAMS) for x in images]
         ),
@@ -760,33 +802,128 @@ def normalised_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum() / np.log(NUM_CLASSES))
 
 
-def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config, epochs: int = 3) -> dict:
-    """Classifier accuracy, Fréchet distances to the clean test images (same N for
-    every set) and the class histogram of prior samples."""
+def fit_expost_density(z_train: np.ndarray, seed: int, components: int = NUM_CLASSES):
+    """A Gaussian mixture fitted to the training z_mean after training: the ex-post density of
+    Ghosh et al. (2020), the second stage of Dai & Wipf (2019). Ten full-covariance components, one
+    per class that SupCon pulls apart (fixed rather than chosen by BIC, which would cost several fits)."""
+    from sklearn.mixture import GaussianMixture
+
+    return GaussianMixture(components, covariance_type="full", random_state=seed).fit(z_train)
+
+
+def gaussian_samples(rng, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
+    """One sample of N(means[i], covariances[i]) per row i, through the Cholesky factors."""
+    factors = np.linalg.cholesky(covariances)
+    return means + np.einsum("nij,nj->ni", factors, rng.standard_normal(means.shape))
+
+
+def sample_expost(density, n: int, seed: int) -> np.ndarray:
+    """n latents from the fitted mixture, in random component order."""
+    rng = np.random.default_rng(seed)
+    component = rng.choice(len(density.weights_), size=n, p=density.weights_)
+    return gaussian_samples(rng, density.means_[component], density.covariances_[component]).astype(np.float32)
+
+
+def class_conditional_latents(z_train, y_train, per_class: int, seed: int):
+    """per_class latents from a Gaussian fitted to each class's training z_mean: (latents, intended labels)."""
+    rng = np.random.default_rng(seed)
+    classes = [c for c in range(NUM_CLASSES) if np.sum(y_train == c) > 1]
+    ridge = 1e-6 * np.eye(z_train.shape[1])  # keeps a class with fewer samples than dimensions factorable
+    means = np.repeat([z_train[y_train == c].mean(axis=0) for c in classes], per_class, axis=0)
+    covariances = np.repeat([np.cov(z_train[y_train == c], rowvar=False) + ridge for c in classes], per_class, axis=0)
+    return gaussian_samples(rng, means, covariances).astype(np.float32), np.repeat(classes, per_class)
+
+
+def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config, density, epochs: int = 3) -> dict:
+    """A small classifier's accuracy; Fréchet distances to the clean test images (same N for every
+    set) of reconstructions and of samples from the prior, the ex-post density and the per-class
+    Gaussians; the classes of the samples; per class, how often the classifier agrees with the
+    intended class and the Fréchet distance to that class's test images."""
     classifier = build_classifier(config.seed)
     classifier.fit(data.x_train, data.y_train, batch_size=256, epochs=epochs, verbose=0)
     feature_model = keras.Model(classifier.input, classifier.get_layer("features").output)
     n = min(len(data.x_test), len(data.x_train))
     rng = np.random.default_rng(seed_for(config, "prior_fd"))
     prior = decode(vae.decoder, rng.standard_normal((n, config.latent_dim)).astype(np.float32))
+    expost = decode(vae.decoder, sample_expost(density, n, seed_for(config, "expost")))
+    per_class = max(2, n // NUM_CLASSES)
+    latents, intended = class_conditional_latents(evaluation.z_mean_train, data.y_train, per_class,
+                                                  seed_for(config, "conditional"))
+    conditional = decode(vae.decoder, latents)
 
     def classifier_features(images):
         return feature_model.predict(images[:n], batch_size=1024, verbose=0)
 
+    def classes_of(images):
+        probs = classifier.predict(images, batch_size=1024, verbose=0)
+        return probs.argmax(axis=1), probs.max(axis=1)
+
     reference = classifier_features(data.x_test)
-    prior_probs = classifier.predict(prior, batch_size=1024, verbose=0)
-    counts = np.bincount(prior_probs.argmax(axis=1), minlength=NUM_CLASSES)
-    return {
+    result = {
         "classifier_test_accuracy": float(classifier.evaluate(data.x_test, data.y_test, verbose=0)[1]),
         "fd_clean_train": frechet_distance(classifier_features(data.x_train), reference),
         "fd_vae_reconstruction": frechet_distance(classifier_features(evaluation.denoised), reference),
         "fd_prior_samples": frechet_distance(classifier_features(prior), reference),
         "fd_noisy_input": frechet_distance(classifier_features(evaluation.x_noisy_test), reference),
-        "prior_class_entropy": normalised_entropy(counts),
-        "prior_mean_confidence": float(prior_probs.max(axis=1).mean()),
-        "prior_class_counts": counts.tolist(),
+        "fd_expost_samples": frechet_distance(classifier_features(expost), reference),
+        "fd_conditional_samples": frechet_distance(classifier_features(conditional), reference),
         "fd_samples": n,
+        "conditional_per_class": per_class,
     }
+    for name, images in (("prior", prior), ("expost", expost)):
+        predicted, confidence = classes_of(images)
+        counts = np.bincount(predicted, minlength=NUM_CLASSES)
+        result.update({f"{name}_class_entropy": normalised_entropy(counts),
+                       f"{name}_mean_confidence": float(confidence.mean()), f"{name}_class_counts": counts.tolist()})
+    predicted, _confidence = classes_of(conditional)
+    result["conditional_agreement"] = float(np.mean(predicted == intended))
+    # the reference: how often the classifier recognises the VAE's reconstructions of real test images
+    result["reconstruction_agreement"] = float(np.mean(classes_of(evaluation.denoised[:n])[0] == data.y_test[:n]))
+    for c in range(NUM_CLASSES):
+        mine, theirs = intended == c, data.y_test[:n] == c
+        result[f"conditional_agreement_{c}"] = float(np.mean(predicted[mine] == c)) if mine.any() else float("nan")
+        result[f"fd_conditional_{c}"] = (
+            frechet_distance(feature_model.predict(conditional[mine], batch_size=1024, verbose=0),
+                             feature_model.predict(data.x_test[:n][theirs], batch_size=1024, verbose=0))
+            if mine.sum() > 1 and theirs.sum() > 1 else float("nan")
+        )
+    return result
+
+
+ROBUSTNESS_SIGMAS = (0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
+
+
+def noise_robustness(denoise, clean: np.ndarray, config: Config, sigmas=ROBUSTNESS_SIGMAS, size: int = 1000):
+    """PSNR / SSIM / MSE of the noisy input, the TV reference and `denoise` (the VAE, trained at one
+    noise level) on a fixed seeded test subset, for every noise level in `sigmas`: one row per
+    method and sigma."""
+    x = clean[embedding_subset(len(clean), size, seed_for(config, "robustness_subset"))]
+    rows = []
+    for i, sigma in enumerate(sigmas):
+        noisy = add_noise(x, sigma, seed_for(config, "robustness_noise") + i)
+        for method, output in (("noisy input", noisy), ("TV (Chambolle)", denoise_tv(noisy)), ("VAE", denoise(noisy))):
+            quality = image_quality(x, output)
+            rows.append({"sigma": sigma, "method": method, "n_images": len(x),
+                         **{column: float(quality[column].mean()) for column in QUALITY_COLUMNS}})
+    return pd.DataFrame(rows)
+
+
+def robustness_summary(table: pd.DataFrame) -> list[str]:
+    """Where the VAE beats the TV reference, in PSNR and in SSIM, over the sigmas measured."""
+    lines = []
+    for column in ("psnr", "ssim"):
+        wide = table.pivot(index="sigma", columns="method", values=column)
+        wins = wide.index[wide["VAE"] > wide["TV (Chambolle)"]].tolist()
+        if len(wins) == len(wide):
+            verdict = f"the VAE beats TV at every sigma measured ({wide.index.min()}-{wide.index.max()})"
+        elif not wins:
+            verdict = "TV matches or beats the VAE at every sigma measured"
+        else:
+            losses = [s for s in wide.index if s not in wins]
+            verdict = (f"the VAE beats TV at sigma {', '.join(map(str, wins))} and stops beating it at "
+                       f"sigma {', '.join(map(str, losses))}")
+        lines.append(f"{column.upper()}: {verdict}")
+    return lines
 
 
 def embedding_subset(n: int, size: int, seed: int) -> np.ndarray:
@@ -1021,22 +1158,44 @@ def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
 
 def plot_generation_quality(generation: dict, path, show=False):
     plt = _plt()
-    names = ["clean train\n(floor)", "VAE reconstructions\nof noisy test", "prior samples", "noisy test\n(ceiling)"]
-    keys = ["fd_clean_train", "fd_vae_reconstruction", "fd_prior_samples", "fd_noisy_input"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.2, 1]})
-    bars = ax.bar(names, [generation[k] for k in keys], color=["#2ca02c", "#1f77b4", "#ff7f0e", "#999999"])
+    names = ["clean train\n(floor)", "VAE recon-\nstructions", "prior\nN(0, I)", "ex-post\nGMM", "class-\nconditional",
+             "noisy test\n(ceiling)"]
+    keys = ["fd_clean_train", "fd_vae_reconstruction", "fd_prior_samples", "fd_expost_samples",
+            "fd_conditional_samples", "fd_noisy_input"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]}, layout="constrained")
+    bars = ax.bar(names, [generation[k] for k in keys],
+                  color=["#2ca02c", "#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#999999"])
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_yscale("log")
     ax.set(title=f"Fréchet distance to clean test images (n={generation['fd_samples']}, classifier features)",
-           xlabel="image set", ylabel="Fréchet distance (log scale, lower is better)")
+           ylabel="Fréchet distance (log scale, lower is better)")
     ax.tick_params(axis="x", labelsize=8)
-    ax2.bar(CLASS_NAMES_TR, generation["prior_class_counts"], color="#ff7f0e", label="prior samples")
+    x = np.arange(NUM_CLASSES)
+    for offset, name, color in ((-0.2, "prior", "#ff7f0e"), (0.2, "expost", "#9467bd")):
+        label = (f"{'prior N(0, I)' if name == 'prior' else 'ex-post GMM'}: entropy "
+                 f"{generation[name + '_class_entropy']:.2f}, confidence {generation[name + '_mean_confidence']:.2f}")
+        ax2.bar(x + offset, generation[f"{name}_class_counts"], 0.4, color=color, label=label)
     ax2.axhline(generation["fd_samples"] / NUM_CLASSES, color="k", ls="--", lw=1, label="uniform")
-    ax2.set(title=f"Classes of prior samples (entropy {generation['prior_class_entropy']:.2f}, "
-                  f"confidence {generation['prior_mean_confidence']:.2f})", xlabel="predicted class", ylabel="count")
-    ax2.tick_params(axis="x", labelsize=7, rotation=45)
-    ax2.legend()
-    fig.tight_layout()
+    ax2.set_ylim(0, 1.45 * max(max(generation["prior_class_counts"]), max(generation["expost_class_counts"])))
+    ax2.set_xticks(x, CLASS_NAMES_TR, fontsize=7, rotation=45)
+    ax2.set(title="Classes of the samples, as the classifier labels them", xlabel="predicted class", ylabel="count")
+    ax2.legend(fontsize=8)
+    save_figure(fig, Path(path), show)
+
+
+def plot_noise_robustness(table: pd.DataFrame, trained_sigma: float, path, show=False):
+    """PSNR and SSIM against the noise level, one line per method."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    for ax, column, label in zip(axes, ("psnr", "ssim"), ("mean PSNR (dB)", "mean SSIM")):
+        for method, color in (("noisy input", "#999999"), ("TV (Chambolle)", "#2ca02c"), ("VAE", "#1f77b4")):
+            rows = table[table["method"] == method]
+            ax.plot(rows["sigma"], rows[column], marker="o", color=color, label=method)
+        ax.axvline(trained_sigma, color="k", ls=":", lw=1, label=f"VAE trained at sigma {trained_sigma}")
+        ax.set(xlabel="noise sigma", ylabel=label, title=f"{label} on {int(table['n_images'].iloc[0])} test images")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Noise robustness: x_noisy = clip(x + sigma*N(0,1), 0, 1)")
     save_figure(fig, Path(path), show)
 
 
@@ -1069,6 +1228,14 @@ METRICS = {
     "mse_improvement_pct": ("gain", "%", "test", "100 * (1 - vae_mse / noisy_mse)"),
     "psnr_gain_db": ("gain", "dB", "test", "vae_psnr - noisy_psnr"),
     "ssim_gain": ("gain", "", "test", "vae_ssim - noisy_ssim"),
+    "noisy_psnr_pooled": ("denoising", "dB", "test", "10*log10(1 / MSE) with the MSE pooled over every pixel of every test image (the PSNR most papers report), noisy input"),
+    "vae_psnr_pooled": ("denoising", "dB", "test", "as noisy_psnr_pooled, for the VAE output decoder(z_mean(noisy))"),
+    **{
+        f"ceiling_{metric}": ("ceiling", "dB" if metric.startswith("psnr") else "", "ceiling",
+                              f"as vae_{metric}, for decoder(z_mean(clean test image)): the clean-input ceiling, what "
+                              "the model reconstructs without noise at this latent size")
+        for metric in (*QUALITY_COLUMNS, "psnr_pooled")
+    },
     "linear_probe_accuracy": (
         "representation", "", "test",
         "test accuracy of StandardScaler+LogisticRegression fitted on z_mean of the noisy training images",
@@ -1086,6 +1253,13 @@ METRICS = {
         )
         for metric in QUALITY_COLUMNS
     },
+    **{
+        f"{method}_psnr_pooled": ("classical", "dB", "classical", f"pooled PSNR, 10*log10(1 / MSE over all pixels), of {label} on the seeded classical-reference test subset")
+        for method, label in (
+            ("tv_chambolle", "the TV denoiser"), ("nl_means", "the non-local-means denoiser"),
+            ("vae_subset", "the VAE output decoder(z_mean)"), ("noisy_subset", "the noisy input"),
+        )
+    },
     "classifier_test_accuracy": ("generation", "", "generation", "test accuracy of the small CNN (3 epochs on clean training images) whose 64-d penultimate features define the Fréchet distances"),
     "fd_clean_train": ("generation", "", "generation", "Fréchet distance between classifier features of clean training images and of clean test images (the floor)"),
     "fd_vae_reconstruction": ("generation", "", "generation", "Fréchet distance of VAE outputs decoder(z_mean(noisy test)) to clean test images"),
@@ -1093,6 +1267,20 @@ METRICS = {
     "fd_noisy_input": ("generation", "", "generation", "Fréchet distance of the noisy test images to clean test images (a ceiling)"),
     "prior_class_entropy": ("generation", "", "generation", "entropy of the classifier's labels for the prior samples / log(10); 1 = every class equally often"),
     "prior_mean_confidence": ("generation", "", "generation", "mean max-softmax probability of the classifier on the prior samples"),
+    "fd_expost_samples": ("generation", "", "generation", "Fréchet distance of decoder(z), z ~ the ex-post density (a 10-component full-covariance Gaussian mixture fitted to the training z_mean), to clean test images"),
+    "expost_class_entropy": ("generation", "", "generation", "as prior_class_entropy, for the ex-post samples"),
+    "expost_mean_confidence": ("generation", "", "generation", "as prior_mean_confidence, for the ex-post samples"),
+    "fd_conditional_samples": ("generation", "", "generation", "Fréchet distance of class-conditional samples (decoder(z), z ~ a Gaussian fitted to one class's training z_mean; the same number from every class) to clean test images"),
+    "conditional_agreement": ("generation", "", "generation", "share of the class-conditional samples that the classifier labels as the class they were drawn for"),
+    "reconstruction_agreement": ("generation", "", "generation", "share of the VAE reconstructions of noisy test images that the classifier labels as their true class (the reference for conditional_agreement: decoded images are blurrier than real ones)"),
+    **{
+        f"{kind}_{c}": ("generation", "", "conditional", f"{text} {c} ({CLASS_NAMES_EN[c]} / {CLASS_NAMES_TR[c]})")
+        for c in range(NUM_CLASSES)
+        for kind, text in (
+            ("conditional_agreement", "as conditional_agreement, for the samples of class"),
+            ("fd_conditional", "Fréchet distance of the conditional samples to the clean test images of class"),
+        )
+    },
 }
 
 
@@ -1102,10 +1290,12 @@ def metrics_table(
     """One row per metric of METRICS whose stage ran: value, unit, images counted, definition."""
     values = {**summary, **representation, **(generation or {}), **(classical or {})}
     counts = {"test": n_test, "silhouette": representation["silhouette_samples"]}
+    if "ceiling_psnr" in summary:
+        counts["ceiling"] = n_test
     if classical:
         counts["classical"] = classical["classical_samples"]
     if generation:
-        counts["generation"] = generation["fd_samples"]
+        counts["generation"], counts["conditional"] = generation["fd_samples"], generation["conditional_per_class"]
     rows = [
         {"group": group, "name": name, "value": values[name], "unit": unit, "n_images": counts[count],
          "definition": definition}
@@ -1115,15 +1305,16 @@ def metrics_table(
 
 
 def quality_lines(values: dict, methods) -> list[str]:
-    """A small MSE / PSNR / SSIM table, one line per (method, label)."""
-    lines = [f"{'':16}{'MSE':>10}{'PSNR (dB)':>12}{'SSIM':>9}"]
+    """A small MSE / PSNR / SSIM / pooled-PSNR table, one line per (method, label)."""
+    lines = [f"{'':24}{'MSE':>10}{'PSNR (dB)':>12}{'SSIM':>9}{'pooled PSNR':>13}"]
     for method, label in methods:
-        lines.append(f"{label:16}{values[method + '_mse']:>10.5f}{values[method + '_psnr']:>12.2f}"
-                     f"{values[method + '_ssim']:>9.4f}")
+        lines.append(f"{label:24}{values[method + '_mse']:>10.5f}{values[method + '_psnr']:>12.2f}"
+                     f"{values[method + '_ssim']:>9.4f}{values[method + '_psnr_pooled']:>13.2f}")
     return lines
 
 
-def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: int, warnings: list[str]) -> str:
+def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: int, warnings: list[str],
+                   robustness: pd.DataFrame | None = None) -> str:
     values = dict(zip(table["name"], table["value"]))
     n_images = dict(zip(table["name"], table["n_images"]))
     lines = [
@@ -1138,7 +1329,10 @@ def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: in
         + ("new every epoch" if config.fresh_noise else "one fixed noisy copy"),
         "",
         "Denoising (the VAE output is decoder(z_mean), the deterministic mean of the posterior)",
-        *quality_lines(values, [("noisy", "noisy input"), ("vae", "VAE")]),
+        *quality_lines(values, [("noisy", "noisy input"), ("vae", "VAE")]
+                       + ([("ceiling", "VAE on clean input")] if "ceiling_psnr" in values else [])),
+        "(PSNR is the mean of per-image PSNRs; pooled PSNR is 10*log10(1/MSE) over all pixels, as papers report it."
+        " 'VAE on clean input' is the ceiling: decoder(z_mean) of the clean image.)",
         "",
         f"MSE improvement: {values['mse_improvement_pct']:.1f} %",
         f"PSNR gain:       {values['psnr_gain_db']:+.2f} dB",
@@ -1165,6 +1359,25 @@ def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: in
             f"noisy test images:            {values['fd_noisy_input']:.3f}   (ceiling)",
             f"prior samples' class entropy: {values['prior_class_entropy']:.3f} (1 = uniform), "
             f"mean confidence {values['prior_mean_confidence']:.3f}",
+            f"ex-post samples (GMM on z):   {values['fd_expost_samples']:.3f}   = "
+            f"{values['fd_expost_samples'] / values['fd_prior_samples']:.2f} x the prior's; class entropy "
+            f"{values['expost_class_entropy']:.3f}, mean confidence {values['expost_mean_confidence']:.3f}",
+            f"class-conditional samples:    {values['fd_conditional_samples']:.3f}   the classifier agrees with "
+            f"the intended class for {100 * values['conditional_agreement']:.1f} % (for the VAE's reconstructions of "
+            f"real test images: {100 * values['reconstruction_agreement']:.1f} %)",
+            f"{'class':28}{'agreement':>10}{'FD to its class':>17}",
+            *[f"{CLASS_NAMES_EN[c] + ' / ' + CLASS_NAMES_TR[c]:28}{100 * values[f'conditional_agreement_{c}']:>9.1f}%"
+              f"{values[f'fd_conditional_{c}']:>17.3f}" for c in range(NUM_CLASSES)],
+            "",
+        ]
+    if robustness is not None:
+        lines += [f"Noise robustness on a fixed seeded subset of {int(robustness['n_images'].iloc[0])} test images "
+                  f"(noise_robustness.csv; the VAE was trained at sigma {config.noise_factor})",
+                  f"{'sigma':>6}  {'method':16}{'PSNR (dB)':>10}{'SSIM':>8}"]
+        lines += [f"{row.sigma:>6}  {row.method:16}{row.psnr:>10.2f}{row.ssim:>8.4f}" for row in robustness.itertuples()]
+        lines += robustness_summary(robustness) + [
+            "- noisy input: clip(x + sigma * N(0,1), 0, 1), drawn once per sigma; TV (Chambolle): as in the "
+            "training-free references; VAE: decoder(z_mean(noisy)); PSNR, SSIM and MSE are per-image means as above",
             "",
         ]
     lines += [
@@ -1283,28 +1496,47 @@ def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, s
         traversal = decode(vae.decoder, grid.reshape(-1, config.latent_dim))
         plot_latent_traversal(traversal.reshape(*grid.shape[:2], IMAGE_SIZE, IMAGE_SIZE, 1), ratios, 2.5,
                               out / "11_latent_traversal.png", show)
+    with timer.stage("ex-post density and class-conditional samples"):
+        density = fit_expost_density(evaluation.z_mean_train, config.seed)
+        expost = decode(vae.decoder, sample_expost(density, 100, seed_for(config, "expost")))
+        plot_image_grid(expost, "Samples from the ex-post density: decoder(z), z ~ 10-component GMM fitted to training z_mean",
+                        out / "07B_generated_expost.png", show=show)
+        latents, intended = class_conditional_latents(evaluation.z_mean_train, data.y_train, 10,
+                                                      seed_for(config, "conditional"))
+        rows = decode(vae.decoder, latents).reshape(-1, 10, IMAGE_SIZE, IMAGE_SIZE, 1)
+        classes = np.unique(intended)
+        plot_image_rows(rows, [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes],
+                        [str(k + 1) for k in range(10)],
+                        "Class-conditional samples: decoder(z), z ~ N(mean, cov) of each class's training z_mean",
+                        out / "12_class_conditional.png", show)
     with timer.stage("classical references"):
         classical = classical_references(data.x_test, evaluation.x_noisy_test, evaluation.denoised, config)
+    with timer.stage("noise robustness"):
+        robustness = noise_robustness(lambda noisy: decode(vae.decoder, encode(vae.encoder, noisy)[0]),
+                                      data.x_test, config)
+        write_csv(out / "noise_robustness.csv", robustness)
+        plot_noise_robustness(robustness, config.noise_factor, out / "13_noise_robustness.png", show)
     generation = None
     if config.gen_metrics:
         with timer.stage("generation quality"):
-            generation = generation_quality(vae, data, evaluation, config)
+            generation = generation_quality(vae, data, evaluation, config, density)
             plot_generation_quality(generation, out / "09_generation_quality.png", show)
     with timer.stage("plots: title panels"):
         panels = [
             ("A_title_denoising.png", "Denoising", "Gürültülü görüntü → temiz görüntü"),
             ("B_title_representation_learning.png", "Representation Learning", "Latent uzayda sınıf ayrışması (PCA / UMAP / t-SNE)"),
-            ("C_title_generation.png", "Generation", "Prior'dan örnekleme: z ~ N(0, I)"),
+            ("C_title_generation.png", "Generation", "Prior, ex-post GMM ve sınıf-koşullu örnekleme"),
             ("D_title_interpolation.png", "Latent Interpolation", "Latent uzayda süreklilik"),
         ]
         for name, title, subtitle in panels:
             plot_title_panel(title, subtitle, out / name)
     with timer.stage("report"):
         write_csv(out / "history.csv", history)
-        summary = denoising_summary(evaluation.noisy_quality, evaluation.vae_quality)
+        summary = denoising_summary(evaluation.noisy_quality, evaluation.vae_quality, evaluation.ceiling_quality)
         table = metrics_table(summary, evaluation.representation, len(data.x_test), generation, classical)
         write_csv(out / "metrics.csv", table)
-        write_text(out / "metrics.txt", metrics_report(table, config, data.source, len(data.x_train), warnings))
+        write_text(out / "metrics.txt",
+                   metrics_report(table, config, data.source, len(data.x_train), warnings, robustness))
     return table, warnings
 
 
@@ -1415,6 +1647,8 @@ SETTING_RULES = {
     "precision": ("VAE_PRECISION", ("auto", "float32", "mixed_float16", "mixed_bfloat16")),
     "gen_metrics": ("VAE_GEN_METRICS", int, 0, True, 1),
     "hidden_units": ("VAE_HIDDEN_UNITS", int, 8, True, 8192),
+    "conv_depth": ("VAE_CONV_DEPTH", int, 1, True, 8),
+    "preset": ("VAE_PRESET", tuple(PRESETS)),
     "classical_samples": ("VAE_CLASSICAL_SAMPLES", int, 1, True, 10**6),
     "data_dir": ("VAE_DATA_DIR", str),
     "out_dir": ("VAE_OUT_DIR", str),
@@ -1423,6 +1657,7 @@ SETTING_RULES = {
 # Settings that do not change the trained model; a checkpoint may be reused across them.
 NON_TRAINING_FIELDS = {
     "test_samples", "embed_samples", "data_dir", "out_dir", "discard_checkpoint", "gen_metrics", "classical_samples",
+    "preset",  # what a preset sets is compared field by field
 }
 KAGGLE_WORKING = Path("/kaggle/working")
 
@@ -1461,7 +1696,8 @@ def parse_setting(field: str, raw: str, source: str, hint: str):
 
 
 def config_from_env(environ=None, overrides: dict | None = None) -> Config:
-    """The effective Config: the defaults, then OVERRIDES, then VAE_* environment variables.
+    """The effective Config: the defaults, then the preset's values, then OVERRIDES, then VAE_*
+    environment variables.
 
     Unset or empty variables (and None in OVERRIDES) keep the default. Anything that
     does not parse, or is out of range, raises ConfigError naming where it came from.
@@ -1481,6 +1717,8 @@ def config_from_env(environ=None, overrides: dict | None = None) -> Config:
             value = overrides[field]
             text = str(int(value)) if isinstance(value, bool) else str(value)
             values[field] = parse_setting(field, text, f"OVERRIDES[{field!r}]", f"remove {field!r} from OVERRIDES")
+    preset = values.get("preset", Config.preset)
+    values = {**PRESETS[preset], **values}
     if not values.get("out_dir"):
         values["out_dir"] = str(default_out_dir())
     return Config(**values)
@@ -1919,9 +2157,11 @@ if __name__ == "__main__":
 # | `05_denoising_grid.png`, `10_per_class_denoising.png` | clean / noisy / denoised images; PSNR per class |
 # | `06A_latent_pca_numbers.png`, `06B_latent_pca_text_tr.png` | PCA of the test `z_mean` (labels 0-9, Turkish names) |
 # | `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png` | UMAP and t-SNE of a seeded test subset |
-# | `07_generated_prior.png` | 100 samples `decoder(z)`, `z ~ N(0, I)` |
+# | `07_generated_prior.png`, `07B_generated_expost.png` | 100 samples `decoder(z)`, `z ~ N(0, I)` and `z ~` a GMM fitted to the training `z_mean` |
+# | `12_class_conditional.png` | 10 samples per class from a Gaussian fitted to that class's training `z_mean` |
 # | `08_latent_interpolation.png`, `11_latent_traversal.png` | straight lines between test images; principal directions |
-# | `09_generation_quality.png` | Fréchet distances and the class histogram of prior samples |
+# | `09_generation_quality.png` | Fréchet distances of reconstructions and of each kind of sample; their class histograms |
+# | `13_noise_robustness.png`, `noise_robustness.csv` | PSNR / SSIM of the noisy input, TV and the VAE for sigma 0.1-0.8 |
 # | `A_title_denoising.png` … `D_title_interpolation.png` | 16:9 title cards of the four parts |
 # | `metrics.csv`, `metrics.txt` | every metric with its definition (written last: their presence means a finished run) |
 # | `history.csv`, `timings.csv`, `pca_explained_variance.txt` | losses per epoch, seconds per stage, PCA variance |

@@ -93,3 +93,28 @@ def test_bad_overrides_name_the_entry_and_the_known_settings():
         vf.config_from_env({}, {"epoch": 5})
     with pytest.raises(vf.ConfigError, match="OVERRIDES\\['lr_schedule'\\]='linear' must be cosine or constant"):
         vf.config_from_env({}, {"lr_schedule": "linear"})
+
+
+def test_each_preset_resolves_to_its_documented_values():
+    for name, values in vf.PRESETS.items():
+        config = vf.config_from_env({"VAE_PRESET": name})
+        assert config.preset == name
+        for field, value in values.items():
+            assert getattr(config, field) == value, (name, field)
+    faithful = vf.config_from_env({"VAE_PRESET": "faithful"})
+    assert (faithful.supcon_scale, faithful.gamma_sc, faithful.fresh_noise, faithful.hidden_units) == ("none", 1.0, 0, 128)
+    assert (faithful.learning_rate, faithful.lr_schedule, faithful.precision) == (0.001, "constant", "float32")
+    quality = vf.config_from_env({}, {"preset": "quality"})
+    assert (quality.epochs, quality.latent_dim, quality.conv_depth, quality.hidden_units) == (40, 32, 2, 512)
+    assert quality.batch_size == 256  # what the preset leaves alone keeps the default
+
+
+def test_an_explicit_setting_overrides_the_preset():
+    assert vf.config_from_env({"VAE_PRESET": "quality", "VAE_EPOCHS": "5"}).epochs == 5
+    assert vf.config_from_env({"VAE_PRESET": "quality"}, {"latent_dim": 24}).latent_dim == 24
+    assert vf.config_from_env({"VAE_EPOCHS": "7"}, {"preset": "quality"}).epochs == 7
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(vf.ConfigError, match="VAE_PRESET='fast' must be default, faithful or quality"):
+        vf.config_from_env({"VAE_PRESET": "fast"})

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import vae_fashion as vf
@@ -107,3 +108,56 @@ def test_two_cpu_replicas_train_under_mirrored_strategy(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replicas ok" in result.stdout
+
+
+def test_expost_density_recovers_the_means_of_a_known_mixture_and_shuffles_its_samples():
+    rng = np.random.default_rng(0)
+    means = np.array([[-6.0, 0.0, 1.0], [0.0, 6.0, -1.0], [6.0, -3.0, 0.0]])
+    z = np.concatenate([m + 0.5 * rng.standard_normal((2000, 3)) for m in means])
+    density = vf.fit_expost_density(z, seed=1, components=3)
+    fitted = density.means_[np.argsort(density.means_[:, 0])]
+    np.testing.assert_allclose(fitted, means, atol=0.05)
+    samples = vf.sample_expost(density, 3000, seed=2)
+    assert samples.shape == (3000, 3) and samples.dtype == np.float32
+    nearest = np.argmin(((samples[:, None, :] - means[None]) ** 2).sum(axis=2), axis=1)
+    assert len(set(nearest[:30].tolist())) == 3  # shuffled, not grouped by component
+    np.testing.assert_allclose(np.bincount(nearest) / 3000, [1 / 3] * 3, atol=0.04)
+
+
+def test_class_conditional_latents_land_in_their_class():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 10, (10, 4))
+    labels = np.repeat(np.arange(10), 300)
+    z = centres[labels] + rng.standard_normal((3000, 4)) * [1.0, 0.5, 0.5, 0.2]
+    latents, intended = vf.class_conditional_latents(z, labels, per_class=50, seed=4)
+    assert latents.shape == (500, 4) and intended.tolist() == np.repeat(np.arange(10), 50).tolist()
+    nearest = np.argmin(((latents[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+    assert np.mean(nearest == intended) > 0.99
+    for c in (0, 7):  # each class's samples have that class's mean and spread
+        np.testing.assert_allclose(latents[intended == c].mean(axis=0), z[labels == c].mean(axis=0), atol=0.35)
+
+
+def test_noise_robustness_has_one_row_per_method_and_sigma_and_direct_noisy_psnr():
+    clean = np.random.default_rng(5).random((40, 28, 28, 1)).astype(np.float32) ** 2
+    config = vf.Config(seed=9)
+    table = vf.noise_robustness(lambda noisy: noisy, clean, config, sigmas=(0.1, 0.45), size=25)
+    assert len(table) == 6 and set(table["method"]) == {"noisy input", "TV (Chambolle)", "VAE"}
+    assert table.groupby(["sigma", "method"]).size().eq(1).all() and (table["n_images"] == 25).all()
+    subset = clean[vf.embedding_subset(40, 25, vf.seed_for(config, "robustness_subset"))]
+    for i, sigma in enumerate((0.1, 0.45)):
+        noisy = np.clip(subset + sigma * np.random.default_rng(vf.seed_for(config, "robustness_noise") + i)
+                        .standard_normal(subset.shape, dtype=np.float32), 0, 1)
+        direct = np.mean(10 * np.log10(1.0 / np.mean((subset.astype(np.float64) - noisy) ** 2, axis=(1, 2, 3))))
+        rows = table[table["sigma"] == sigma].set_index("method")
+        assert rows.loc["noisy input", "psnr"] == pytest.approx(direct, abs=1e-6)
+        assert rows.loc["VAE", "psnr"] == pytest.approx(direct, abs=1e-6)  # the identity "denoiser"
+
+
+def test_robustness_summary_names_where_the_vae_stops_beating_tv():
+    rows = [(0.1, "TV (Chambolle)", 25.0), (0.1, "VAE", 18.0), (0.45, "TV (Chambolle)", 14.0), (0.45, "VAE", 18.5),
+            (0.8, "TV (Chambolle)", 11.0), (0.8, "VAE", 12.0)]
+    table = pd.DataFrame([{"sigma": s, "method": m, "psnr": p, "ssim": p / 30} for s, m, p in rows])
+    assert vf.robustness_summary(table) == [
+        "PSNR: the VAE beats TV at sigma 0.45, 0.8 and stops beating it at sigma 0.1",
+        "SSIM: the VAE beats TV at sigma 0.45, 0.8 and stops beating it at sigma 0.1",
+    ]

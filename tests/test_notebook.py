@@ -27,6 +27,7 @@ OUTPUT_FILES = [
     "11_latent_traversal.png", "A_title_denoising.png", "B_title_representation_learning.png",
     "C_title_generation.png", "D_title_interpolation.png", "history.csv", "metrics.csv", "metrics.txt",
     "pca_explained_variance.txt", "encoder.keras", "decoder.keras",
+    "07B_generated_expost.png", "12_class_conditional.png", "13_noise_robustness.png", "noise_robustness.csv",
 ]
 
 
@@ -121,6 +122,11 @@ def test_notebook_writes_every_output_with_valid_content(executed_run):
     assert value["noisy_subset_psnr"] == pytest.approx(value["noisy_psnr"])  # the subset is the whole test set here
     assert value["tv_chambolle_psnr"] > value["noisy_subset_psnr"]
     assert "Training-free references on a seeded subset of 150 test images" in (out / "metrics.txt").read_text()
+    assert value["fd_expost_samples"] > 0 and 0 <= value["conditional_agreement"] <= 1
+    assert 0 <= value["expost_class_entropy"] <= 1 and metrics.loc["conditional_agreement_3", "n_images"] == 15
+    robustness = pd.read_csv(out / "noise_robustness.csv")
+    assert len(robustness) == 18 and (robustness["n_images"] == 150).all()
+    assert "Noise robustness on a fixed seeded subset of 150 test images" in (out / "metrics.txt").read_text()
 
     report = (out / "metrics.txt").read_text(encoding="utf-8")
     assert f"{value['vae_psnr']:.2f}" in report and f"{value['noisy_ssim']:.4f}" in report

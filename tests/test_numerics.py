@@ -1,6 +1,7 @@
 """Loss terms, warm-up, metric helpers and the model, against independent references."""
 
 import math
+import types
 
 import keras
 import numpy as np
@@ -285,3 +286,36 @@ def test_nan_loss_stops_training_and_names_the_term():
 
 def test_keras_is_version_3():
     assert keras.__version__.split(".")[0] == "3"
+
+
+def test_pooled_psnr_is_ten_log_one_over_the_pooled_mse():
+    rng = np.random.default_rng(8)
+    reference = rng.random((5, 28, 28, 1))
+    images = np.clip(reference + rng.normal(0, [0.02, 0.05, 0.1, 0.2, 0.3], (28, 28, 1, 5)).T.reshape(5, 28, 28, 1), 0, 1)
+    means = vf.quality_means({"x": vf.image_quality(reference, images)})
+    assert means["x_psnr_pooled"] == pytest.approx(10 * np.log10(1 / np.mean((reference - images) ** 2)), abs=1e-9)
+    # per-image PSNRs average the logs, so they differ from the pooled figure when the errors vary
+    assert means["x_psnr"] > means["x_psnr_pooled"] + 0.5
+
+
+def test_the_ceiling_is_measured_on_clean_inputs():
+    """An encoder that passes the pixels through and a decoder that halves them: the ceiling's error
+    is that of clean vs clean/2, whatever the noise."""
+    flat = keras.Input((28, 28, 1))
+    pixels = keras.layers.Flatten()(flat)
+    encoder = keras.Model(flat, [pixels, pixels, pixels])
+    latent = keras.Input((784,))
+    decoder = keras.Model(latent, keras.layers.Reshape((28, 28, 1))(latent * 0.5))
+    rng = np.random.default_rng(9)
+    clean = [rng.random((n, 28, 28, 1)).astype(np.float32) for n in (40, 30)]
+    labels = [np.arange(n) % 10 for n in (40, 30)]
+    data = vf.FashionMNIST(clean[0], labels[0], clean[1], labels[1], "test")
+    noisy = [vf.add_noise(x, 0.45, seed) for seed, x in enumerate(clean)]
+    evaluation = vf.evaluate(types.SimpleNamespace(encoder=encoder, decoder=decoder), data, noisy[0], noisy[1],
+                             vf.Config())
+    np.testing.assert_allclose(evaluation.ceiling_quality["mse"], np.mean((clean[1] / 2) ** 2, axis=(1, 2, 3)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(evaluation.vae_quality["mse"], np.mean((clean[1] - noisy[1] / 2) ** 2, axis=(1, 2, 3)),
+                               rtol=1e-5)
+    summary = vf.denoising_summary(evaluation.noisy_quality, evaluation.vae_quality, evaluation.ceiling_quality)
+    assert summary["ceiling_mse"] == pytest.approx(float(np.mean((clean[1] / 2) ** 2)), rel=1e-5)

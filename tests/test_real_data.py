@@ -29,10 +29,13 @@ def test_reduced_run_on_real_data_clearly_beats_the_noisy_input():
     assert s["mse_improvement_pct"] > 60, s
     assert evaluation.representation["linear_probe_accuracy"] > 0.6
 
-    generation = vf.generation_quality(vae, data, evaluation, config)
+    generation = vf.generation_quality(vae, data, evaluation, config,
+                                       vf.fit_expost_density(evaluation.z_mean_train, config.seed))
     assert generation["classifier_test_accuracy"] > 0.8, generation
     assert generation["fd_samples"] == 2000
     # floor < reconstructions < noisy input; prior samples are reported, and lie above the floor
     assert generation["fd_clean_train"] < generation["fd_vae_reconstruction"] < generation["fd_noisy_input"], generation
     assert generation["fd_prior_samples"] > generation["fd_clean_train"], generation
     assert 0 < generation["prior_class_entropy"] <= 1 and 0.1 < generation["prior_mean_confidence"] <= 1
+    assert generation["fd_expost_samples"] > generation["fd_clean_train"] and 0 < generation["expost_class_entropy"] <= 1
+    assert 0.3 < generation["conditional_agreement"] <= 1 and 0.3 < generation["reconstruction_agreement"] <= 1
