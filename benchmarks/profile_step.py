@@ -1,0 +1,86 @@
+"""Where does one training step's time go? Times parts of the step on one fixed batch.
+
+    python benchmarks/profile_step.py [float32|mixed_bfloat16] [batch]
+
+Each line is the median milliseconds per call of a tf.function over 30 calls (after 5 warm-up calls):
+the whole train_step, the forward pass with every loss term, forward + backward without the optimizer,
+the encoder and the decoder alone, and the tf.data input pipeline alone. The arithmetic rate is
+estimated from the multiply-adds of the convolutions and dense layers (forward x 3 for a training step).
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import vae_fashion as vf  # noqa: E402
+
+precision = sys.argv[1] if len(sys.argv) > 1 else "float32"
+batch = int(sys.argv[2]) if len(sys.argv) > 2 else 256
+config = vf.Config(precision=precision, batch_size=batch)
+vf.setup_devices(config)
+vae = vf.build_vae(config)
+rng = np.random.default_rng(0)
+clean = rng.random((batch, 28, 28, 1)).astype(np.float32) ** 3
+data = {"noisy": tf.constant(vf.add_noise(clean, 0.45, 0)), "clean": tf.constant(clean),
+        "label": tf.constant(np.arange(batch, dtype=np.int32) % 10), "step_key": tf.zeros(batch, tf.int64)}
+vae.beta.assign(1.0)
+
+
+def forward():
+    return vae.compute_losses(data["noisy"], data["clean"], data["label"], data["step_key"][0], training=True)
+
+
+def forward_backward():
+    with tf.GradientTape() as tape:
+        total = forward()["total_loss"]
+    return tape.gradient(total, vae.trainable_weights)
+
+
+dataset = iter(vf.make_train_dataset(np.zeros((60_000, 28, 28, 1), np.float32), np.zeros((60_000, 28, 28, 1), np.float32),
+                                     np.zeros(60_000, np.int32), config, 0))
+parts = {
+    "train_step (forward, backward, Adam)": tf.function(lambda: vae.train_step(data)),
+    "forward + all loss terms": tf.function(forward),
+    "forward + backward (no optimizer)": tf.function(forward_backward),
+    "encoder forward": tf.function(lambda: vae.encoder(data["noisy"], training=True)),
+    "decoder forward": tf.function(lambda: vae.decoder(tf.zeros((batch, config.latent_dim)), training=True)),
+    "input pipeline (one batch)": lambda: next(dataset),
+}
+
+
+def macs_per_image():
+    total = 0
+    for model in (vae.encoder, vae.decoder):
+        for layer in model.layers:
+            if hasattr(layer, "kernel") and layer.kernel is not None:
+                # a convolution's multiply-adds: kernel size x output pixels (x input pixels for a
+                # transposed convolution, whose kernel is applied once per input pixel)
+                shape = layer.input.shape if isinstance(layer, keras.layers.Conv2DTranspose) else layer.output.shape
+                total += int(np.prod(layer.kernel.shape)) * (int(np.prod(shape[1:3])) if len(shape) == 4 else 1)
+    return total
+
+
+medians = {}
+for name, fn in parts.items():
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(30):
+        start = time.perf_counter()
+        result = fn()
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
+        times.append(time.perf_counter() - start)
+    medians[name] = np.median(times)
+    print(f"{name:40s} {1000 * medians[name]:8.1f} ms", flush=True)
+macs = macs_per_image()
+step = medians["train_step (forward, backward, Adam)"]
+print(f"precision {precision}, batch {batch}: {macs / 1e6:.1f} M multiply-adds per image forward; "
+      f"train_step at {3 * 2 * macs * batch / step / 1e9:.0f} GFLOP/s (forward x 3)")
