@@ -858,7 +858,7 @@ def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config,
         probs = classifier.predict(images, batch_size=1024, verbose=0)
         return probs.argmax(axis=1), probs.max(axis=1)
 
-    reference = classifier_features(data.x_test)
+    reference, conditional_features = classifier_features(data.x_test), classifier_features(conditional)
     result = {
         "classifier_test_accuracy": float(classifier.evaluate(data.x_test, data.y_test, verbose=0)[1]),
         "fd_clean_train": frechet_distance(classifier_features(data.x_train), reference),
@@ -866,7 +866,7 @@ def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config,
         "fd_prior_samples": frechet_distance(classifier_features(prior), reference),
         "fd_noisy_input": frechet_distance(classifier_features(evaluation.x_noisy_test), reference),
         "fd_expost_samples": frechet_distance(classifier_features(expost), reference),
-        "fd_conditional_samples": frechet_distance(classifier_features(conditional), reference),
+        "fd_conditional_samples": frechet_distance(conditional_features, reference),
         "fd_samples": n,
         "conditional_per_class": per_class,
     }
@@ -883,8 +883,7 @@ def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config,
         mine, theirs = intended == c, data.y_test[:n] == c
         result[f"conditional_agreement_{c}"] = float(np.mean(predicted[mine] == c)) if mine.any() else float("nan")
         result[f"fd_conditional_{c}"] = (
-            frechet_distance(feature_model.predict(conditional[mine], batch_size=1024, verbose=0),
-                             feature_model.predict(data.x_test[:n][theirs], batch_size=1024, verbose=0))
+            frechet_distance(conditional_features[mine], reference[theirs])
             if mine.sum() > 1 and theirs.sum() > 1 else float("nan")
         )
     return result
