@@ -841,7 +841,8 @@ def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config,
     intended class and the Fréchet distance to that class's test images."""
     classifier = build_classifier(config.seed)
     classifier.fit(data.x_train, data.y_train, batch_size=256, epochs=epochs, verbose=0)
-    feature_model = keras.Model(classifier.input, classifier.get_layer("features").output)
+    # one pass per image set gives both the features and the class probabilities
+    two_heads = keras.Model(classifier.input, [classifier.get_layer("features").output, classifier.output])
     n = min(len(data.x_test), len(data.x_train))
     rng = np.random.default_rng(seed_for(config, "prior_fd"))
     prior = decode(vae.decoder, rng.standard_normal((n, config.latent_dim)).astype(np.float32))
@@ -851,34 +852,33 @@ def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config,
                                                   seed_for(config, "conditional"))
     conditional = decode(vae.decoder, latents)
 
-    def classifier_features(images):
-        return feature_model.predict(images[:n], batch_size=1024, verbose=0)
+    def features_and_probs(images):
+        return two_heads.predict(images[:n], batch_size=1024, verbose=0)
 
-    def classes_of(images):
-        probs = classifier.predict(images, batch_size=1024, verbose=0)
-        return probs.argmax(axis=1), probs.max(axis=1)
-
-    reference, conditional_features = classifier_features(data.x_test), classifier_features(conditional)
+    reference, _ = features_and_probs(data.x_test)
+    sets = {name: features_and_probs(images) for name, images in (
+        ("train", data.x_train), ("reconstruction", evaluation.denoised), ("prior", prior),
+        ("noisy", evaluation.x_noisy_test), ("expost", expost), ("conditional", conditional))}
     result = {
         "classifier_test_accuracy": float(classifier.evaluate(data.x_test, data.y_test, verbose=0)[1]),
-        "fd_clean_train": frechet_distance(classifier_features(data.x_train), reference),
-        "fd_vae_reconstruction": frechet_distance(classifier_features(evaluation.denoised), reference),
-        "fd_prior_samples": frechet_distance(classifier_features(prior), reference),
-        "fd_noisy_input": frechet_distance(classifier_features(evaluation.x_noisy_test), reference),
-        "fd_expost_samples": frechet_distance(classifier_features(expost), reference),
-        "fd_conditional_samples": frechet_distance(conditional_features, reference),
+        "fd_clean_train": frechet_distance(sets["train"][0], reference),
+        "fd_vae_reconstruction": frechet_distance(sets["reconstruction"][0], reference),
+        "fd_prior_samples": frechet_distance(sets["prior"][0], reference),
+        "fd_noisy_input": frechet_distance(sets["noisy"][0], reference),
+        "fd_expost_samples": frechet_distance(sets["expost"][0], reference),
+        "fd_conditional_samples": frechet_distance(sets["conditional"][0], reference),
         "fd_samples": n,
         "conditional_per_class": per_class,
     }
-    for name, images in (("prior", prior), ("expost", expost)):
-        predicted, confidence = classes_of(images)
-        counts = np.bincount(predicted, minlength=NUM_CLASSES)
+    for name in ("prior", "expost"):
+        probs = sets[name][1]
+        counts = np.bincount(probs.argmax(axis=1), minlength=NUM_CLASSES)
         result.update({f"{name}_class_entropy": normalised_entropy(counts),
-                       f"{name}_mean_confidence": float(confidence.mean()), f"{name}_class_counts": counts.tolist()})
-    predicted, _confidence = classes_of(conditional)
+                       f"{name}_mean_confidence": float(probs.max(axis=1).mean()), f"{name}_class_counts": counts.tolist()})
+    conditional_features, predicted = sets["conditional"][0], sets["conditional"][1].argmax(axis=1)
     result["conditional_agreement"] = float(np.mean(predicted == intended))
     # the reference: how often the classifier recognises the VAE's reconstructions of real test images
-    result["reconstruction_agreement"] = float(np.mean(classes_of(evaluation.denoised[:n])[0] == data.y_test[:n]))
+    result["reconstruction_agreement"] = float(np.mean(sets["reconstruction"][1].argmax(axis=1) == data.y_test[:n]))
     for c in range(NUM_CLASSES):
         mine, theirs = intended == c, data.y_test[:n] == c
         result[f"conditional_agreement_{c}"] = float(np.mean(predicted[mine] == c)) if mine.any() else float("nan")
@@ -1651,7 +1651,7 @@ SETTING_RULES = {
     "classical_samples": ("VAE_CLASSICAL_SAMPLES", int, 1, True, 10**6),
     "data_dir": ("VAE_DATA_DIR", str),
     "out_dir": ("VAE_OUT_DIR", str),
-    "discard_checkpoint": ("VAE_FRESH", ("0", "1")),
+    "discard_checkpoint": ("VAE_FRESH", bool),
 }
 # Settings that do not change the trained model; a checkpoint may be reused across them.
 NON_TRAINING_FIELDS = {
@@ -1674,11 +1674,13 @@ def parse_setting(field: str, raw: str, source: str, hint: str):
     text = raw.strip()
     if kind is str:
         return text or None
+    if kind is bool:
+        kind = ("0", "1")
     if isinstance(kind, tuple):  # a choice among words
         if text not in kind:
             choices = ", ".join(kind[:-1]) + " or " + kind[-1]
             raise ConfigError(f"{source}={raw!r} must be {choices}; {hint}")
-        return text == "1" if field == "discard_checkpoint" else text
+        return text == "1" if SETTING_RULES[field][1] is bool else text
     low, low_inclusive, high = bounds
     try:
         value = int(text) if kind is int else float(text)
