@@ -1765,6 +1765,8 @@ def parse_idx(data: bytes, name: str = "<bytes>", expected_ndim: int | None = No
     if len(data) < header:
         raise DatasetError(f"{name}: truncated header ({len(data)} bytes, need {header})")
     dims = struct.unpack(f">{ndim}I", data[4:header])
+    if 0 in dims:  # no data, and numpy cannot even shape (0, 2**32, 2**32)
+        raise DatasetError(f"{name}: the header (dims {dims}) describes an empty array; re-download or re-extract the file")
     expected = header + math.prod(dims)
     if len(data) != expected:
         problem = "truncated" if len(data) < expected else "has trailing bytes"

@@ -1,6 +1,7 @@
 """IDX / CSV loading, dataset search order, preprocessing and noise."""
 
 import gzip
+import struct
 
 import numpy as np
 import pandas as pd
@@ -220,3 +221,10 @@ def test_noise_formula_and_seeding():
     # far from the clip bounds the noise has the requested spread
     grey = np.full((200, 28, 28, 1), 0.5, np.float32)
     assert abs(np.std(vf.add_noise(grey, 0.05, seed=1) - grey) - 0.05) < 0.002
+
+
+def test_parse_idx_rejects_an_empty_array_with_huge_dimensions():
+    # found by the fuzzer: a zero dimension next to huge ones passes the length check
+    data = struct.pack(">HBB", 0, 8, 4) + struct.pack(">4I", 0, 9407, 1547151, 633732355)
+    with pytest.raises(vf.DatasetError, match="describes an empty array"):
+        vf.parse_idx(data, "f")
