@@ -123,10 +123,12 @@ class Config:
     embed_samples: int = 3000  # seeded test subset for t-SNE and UMAP
     fresh_noise: int = 1  # 1: new training noise every epoch (stops SupCon fitting one noisy copy); 0: the original
     lr_schedule: str = "cosine"  # "cosine" decay to 5 % over the run, or "constant" (the original)
-    precision: str = "auto"  # auto: mixed precision on a GPU or a CPU with native bfloat16, else float32
+    precision: str = "auto"  # auto: mixed precision on a GPU or a CPU where bfloat16 is faster, else float32
     classical_samples: int = 1000  # seeded test subset for the TV / non-local-means reference rows
     hidden_units: int = 256  # width of the dense layer on each side of the latent (the original: 128)
-    conv_depth: int = 1  # convolutions per resolution level, encoder and decoder (1: the original's)
+    encoder_depth: int = 2  # convolutions per encoder level: a stride-2 one + (depth - 1) stride-1 (the original: 1)
+    decoder_depth: int = 1  # the same for the decoder's transposed convolutions (1: the original's)
+    output_layer: str = "subpixel"  # the decoder's last level: "subpixel" from 14x14, or "conv" at 28x28 (the original)
     gen_metrics: int = 1  # 1: train a small classifier and report Fréchet distances (09_generation_quality.png)
     data_dir: str | None = None  # None: search Kaggle, Debian and the Keras cache, then download
     out_dir: str = "vae_outputs_v3"  # on Kaggle: /kaggle/working/vae_outputs_v3
@@ -139,8 +141,10 @@ class Config:
 PRESETS = {
     "default": {},
     "faithful": {"supcon_scale": "none", "gamma_sc": 1.0, "fresh_noise": 0, "hidden_units": 128,
-                 "learning_rate": 0.001, "lr_schedule": "constant", "precision": "float32"},
-    "quality": {"epochs": 40, "warmup_epochs": 10, "latent_dim": 32, "conv_depth": 2, "hidden_units": 512},
+                 "learning_rate": 0.001, "lr_schedule": "constant", "precision": "float32",
+                 "encoder_depth": 1, "output_layer": "conv"},
+    "quality": {"epochs": 40, "warmup_epochs": 10, "latent_dim": 32, "encoder_depth": 2, "decoder_depth": 2,
+                "output_layer": "conv", "hidden_units": 512},
 }
 
 
@@ -209,15 +213,15 @@ class Sampling(layers.Layer):
 
 def build_encoder(
     latent_dim: int, seed: int = 1337, hidden_units: int = 128, filters=(32, 64), activation: str = "relu",
-    conv_depth: int = 1,
+    depth: int = 1,
 ) -> keras.Model:
-    """Stride-2 convolutions (each followed by conv_depth - 1 stride-1 ones), a dense layer, and
+    """Stride-2 convolutions (each followed by depth - 1 stride-1 ones), a dense layer, and
     the posterior's mean and log-variance."""
     inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="noisy_image")
     x = inputs
     for width in filters:
         x = layers.Conv2D(width, 3, strides=2, padding="same", activation=activation)(x)
-        for _ in range(conv_depth - 1):
+        for _ in range(depth - 1):
             x = layers.Conv2D(width, 3, padding="same", activation=activation)(x)
     x = layers.Flatten()(x)
     x = layers.Dense(hidden_units, activation=activation)(x)
@@ -229,19 +233,33 @@ def build_encoder(
 
 
 def build_decoder(
-    latent_dim: int, hidden_units: int = 128, filters=(64, 32), activation: str = "relu", conv_depth: int = 1
+    latent_dim: int, hidden_units: int = 128, filters=(64, 32), activation: str = "relu", depth: int = 1,
+    output_layer: str = "subpixel",
 ) -> keras.Model:
-    """Mirror of the encoder. The last layer applies the sigmoid to a named
-    'logits' layer, so training can use the stabler BCE-from-logits."""
+    """Mirror of the encoder, ending in a named 'logits' layer and its sigmoid (training
+    uses the stabler BCE-from-logits).
+
+    output_layer "conv" (the original): a last transposed convolution to 28x28x32, then a 3x3
+    convolution to one channel. "subpixel": a 3x3 convolution at 14x14 predicts each pixel of a
+    2x2 block, and a pixel shuffle lays the blocks out at 28x28. The 28x28 layers took 40 % of a
+    training step and added nothing measurable (docs/RESULTS.md)."""
     latent = keras.Input(shape=(latent_dim,), name="z")
     x = layers.Dense(hidden_units, activation=activation)(latent)
     x = layers.Dense(7 * 7 * filters[0], activation=activation)(x)
     x = layers.Reshape((7, 7, filters[0]))(x)
-    for width in filters:
+    levels = filters[:-1] if output_layer == "subpixel" else filters
+    for width in levels:
         x = layers.Conv2DTranspose(width, 3, strides=2, padding="same", activation=activation)(x)
-        for _ in range(conv_depth - 1):
+        for _ in range(depth - 1):
             x = layers.Conv2D(width, 3, padding="same", activation=activation)(x)
-    logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
+    if output_layer == "subpixel":
+        half = IMAGE_SIZE // 2
+        x = layers.Conv2D(4, 3, padding="same")(x)  # channel 2*dy + dx: pixel (2i + dy, 2j + dx)
+        x = layers.Reshape((half, half, 2, 2))(x)
+        x = layers.Permute((1, 3, 2, 4))(x)
+        logits = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="logits")(x)
+    else:
+        logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
     image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
     return keras.Model(latent, image, name="decoder")
 
@@ -501,13 +519,29 @@ def make_train_dataset(
 # =============================================================================
 
 
-def cpu_has_native_bfloat16() -> bool:
-    """AVX512_BF16 or AMX: oneDNN then runs bfloat16 convolutions about 1.4x faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+def cpu_prefers_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether bfloat16 layers train faster than float32 on this CPU, by measurement: with AMX, or on an
+    AMD CPU with AVX512_BF16 (about 1.4x faster). An Intel CPU with AVX512_BF16 but no AMX ran the
+    step 1.6x slower in bfloat16 (docs/RESULTS.md), so it gets float32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in flags)
+
+
+def cpu_model_name() -> str:
+    """The CPU's name and model number, recorded with every run: timings depend on it."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def setup_devices(config: Config) -> tf.distribute.Strategy:
@@ -520,7 +554,7 @@ def setup_devices(config: Config) -> tf.distribute.Strategy:
             major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))[0]
             policy = "mixed_bfloat16" if major >= 8 else "mixed_float16"
         else:
-            policy = "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
+            policy = "mixed_bfloat16" if cpu_prefers_bfloat16() else "float32"
     keras.mixed_precision.set_global_policy(policy)
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
@@ -538,8 +572,9 @@ def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Str
     keras.utils.set_random_seed(config.seed)
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
-        encoder = build_encoder(config.latent_dim, config.seed, config.hidden_units, conv_depth=config.conv_depth)
-        decoder = build_decoder(config.latent_dim, config.hidden_units, conv_depth=config.conv_depth)
+        encoder = build_encoder(config.latent_dim, config.seed, config.hidden_units, depth=config.encoder_depth)
+        decoder = build_decoder(config.latent_dim, config.hidden_units, depth=config.decoder_depth,
+                                output_layer=config.output_layer)
         vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, config.supcon_scale, name="vae")
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
@@ -1421,6 +1456,8 @@ def effective_config_record(config: Config, overrides: dict | None = None) -> di
         "config": dataclasses.asdict(config),
         "overrides": dict(OVERRIDES if overrides is None else overrides),
         "environment_variables": {name: os.environ.get(name) for name, *_ in SETTING_RULES.values()},
+        "dtype_policy": keras.mixed_precision.global_policy().name,  # what precision="auto" resolved to
+        "cpu": cpu_model_name(),
         "versions": {
             "python": platform.python_version(),
             "tensorflow": tf.__version__,
@@ -1646,7 +1683,9 @@ SETTING_RULES = {
     "precision": ("VAE_PRECISION", ("auto", "float32", "mixed_float16", "mixed_bfloat16")),
     "gen_metrics": ("VAE_GEN_METRICS", int, 0, True, 1),
     "hidden_units": ("VAE_HIDDEN_UNITS", int, 8, True, 8192),
-    "conv_depth": ("VAE_CONV_DEPTH", int, 1, True, 8),
+    "encoder_depth": ("VAE_ENCODER_DEPTH", int, 1, True, 8),
+    "decoder_depth": ("VAE_DECODER_DEPTH", int, 1, True, 8),
+    "output_layer": ("VAE_OUTPUT_LAYER", ("subpixel", "conv")),
     "preset": ("VAE_PRESET", tuple(PRESETS)),
     "classical_samples": ("VAE_CLASSICAL_SAMPLES", int, 1, True, 10**6),
     "data_dir": ("VAE_DATA_DIR", str),

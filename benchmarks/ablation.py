@@ -9,6 +9,10 @@ are patched in here with ABL_* variables:
     ABL_DECODER=128,64   filters of the two transposed decoder convolutions (default 64,32)
     ABL_HEAD=64          SupCon on a 2-layer projection head of z_mean instead of z_mean itself
     ABL_ACTIVATION=silu  activation of the hidden layers (default relu)
+    ABL_ENC_EXTRA=0,1    stride-1 convolutions added after each encoder level (14x14, 7x7)
+    ABL_DEC_EXTRA=1,0,0  stride-1 convolutions added in the decoder at 7x7, 14x14, 28x28
+    ABL_OUTPUT=subpixel  the decoder's last level: conv (default: transposed conv to 28x28 + 3x3 conv),
+                         subpixel (3x3 conv to 4 channels at 14x14 + depth_to_space: nothing at 28x28)
 
     VAE_GAMMA_SC=1.0 python benchmarks/ablation.py scaled-1.0
     VAE_EPOCHS=6 VAE_WARMUP_EPOCHS=3 VAE_SUPCON_SCALE=none VAE_GAMMA_SC=50 ABL_HEAD=64 python benchmarks/ablation.py head
@@ -29,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from keras import layers  # noqa: E402
+from keras import layers, ops  # noqa: E402
 
 import vae_fashion as vf  # noqa: E402
 
@@ -37,6 +41,49 @@ ENCODER = [int(f) for f in os.environ.get("ABL_ENCODER", "32,64").split(",")]
 DECODER = [int(f) for f in os.environ.get("ABL_DECODER", "64,32").split(",")]
 HEAD = int(os.environ.get("ABL_HEAD", "0"))
 ACTIVATION = os.environ.get("ABL_ACTIVATION", "relu")
+ENC_EXTRA = [int(n) for n in os.environ.get("ABL_ENC_EXTRA", "0,0").split(",")]
+DEC_EXTRA = [int(n) for n in os.environ.get("ABL_DEC_EXTRA", "0,0,0").split(",")]
+OUTPUT = os.environ.get("ABL_OUTPUT", "conv")
+
+
+def build_encoder_layout(latent_dim, seed=1337, hidden_units=128, conv_depth=1, **_):
+    inputs = keras.Input(shape=(28, 28, 1), name="noisy_image")
+    x = inputs
+    for width, extra in zip(ENCODER, ENC_EXTRA):
+        x = layers.Conv2D(width, 3, strides=2, padding="same", activation=ACTIVATION)(x)
+        for _ in range(extra):
+            x = layers.Conv2D(width, 3, padding="same", activation=ACTIVATION)(x)
+    x = layers.Dense(hidden_units, activation=ACTIVATION)(layers.Flatten()(x))
+    z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(x)
+    z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(x)
+    z = vf.Sampling(seed=seed, name="z")([z_mean, z_log_var])
+    return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
+
+
+def build_decoder_layout(latent_dim, hidden_units=128, conv_depth=1, **_):
+    latent = keras.Input(shape=(latent_dim,), name="z")
+    x = layers.Dense(hidden_units, activation=ACTIVATION)(latent)
+    x = layers.Dense(7 * 7 * DECODER[0], activation=ACTIVATION)(x)
+    x = layers.Reshape((7, 7, DECODER[0]))(x)
+    for _ in range(DEC_EXTRA[0]):
+        x = layers.Conv2D(DECODER[0], 3, padding="same", activation=ACTIVATION)(x)
+    x = layers.Conv2DTranspose(DECODER[0], 3, strides=2, padding="same", activation=ACTIVATION)(x)
+    for _ in range(DEC_EXTRA[1]):
+        x = layers.Conv2D(DECODER[0], 3, padding="same", activation=ACTIVATION)(x)
+    if OUTPUT == "subpixel":
+        x = layers.Conv2D(4, 3, padding="same")(x)
+        logits = layers.Lambda(lambda t: ops.depth_to_space(t, 2) if hasattr(ops, "depth_to_space")
+                               else __import__("tensorflow").nn.depth_to_space(t, 2), name="logits")(x)
+    else:
+        x = layers.Conv2DTranspose(DECODER[1], 3, strides=2, padding="same", activation=ACTIVATION)(x)
+        for _ in range(DEC_EXTRA[2]):
+            x = layers.Conv2D(DECODER[1], 3, padding="same", activation=ACTIVATION)(x)
+        logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
+    image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
+    return keras.Model(latent, image, name="decoder")
+
+
+LAYOUT = any(ENC_EXTRA) or any(DEC_EXTRA) or OUTPUT != "conv"
 
 
 class HeadVAE(vf.VAE):
@@ -52,8 +99,11 @@ class HeadVAE(vf.VAE):
 
 def main():
     # build_vae looks these up in vf, so the variants are patched in there
-    vf.build_encoder = functools.partial(vf.build_encoder, filters=ENCODER, activation=ACTIVATION)
-    vf.build_decoder = functools.partial(vf.build_decoder, filters=DECODER, activation=ACTIVATION)
+    if LAYOUT:
+        vf.build_encoder, vf.build_decoder = build_encoder_layout, build_decoder_layout
+    else:
+        vf.build_encoder = functools.partial(vf.build_encoder, filters=ENCODER, activation=ACTIVATION)
+        vf.build_decoder = functools.partial(vf.build_decoder, filters=DECODER, activation=ACTIVATION)
     if HEAD:
         vf.VAE = HeadVAE
     config = vf.config_from_env()

@@ -75,6 +75,7 @@ def test_effective_config_record_is_json(monkeypatch):
     assert record["config"]["epochs"] == 4
     assert record["environment_variables"]["VAE_EPOCHS"] == "4"
     assert record["versions"]["keras"].startswith("3.")
+    assert record["dtype_policy"] in ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def test_overrides_win_over_defaults_and_lose_to_the_environment():
@@ -104,8 +105,10 @@ def test_each_preset_resolves_to_its_documented_values():
     faithful = vf.config_from_env({"VAE_PRESET": "faithful"})
     assert (faithful.supcon_scale, faithful.gamma_sc, faithful.fresh_noise, faithful.hidden_units) == ("none", 1.0, 0, 128)
     assert (faithful.learning_rate, faithful.lr_schedule, faithful.precision) == (0.001, "constant", "float32")
+    assert (faithful.encoder_depth, faithful.decoder_depth, faithful.output_layer) == (1, 1, "conv")
     quality = vf.config_from_env({}, {"preset": "quality"})
-    assert (quality.epochs, quality.latent_dim, quality.conv_depth, quality.hidden_units) == (40, 32, 2, 512)
+    assert (quality.epochs, quality.latent_dim, quality.encoder_depth, quality.decoder_depth) == (40, 32, 2, 2)
+    assert (quality.hidden_units, quality.output_layer) == (512, "conv")
     assert quality.batch_size == 256  # what the preset leaves alone keeps the default
 
 
@@ -118,3 +121,13 @@ def test_an_explicit_setting_overrides_the_preset():
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(vf.ConfigError, match="VAE_PRESET='fast' must be default, faithful or quality"):
         vf.config_from_env({"VAE_PRESET": "fast"})
+
+
+def test_auto_precision_picks_bfloat16_only_where_it_was_measured_faster():
+    intel_amx = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    intel_bf16_only = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx512f avx512_bf16\n"
+    amd_bf16 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx512f avx512_bf16\n"
+    amd_plain = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2\n"
+    assert vf.cpu_prefers_bfloat16(intel_amx) and vf.cpu_prefers_bfloat16(amd_bf16)
+    assert not vf.cpu_prefers_bfloat16(intel_bf16_only) and not vf.cpu_prefers_bfloat16(amd_plain)
+    assert not vf.cpu_prefers_bfloat16("flags: avx512_bf16x amx_bf16_fake")  # whole words only

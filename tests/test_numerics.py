@@ -228,6 +228,20 @@ def test_model_shapes(small_vae):
     assert [m.name for m in small_vae.metrics] == vf.HISTORY_COLUMNS[1:]
 
 
+def test_subpixel_output_is_a_pixel_shuffle_of_the_last_convolution():
+    decoder = vf.build_decoder(4, hidden_units=8, output_layer="subpixel")
+    shuffle_input = decoder.layers[-5].output  # the 4-channel 3x3 convolution at 14x14
+    assert tuple(shuffle_input.shape[1:]) == (14, 14, 4)
+    z = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    features = keras.Model(decoder.input, shuffle_input)(z)
+    logits = keras.Model(decoder.input, decoder.get_layer("logits").output)(z)
+    np.testing.assert_array_equal(logits.numpy(), tf.nn.depth_to_space(features, 2).numpy())
+    assert logits.numpy()[0, 3, 6, 0] == features.numpy()[0, 1, 3, 2]  # row 2*1+1, column 2*3+0: channel 2
+    original = vf.build_decoder(4, hidden_units=8, output_layer="conv")
+    assert [type(layer).__name__ for layer in original.layers[-3:]] == ["Conv2DTranspose", "Conv2D", "Activation"]
+    assert original.get_layer("logits").output.shape[1:] == (28, 28, 1)
+
+
 def test_sampling_layer_draws_from_the_posterior():
     layer = vf.Sampling(seed=3)
     mean = np.full((20000, 2), [1.0, -2.0], np.float32)
@@ -319,3 +333,19 @@ def test_the_ceiling_is_measured_on_clean_inputs():
                                rtol=1e-5)
     summary = vf.denoising_summary(evaluation.noisy_quality, evaluation.vae_quality, evaluation.ceiling_quality)
     assert summary["ceiling_mse"] == pytest.approx(float(np.mean((clean[1] / 2) ** 2)), rel=1e-5)
+
+
+def test_the_faithful_preset_builds_the_original_layers():
+    config = vf.config_from_env({"VAE_PRESET": "faithful"})
+    encoder = vf.build_encoder(config.latent_dim, hidden_units=config.hidden_units, depth=config.encoder_depth)
+    decoder = vf.build_decoder(config.latent_dim, config.hidden_units, depth=config.decoder_depth,
+                               output_layer=config.output_layer)
+
+    def summary(model):
+        return [(type(layer).__name__, getattr(layer, "filters", getattr(layer, "units", None)),
+                 getattr(layer, "strides", None)) for layer in model.layers if layer.weights]
+
+    assert summary(encoder) == [("Conv2D", 32, (2, 2)), ("Conv2D", 64, (2, 2)), ("Dense", 128, None),
+                                ("Dense", 16, None), ("Dense", 16, None)]
+    assert summary(decoder) == [("Dense", 128, None), ("Dense", 3136, None), ("Conv2DTranspose", 64, (2, 2)),
+                                ("Conv2DTranspose", 32, (2, 2)), ("Conv2D", 1, (1, 1))]
