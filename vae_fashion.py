@@ -37,7 +37,7 @@
 # | setting | default | meaning |
 # |---|---|---|
 # | `preset` | `default` | `faithful`: the original notebook's configuration; `quality`: a larger model, 40 epochs |
-# | `epochs` | 20 | training epochs |
+# | `epochs` | 17 | training epochs (the original: 20) |
 # | `train_samples` | all (60000) | use the first N training images (fewer = faster) |
 # | `test_samples` | all (10000) | use the first N test images |
 # | `latent_dim` | 16 | size of the latent space |
@@ -105,7 +105,7 @@ class Config:
     """Every setting of a run. Each is also the environment variable VAE_<NAME>
     (VAE_FRESH for discard_checkpoint); the seed notebook's value unless noted."""
 
-    epochs: int = 20
+    epochs: int = 17  # the original: 20; two convolutions per level for 17 epochs beat one for 20 (docs/RESULTS.md)
     batch_size: int = 256
     latent_dim: int = 16
     noise_factor: float = 0.45
@@ -127,7 +127,7 @@ class Config:
     classical_samples: int = 1000  # seeded test subset for the TV / non-local-means reference rows
     hidden_units: int = 256  # width of the dense layer on each side of the latent (the original: 128)
     encoder_depth: int = 2  # convolutions per encoder level: a stride-2 one + (depth - 1) stride-1 (the original: 1)
-    decoder_depth: int = 1  # the same for the decoder's transposed convolutions (1: the original's)
+    decoder_depth: int = 2  # the same for the decoder's transposed convolutions (1: the original's)
     output_layer: str = "subpixel"  # the decoder's last level: "subpixel" from 14x14, or "conv" at 28x28 (the original)
     gen_metrics: int = 1  # 1: train a small classifier and report Fréchet distances (09_generation_quality.png)
     data_dir: str | None = None  # None: search Kaggle, Debian and the Keras cache, then download
@@ -142,9 +142,8 @@ PRESETS = {
     "default": {},
     "faithful": {"supcon_scale": "none", "gamma_sc": 1.0, "fresh_noise": 0, "hidden_units": 128,
                  "learning_rate": 0.001, "lr_schedule": "constant", "precision": "float32",
-                 "encoder_depth": 1, "output_layer": "conv"},
-    "quality": {"epochs": 40, "warmup_epochs": 10, "latent_dim": 32, "encoder_depth": 2, "decoder_depth": 2,
-                "output_layer": "conv", "hidden_units": 512},
+                 "encoder_depth": 1, "decoder_depth": 1, "output_layer": "conv", "epochs": 20},
+    "quality": {"epochs": 40, "warmup_epochs": 10, "latent_dim": 32, "decoder_depth": 3, "hidden_units": 512},
 }
 
 
@@ -241,7 +240,7 @@ def build_decoder(
 
     output_layer "conv" (the original): a last transposed convolution to 28x28x32, then a 3x3
     convolution to one channel. "subpixel": a 3x3 convolution at 14x14 predicts each pixel of a
-    2x2 block, and a pixel shuffle lays the blocks out at 28x28. The 28x28 layers took 40 % of a
+    2x2 block, and a pixel shuffle lays the blocks out at 28x28. The 28x28 layers took about half of a
     training step and added nothing measurable (docs/RESULTS.md)."""
     latent = keras.Input(shape=(latent_dim,), name="z")
     x = layers.Dense(hidden_units, activation=activation)(latent)
@@ -521,7 +520,7 @@ def make_train_dataset(
 
 def cpu_prefers_bfloat16(cpuinfo: str | None = None) -> bool:
     """Whether bfloat16 layers train faster than float32 on this CPU, by measurement: with AMX, or on an
-    AMD CPU with AVX512_BF16 (about 1.4x faster). An Intel CPU with AVX512_BF16 but no AMX ran the
+    AMD CPU with AVX512_BF16 (1.25-1.6x faster per step). An Intel CPU with AVX512_BF16 but no AMX ran the
     step 1.6x slower in bfloat16 (docs/RESULTS.md), so it gets float32."""
     if cpuinfo is None:
         try:
@@ -544,18 +543,22 @@ def cpu_model_name() -> str:
     return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
+def resolve_precision(config: Config) -> str:
+    """The Keras dtype policy that VAE_PRECISION names; "auto" picks it for this machine."""
+    if config.precision != "auto":
+        return config.precision
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))[0]
+        return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+    return "mixed_bfloat16" if cpu_prefers_bfloat16() else "float32"
+
+
 def setup_devices(config: Config) -> tf.distribute.Strategy:
     """MirroredStrategy over every GPU when there are several, the default strategy
     otherwise; also sets the Keras dtype policy from VAE_PRECISION. Call before building."""
+    keras.mixed_precision.set_global_policy(resolve_precision(config))
     gpus = tf.config.list_physical_devices("GPU")
-    policy = config.precision
-    if policy == "auto":
-        if gpus:
-            major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))[0]
-            policy = "mixed_bfloat16" if major >= 8 else "mixed_float16"
-        else:
-            policy = "mixed_bfloat16" if cpu_prefers_bfloat16() else "float32"
-    keras.mixed_precision.set_global_policy(policy)
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
 
@@ -1456,7 +1459,7 @@ def effective_config_record(config: Config, overrides: dict | None = None) -> di
         "config": dataclasses.asdict(config),
         "overrides": dict(OVERRIDES if overrides is None else overrides),
         "environment_variables": {name: os.environ.get(name) for name, *_ in SETTING_RULES.values()},
-        "dtype_policy": keras.mixed_precision.global_policy().name,  # what precision="auto" resolved to
+        "dtype_policy": resolve_precision(config),  # what precision="auto" resolved to
         "cpu": cpu_model_name(),
         "versions": {
             "python": platform.python_version(),

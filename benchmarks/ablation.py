@@ -11,8 +11,12 @@ are patched in here with ABL_* variables:
     ABL_ACTIVATION=silu  activation of the hidden layers (default relu)
     ABL_ENC_EXTRA=0,1    stride-1 convolutions added after each encoder level (14x14, 7x7)
     ABL_DEC_EXTRA=1,0,0  stride-1 convolutions added in the decoder at 7x7, 14x14, 28x28
-    ABL_OUTPUT=subpixel  the decoder's last level: conv (default: transposed conv to 28x28 + 3x3 conv),
+    ABL_OUTPUT=subpixel  the decoder's last level: conv (transposed conv to 28x28 + 3x3 conv),
                          subpixel (3x3 conv to 4 channels at 14x14 + depth_to_space: nothing at 28x28)
+
+When any of ABL_ENC_EXTRA, ABL_DEC_EXTRA, ABL_OUTPUT is set, its layout (one convolution per level plus
+the extras) replaces the model of VAE_ENCODER_DEPTH / VAE_DECODER_DEPTH / VAE_OUTPUT_LAYER; ABL_OUTPUT
+then defaults to conv.
 
     VAE_GAMMA_SC=1.0 python benchmarks/ablation.py scaled-1.0
     VAE_EPOCHS=6 VAE_WARMUP_EPOCHS=3 VAE_SUPCON_SCALE=none VAE_GAMMA_SC=50 ABL_HEAD=64 python benchmarks/ablation.py head
