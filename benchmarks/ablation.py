@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from keras import layers, ops  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers  # noqa: E402
 
 import vae_fashion as vf  # noqa: E402
 
@@ -50,7 +51,7 @@ DEC_EXTRA = [int(n) for n in os.environ.get("ABL_DEC_EXTRA", "0,0,0").split(",")
 OUTPUT = os.environ.get("ABL_OUTPUT", "conv")
 
 
-def build_encoder_layout(latent_dim, seed=1337, hidden_units=128, conv_depth=1, **_):
+def build_encoder_layout(latent_dim, seed=1337, hidden_units=128, **_):
     inputs = keras.Input(shape=(28, 28, 1), name="noisy_image")
     x = inputs
     for width, extra in zip(ENCODER, ENC_EXTRA):
@@ -64,7 +65,7 @@ def build_encoder_layout(latent_dim, seed=1337, hidden_units=128, conv_depth=1, 
     return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
 
 
-def build_decoder_layout(latent_dim, hidden_units=128, conv_depth=1, **_):
+def build_decoder_layout(latent_dim, hidden_units=128, **_):
     latent = keras.Input(shape=(latent_dim,), name="z")
     x = layers.Dense(hidden_units, activation=ACTIVATION)(latent)
     x = layers.Dense(7 * 7 * DECODER[0], activation=ACTIVATION)(x)
@@ -76,8 +77,7 @@ def build_decoder_layout(latent_dim, hidden_units=128, conv_depth=1, **_):
         x = layers.Conv2D(DECODER[0], 3, padding="same", activation=ACTIVATION)(x)
     if OUTPUT == "subpixel":
         x = layers.Conv2D(4, 3, padding="same")(x)
-        logits = layers.Lambda(lambda t: ops.depth_to_space(t, 2) if hasattr(ops, "depth_to_space")
-                               else __import__("tensorflow").nn.depth_to_space(t, 2), name="logits")(x)
+        logits = layers.Lambda(lambda t: tf.nn.depth_to_space(t, 2), name="logits")(x)
     else:
         x = layers.Conv2DTranspose(DECODER[1], 3, strides=2, padding="same", activation=ACTIVATION)(x)
         for _ in range(DEC_EXTRA[2]):
