@@ -231,6 +231,16 @@ def build_encoder(
     return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
 
 
+def subpixel_logits(x):
+    """28x28x1 logits from 14x14 features: a 3x3 convolution to 4 channels, each one pixel of a 2x2
+    block, and a pixel shuffle (depth_to_space) in plain Keras layers, so decoder.keras loads anywhere."""
+    half = IMAGE_SIZE // 2
+    x = layers.Conv2D(4, 3, padding="same")(x)  # channel 2*dy + dx: pixel (2i + dy, 2j + dx)
+    x = layers.Reshape((half, half, 2, 2))(x)
+    x = layers.Permute((1, 3, 2, 4))(x)
+    return layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="logits")(x)
+
+
 def build_decoder(
     latent_dim: int, hidden_units: int = 128, filters=(64, 32), activation: str = "relu", depth: int = 1,
     output_layer: str = "subpixel",
@@ -252,11 +262,7 @@ def build_decoder(
         for _ in range(depth - 1):
             x = layers.Conv2D(width, 3, padding="same", activation=activation)(x)
     if output_layer == "subpixel":
-        half = IMAGE_SIZE // 2
-        x = layers.Conv2D(4, 3, padding="same")(x)  # channel 2*dy + dx: pixel (2i + dy, 2j + dx)
-        x = layers.Reshape((half, half, 2, 2))(x)
-        x = layers.Permute((1, 3, 2, 4))(x)
-        logits = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="logits")(x)
+        logits = subpixel_logits(x)
     else:
         logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
     image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)

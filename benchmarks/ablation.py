@@ -12,7 +12,7 @@ are patched in here with ABL_* variables:
     ABL_ENC_EXTRA=0,1    stride-1 convolutions added after each encoder level (14x14, 7x7)
     ABL_DEC_EXTRA=1,0,0  stride-1 convolutions added in the decoder at 7x7, 14x14, 28x28
     ABL_OUTPUT=subpixel  the decoder's last level: conv (transposed conv to 28x28 + 3x3 conv),
-                         subpixel (3x3 conv to 4 channels at 14x14 + depth_to_space: nothing at 28x28)
+                         subpixel (vf.subpixel_logits: 3x3 conv to 4 channels at 14x14 + pixel shuffle)
 
 When any of ABL_ENC_EXTRA, ABL_DEC_EXTRA, ABL_OUTPUT is set, its layout (one convolution per level plus
 the extras) replaces the model of VAE_ENCODER_DEPTH / VAE_DECODER_DEPTH / VAE_OUTPUT_LAYER; ABL_OUTPUT
@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
 import vae_fashion as vf  # noqa: E402
@@ -76,8 +75,7 @@ def build_decoder_layout(latent_dim, hidden_units=128, **_):
     for _ in range(DEC_EXTRA[1]):
         x = layers.Conv2D(DECODER[0], 3, padding="same", activation=ACTIVATION)(x)
     if OUTPUT == "subpixel":
-        x = layers.Conv2D(4, 3, padding="same")(x)
-        logits = layers.Lambda(lambda t: tf.nn.depth_to_space(t, 2), name="logits")(x)
+        logits = vf.subpixel_logits(x)
     else:
         x = layers.Conv2DTranspose(DECODER[1], 3, strides=2, padding="same", activation=ACTIVATION)(x)
         for _ in range(DEC_EXTRA[2]):

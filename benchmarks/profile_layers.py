@@ -13,15 +13,14 @@ not in any layer (losses, sampling, Adam, casts, the framework) shows as the dif
 
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from profiling import fixed_batch, layer_macs, median_ms  # noqa: E402
 
 import vae_fashion as vf  # noqa: E402
 
@@ -30,25 +29,6 @@ batch = config.batch_size
 vf.setup_devices(config)
 vae = vf.build_vae(config)
 vae.beta.assign(1.0)
-
-
-def median_ms(fn, calls=30):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy(), fn())
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
-
-
-def layer_macs(layer):
-    if getattr(layer, "kernel", None) is None:
-        return 0
-    shape = layer.input.shape if isinstance(layer, keras.layers.Conv2DTranspose) else layer.output.shape
-    pixels = int(np.prod(shape[1:3])) if len(shape) == 4 else 1
-    return int(np.prod(layer.kernel.shape)) * pixels
 
 
 rows = []
@@ -77,8 +57,7 @@ for model in (vae.encoder, vae.decoder):
         macs = layer_macs(layer) * batch
         rows.append((f"{model.name}/{layer.name}", tuple(layer.output.shape[1:]), fwd, both, macs))
 
-data = {"noisy": tf.random.uniform((batch, 28, 28, 1)), "clean": tf.random.uniform((batch, 28, 28, 1)),
-        "label": tf.constant(np.arange(batch, dtype=np.int32) % 10), "step_key": tf.zeros(batch, tf.int64)}
+data = fixed_batch(batch)
 step = median_ms(tf.function(lambda: vae.train_step(data)))
 
 print(f"{keras.mixed_precision.global_policy().name}, batch {batch}, encoder depth {config.encoder_depth}, "

@@ -10,15 +10,14 @@ estimated from the multiply-adds of the convolutions and dense layers (forward x
 
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from profiling import fixed_batch, layer_macs, median_ms  # noqa: E402
 
 import vae_fashion as vf  # noqa: E402
 
@@ -27,10 +26,7 @@ batch = int(sys.argv[2]) if len(sys.argv) > 2 else 256
 config = vf.Config(precision=precision, batch_size=batch)
 vf.setup_devices(config)
 vae = vf.build_vae(config)
-rng = np.random.default_rng(0)
-clean = rng.random((batch, 28, 28, 1)).astype(np.float32) ** 3
-data = {"noisy": tf.constant(vf.add_noise(clean, 0.45, 0)), "clean": tf.constant(clean),
-        "label": tf.constant(np.arange(batch, dtype=np.int32) % 10), "step_key": tf.zeros(batch, tf.int64)}
+data = fixed_batch(batch)
 vae.beta.assign(1.0)
 
 
@@ -56,31 +52,11 @@ parts = {
 }
 
 
-def macs_per_image():
-    total = 0
-    for model in (vae.encoder, vae.decoder):
-        for layer in model.layers:
-            if hasattr(layer, "kernel") and layer.kernel is not None:
-                # a convolution's multiply-adds: kernel size x output pixels (x input pixels for a
-                # transposed convolution, whose kernel is applied once per input pixel)
-                shape = layer.input.shape if isinstance(layer, keras.layers.Conv2DTranspose) else layer.output.shape
-                total += int(np.prod(layer.kernel.shape)) * (int(np.prod(shape[1:3])) if len(shape) == 4 else 1)
-    return total
-
-
 medians = {}
 for name, fn in parts.items():
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(30):
-        start = time.perf_counter()
-        result = fn()
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, result)
-        times.append(time.perf_counter() - start)
-    medians[name] = np.median(times)
+    medians[name] = median_ms(fn) / 1000
     print(f"{name:40s} {1000 * medians[name]:8.1f} ms", flush=True)
-macs = macs_per_image()
+macs = sum(layer_macs(layer) for model in (vae.encoder, vae.decoder) for layer in model.layers)
 step = medians["train_step (forward, backward, Adam)"]
 print(f"precision {precision}, batch {batch}: {macs / 1e6:.1f} M multiply-adds per image forward; "
       f"train_step at {3 * 2 * macs * batch / step / 1e9:.0f} GFLOP/s (forward x 3)")
