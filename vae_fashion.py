@@ -124,6 +124,7 @@ class Config:
     fresh_noise: int = 1  # 1: new training noise every epoch (stops SupCon fitting one noisy copy); 0: the original
     lr_schedule: str = "cosine"  # "cosine" decay to 5 % over the run, or "constant" (the original)
     precision: str = "auto"  # auto: mixed precision on a GPU or a CPU where bfloat16 is faster, else float32
+    devices: str = "one"  # "one": the first GPU, else the CPU; "all": MirroredStrategy over every GPU
     classical_samples: int = 1000  # seeded test subset for the TV / non-local-means reference rows
     hidden_units: int = 256  # width of the dense layer on each side of the latent (the original: 128)
     encoder_depth: int = 2  # convolutions per encoder level: a stride-2 one + (depth - 1) stride-1 (the original: 1)
@@ -184,8 +185,9 @@ class Sampling(layers.Layer):
 
     Called as [z_mean, z_log_var], epsilon comes from the layer's SeedGenerator.
     Training calls it as [z_mean, z_log_var, step_key]: epsilon is then stateless,
-    a function of (seed, step_key, replica) alone, so a resumed run draws exactly
-    what an uninterrupted one drew.
+    a function of (seed, step_key) alone, so a resumed run draws exactly what an
+    uninterrupted one drew. It is drawn for the whole global batch and each replica
+    takes its rows, so an image gets the same epsilon on one device or on several.
     """
 
     def __init__(self, seed: int = 1337, **kwargs):
@@ -198,10 +200,12 @@ class Sampling(layers.Layer):
         if step_key:
             stream = tf.stack([tf.constant(self.seed + SEED_OFFSETS["posterior"], tf.int64),
                                tf.cast(step_key[0], tf.int64)])
-            context = tf.distribute.get_replica_context()
-            replica = 0 if context is None else context.replica_id_in_sync_group
-            stream = tf.random.experimental.stateless_fold_in(stream, replica)
-            epsilon = tf.random.stateless_normal(tf.shape(z_mean), seed=stream, dtype=z_mean.dtype)
+            stream = tf.random.experimental.stateless_fold_in(stream, 0)
+            replicas, replica = replica_position()
+            rows = tf.shape(z_mean)[0]  # global batches are split evenly (make_train_dataset)
+            global_shape = tf.stack([rows * replicas, tf.shape(z_mean)[1]])
+            epsilon = tf.random.stateless_normal(global_shape, seed=stream, dtype=z_mean.dtype)
+            epsilon = epsilon[replica * rows:(replica + 1) * rows]
         else:
             epsilon = keras.random.normal(ops.shape(z_mean), dtype=z_mean.dtype, seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * epsilon
@@ -270,6 +274,25 @@ def build_decoder(
 
 
 # Loss terms: per-batch means of per-image quantities.
+
+
+def replica_position() -> tuple[int, tf.Tensor]:
+    """(replicas in sync, this replica's index); (1, 0) outside MirroredStrategy."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return 1, tf.constant(0)
+    return context.num_replicas_in_sync, context.replica_id_in_sync_group
+
+
+def across_replicas(value, op: str):
+    """value "gather"ed along axis 0 or "mean"-reduced over the replicas; value itself on one device.
+    all_gather passes gradients back to the replica each row came from."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    if op == "gather":
+        return context.all_gather(value, axis=0)
+    return context.all_reduce(tf.distribute.ReduceOp.MEAN, value)
 
 
 def reconstruction_loss(clean, logits):
@@ -380,8 +403,12 @@ class VAE(keras.Model):
         logits = ops.cast(self.decoder_logits(z, training=training), "float32")
         recon = reconstruction_loss(clean, logits)
         kl = kl_divergence(z_mean, z_log_var)
-        supcon = supcon_loss(self.supcon_features(z_mean), labels, self.supcon_temperature)
-        total = recon + self.beta * kl + supcon_weight(recon, supcon, self.gamma_sc, self.supcon_scale) * supcon
+        # SupCon compares every image of the global batch, on one device or several; each replica
+        # holds the whole term, and the mean over replicas of `total` is the one-device loss.
+        features, labels = (across_replicas(v, "gather") for v in (self.supcon_features(z_mean), labels))
+        supcon = supcon_loss(features, labels, self.supcon_temperature)
+        weight = supcon_weight(across_replicas(recon, "mean"), supcon, self.gamma_sc, self.supcon_scale)
+        total = recon + self.beta * kl + weight * supcon
         return {"total_loss": total, "recon_loss": recon, "kl_loss": kl, "supcon_loss": supcon}
 
     def supcon_features(self, z_mean):
@@ -398,6 +425,13 @@ class VAE(keras.Model):
             # scale_loss is the identity unless a LossScaleOptimizer (float16) is in use.
             objective = self.optimizer.scale_loss(losses["total_loss"] / replicas)
         grads = tape.gradient(objective, self.trainable_weights)
+        if replicas > 1 and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # The loss-scale optimizer decides "apply, or skip and halve the scale" from replica 0's
+            # gradients, before they are summed: an overflow elsewhere would reach the weights. Make
+            # every replica's gradients non-finite when any replica's are, so all skip together.
+            overflows = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(self.optimizer.check_finite(grads), tf.float32))
+            grads = [ops.where(overflows > 0, ops.full_like(g, float("nan")), g) for g in grads]
         self.optimizer.apply(grads, self.trainable_weights)
         for tracker in self.metrics[:4]:
             tracker.update_state(losses[tracker.name])
@@ -481,8 +515,22 @@ def add_noise(images: np.ndarray, noise_factor: float, seed: int) -> np.ndarray:
     return np.clip(images + np.float32(noise_factor) * noise, 0.0, 1.0)
 
 
+def steps_per_epoch(n_train: int, config: Config, replicas: int = 1) -> int:
+    """Batches per epoch: every image on one device; on several, only full batches, so that every
+    replica gets the same number of images (the last partial batch of each epoch's order is dropped)."""
+    if replicas == 1:
+        return math.ceil(n_train / config.batch_size)
+    if config.batch_size % replicas:
+        raise ConfigError(f"VAE_BATCH_SIZE={config.batch_size} does not split evenly over {replicas} replicas "
+                          f"(VAE_DEVICES=all); use a multiple of {replicas}, or VAE_DEVICES=one")
+    if n_train < config.batch_size:
+        raise ConfigError(f"VAE_TRAIN_SAMPLES={n_train} is less than one batch (VAE_BATCH_SIZE={config.batch_size}), "
+                          "and VAE_DEVICES=all trains on full batches only; use more images or a smaller batch")
+    return n_train // config.batch_size
+
+
 def make_train_dataset(
-    noisy, clean, labels, config: Config, first_epoch: int, epochs: int | None = None
+    noisy, clean, labels, config: Config, first_epoch: int, epochs: int | None = None, replicas: int = 1
 ) -> tf.data.Dataset:
     """Batches for epochs first_epoch..epochs-1, gathered by index from tensors
     that stay in memory (no per-epoch host copies).
@@ -490,7 +538,8 @@ def make_train_dataset(
     Each epoch's order, and with fresh_noise its noise, depend only on
     (seed, epoch, batch), so a resumed run sees the same batches as an
     uninterrupted one. Without fresh_noise the fixed noisy copy is used. Each
-    batch carries its step key, which also keys the posterior sample.
+    batch carries its step key, which also keys the posterior sample. With
+    several replicas only full batches are kept (see steps_per_epoch).
     """
     epochs = config.epochs if epochs is None else epochs
     clean_t = tf.constant(clean)
@@ -500,7 +549,7 @@ def make_train_dataset(
 
     def epoch_batches(epoch):
         keys = tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch]))
-        order = tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(config.batch_size)
+        order = tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(config.batch_size, replicas > 1)
         return order.enumerate().map(lambda step, index: (epoch * STEP_KEY_STRIDE + step, index))
 
     def gather(step_key, index):
@@ -549,23 +598,63 @@ def cpu_model_name() -> str:
     return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
-def resolve_precision(config: Config) -> str:
-    """The Keras dtype policy that VAE_PRECISION names; "auto" picks it for this machine."""
+def gpu_compute_capability() -> tuple[int, int] | None:
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    return tuple(tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0)))
+
+
+def resolve_precision(config: Config, compute_capability=None, cpuinfo: str | None = None) -> str:
+    """The Keras dtype policy that VAE_PRECISION names; "auto" picks it for this machine.
+
+    GPUs: bfloat16 from compute capability 8.0 (Ampere), float16 on 7.x (Tensor Cores: V100, T4), and
+    float32 below 7.0 (P100): the TensorFlow mixed-precision guide says older GPUs gain no math speed from
+    float16, and float32 needs no loss scaling."""
     if config.precision != "auto":
         return config.precision
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))[0]
-        return "mixed_bfloat16" if major >= 8 else "mixed_float16"
-    return "mixed_bfloat16" if cpu_prefers_bfloat16() else "float32"
+    capability = gpu_compute_capability() if compute_capability is None else compute_capability
+    if capability:
+        major = capability[0]
+        return "mixed_bfloat16" if major >= 8 else "mixed_float16" if major >= 7 else "float32"
+    return "mixed_bfloat16" if cpu_prefers_bfloat16(cpuinfo) else "float32"
 
 
 def setup_devices(config: Config) -> tf.distribute.Strategy:
-    """MirroredStrategy over every GPU when there are several, the default strategy
-    otherwise; also sets the Keras dtype policy from VAE_PRECISION. Call before building."""
+    """Sets the Keras dtype policy and returns the strategy to build and train in. Call before building.
+
+    "one": the default strategy (TensorFlow places the work on the first GPU, else the CPU). "all":
+    MirroredStrategy over every GPU, or, with no GPU, over the logical CPU devices the CPU was split
+    into (how the tests exercise it); with a single device it is the default strategy again."""
     keras.mixed_precision.set_global_policy(resolve_precision(config))
-    gpus = tf.config.list_physical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    if config.devices == "all":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        if len(devices) > 1:
+            return tf.distribute.MirroredStrategy([device.name for device in devices])
+    return tf.distribute.get_strategy()
+
+
+def tpu_runtime() -> str | None:
+    """The TPU runtime's name when this is a TPU VM (Kaggle, Colab), else None."""
+    for name in ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR"):
+        if os.environ.get(name):
+            return f"{name}={os.environ[name]}"
+    return "/dev/accel0" if Path("/dev/accel0").exists() else None
+
+
+def device_summary(strategy: tf.distribute.Strategy) -> str:
+    """One line: where the run trains, in how many replicas, in which precision, on which CPU."""
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = (strategy.extended.worker_devices if strategy.num_replicas_in_sync > 1
+               else [gpus[0].name if gpus else "CPU:0"])
+    devices = [name.split("device:")[-1] for name in devices]
+    line = (f"devices: {', '.join(devices)}; {strategy.num_replicas_in_sync} replica(s); precision "
+            f"{keras.mixed_precision.global_policy().name}; CPU {cpu_model_name()}")
+    tpu = tpu_runtime()
+    if tpu:
+        line += (f"\n  NOTE: this is a TPU runtime ({tpu}), but the notebook has no TPUStrategy: it trains on the "
+                 "host CPU, which takes 20 minutes or more. A GPU runtime (T4) is the fast choice.")
+    return line
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int):
@@ -576,8 +665,10 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int):
     )
 
 
-def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Strategy | None = None) -> VAE:
-    """Build and compile the VAE (inside the strategy's scope)."""
+def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Strategy | None = None,
+              jit_compile="auto") -> VAE:
+    """Build and compile the VAE inside the strategy's scope (every later load of its weights or its
+    optimizer's state must also run there: see vae.distribute_strategy)."""
     keras.utils.set_random_seed(config.seed)
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
@@ -585,11 +676,43 @@ def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Str
         decoder = build_decoder(config.latent_dim, config.hidden_units, depth=config.decoder_depth,
                                 output_layer=config.output_layer)
         vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, config.supcon_scale, name="vae")
-        steps_per_epoch = math.ceil(n_train / config.batch_size)
-        optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
-        vae.compile(optimizer=optimizer)
+        steps = steps_per_epoch(n_train, config, strategy.num_replicas_in_sync)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps))
+        vae.compile(optimizer=optimizer, jit_compile=jit_compile)
         vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # build: fit, checkpoints and load_weights need it
     return vae
+
+
+class TrainingTimeEstimate(keras.callbacks.Callback):
+    """After the first epoch of this fit, prints how long all the epochs will take on this machine,
+    from the steps after the first (which includes building the graph)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.first_epoch = None
+        self.after_first_step = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0 and self.after_first_step is None:
+            self.after_first_step = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        steps = self.params.get("steps") or 0
+        if epoch != self.first_epoch or steps < 2:
+            return
+        per_step = (time.perf_counter() - self.after_first_step) / (steps - 1)
+        left = self.epochs - epoch - 1
+
+        def duration(seconds):
+            return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+        print(f"  {1000 * per_step:.0f} ms per step: the {self.epochs} epochs take about "
+              f"{duration(per_step * steps * self.epochs)} on this machine, {duration(per_step * steps * left)} "
+              f"from now ({cpu_model_name()})", flush=True)
 
 
 class EpochHistoryLog(keras.callbacks.Callback):
@@ -622,8 +745,9 @@ def train_vae(
     TrainingDivergedError if a loss term becomes NaN or infinite.
     """
     if checkpoint is not None and checkpoint.weights.is_file():
-        vae.optimizer.build(vae.trainable_variables)  # the file holds the optimizer's state too
-        vae.load_weights(checkpoint.weights)
+        with vae.distribute_strategy.scope():
+            vae.optimizer.build(vae.trainable_variables)  # the file holds the optimizer's state too
+            vae.load_weights(checkpoint.weights)
         print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
         return pd.DataFrame(checkpoint.history(), columns=HISTORY_COLUMNS)
     rows = checkpoint.restore(vae) if checkpoint is not None else []
@@ -632,13 +756,15 @@ def train_vae(
         print(f"  resuming after epoch {first_epoch} from {checkpoint.epoch_weights(first_epoch)}")
     history = EpochHistoryLog(checkpoint, rows)
     guard = StopOnNonFinite()
+    replicas = vae.distribute_strategy.num_replicas_in_sync
     if first_epoch < config.epochs:
         vae.fit(
-            make_train_dataset(x_noisy, x_clean, labels, config, first_epoch),
+            make_train_dataset(x_noisy, x_clean, labels, config, first_epoch, replicas=replicas),
             epochs=config.epochs,
             initial_epoch=first_epoch,
-            steps_per_epoch=math.ceil(len(x_clean) / config.batch_size),
-            callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), guard, history],
+            steps_per_epoch=steps_per_epoch(len(x_clean), config, replicas),
+            callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), guard, history,
+                       TrainingTimeEstimate(config.epochs)],
             verbose=verbose,
             shuffle=False,  # the dataset shuffles by (seed, epoch) itself
         )
@@ -1593,7 +1719,9 @@ def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
     write_text(out / "config.json", json.dumps(effective_config_record(config), indent=2) + "\n")
     timer = StageTimer()
     try:
-        checkpoint = open_checkpoint(out, config)
+        strategy = setup_devices(config)
+        print(f"  {device_summary(strategy)}")
+        checkpoint = open_checkpoint(out, config, strategy.num_replicas_in_sync)
         with timer.stage("load"):
             data = load_fashion_mnist(config, **search)
             print(f"  {data.source}: train {data.x_train.shape}, test {data.x_test.shape}")
@@ -1601,9 +1729,7 @@ def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
             x_noisy_train = add_noise(data.x_train, config.noise_factor, config.seed)
             x_noisy_test = add_noise(data.x_test, config.noise_factor, seed_for(config, "test_noise"))
         with timer.stage("build"):
-            strategy = setup_devices(config)
             vae = build_vae(config, len(data.x_train), strategy)
-            print(f"  {strategy.num_replicas_in_sync} replica(s), dtype policy {keras.mixed_precision.global_policy().name}")
         with timer.stage("train"):
             verbose = 1 if sys.stdout.isatty() else 2
             history = train_vae(vae, x_noisy_train, data.x_train, data.y_train, config, checkpoint, verbose)
@@ -1690,6 +1816,7 @@ SETTING_RULES = {
     "fresh_noise": ("VAE_FRESH_NOISE", int, 0, True, 1),
     "lr_schedule": ("VAE_LR_SCHEDULE", ("cosine", "constant")),
     "precision": ("VAE_PRECISION", ("auto", "float32", "mixed_float16", "mixed_bfloat16")),
+    "devices": ("VAE_DEVICES", ("one", "all")),
     "gen_metrics": ("VAE_GEN_METRICS", int, 0, True, 1),
     "hidden_units": ("VAE_HIDDEN_UNITS", int, 8, True, 8192),
     "encoder_depth": ("VAE_ENCODER_DEPTH", int, 1, True, 8),
@@ -1705,6 +1832,7 @@ SETTING_RULES = {
 NON_TRAINING_FIELDS = {
     "test_samples", "embed_samples", "data_dir", "out_dir", "discard_checkpoint", "gen_metrics", "classical_samples",
     "preset",  # what a preset sets is compared field by field
+    "devices",  # the fingerprint records the replica count instead
 }
 KAGGLE_WORKING = Path("/kaggle/working")
 
@@ -2008,8 +2136,11 @@ def find_and_load_raw(data_dir=None, search_dirs=None, download=_download_with_k
 # --- Checkpoints: resume after a kill, reuse a finished training ---------------------------
 
 
-def training_fingerprint(config: Config) -> dict:
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in NON_TRAINING_FIELDS}
+def training_fingerprint(config: Config, replicas: int = 1) -> dict:
+    """The settings that shape the trained weights, with the precision "auto" resolved to on this
+    machine and the replica count: a checkpoint is resumed only under the same ones."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in NON_TRAINING_FIELDS}
+    return {**fields, "precision": resolve_precision(config), "replicas": replicas}
 
 
 @dataclasses.dataclass
@@ -2057,29 +2188,30 @@ class Checkpoint:
         rows = self.history()
         if not rows:
             return []
-        vae.optimizer.build(vae.trainable_variables)  # so that its state can be loaded
-        variables = vae.variables + vae.optimizer.variables
-        initial = [v.numpy() for v in variables]
-        for epoch in (len(rows), len(rows) - 1):
-            path = self.epoch_weights(epoch)
-            if epoch < 1 or not path.is_file():
-                continue
-            try:
-                vae.load_weights(path)
-                return rows[:epoch]
-            except Exception as error:  # noqa: BLE001 - any unreadable backup: try the older copy
-                print(f"  WARNING: cannot read the backup {path} ({type(error).__name__}: {error})")
-        for variable, value in zip(variables, initial):
-            variable.assign(value)
+        with vae.distribute_strategy.scope():  # MirroredStrategy creates and loads variables only there
+            vae.optimizer.build(vae.trainable_variables)  # so that its state can be loaded
+            variables = vae.variables + vae.optimizer.variables
+            initial = [v.numpy() for v in variables]
+            for epoch in (len(rows), len(rows) - 1):
+                path = self.epoch_weights(epoch)
+                if epoch < 1 or not path.is_file():
+                    continue
+                try:
+                    vae.load_weights(path)
+                    return rows[:epoch]
+                except Exception as error:  # noqa: BLE001 - any unreadable backup: try the older copy
+                    print(f"  WARNING: cannot read the backup {path} ({type(error).__name__}: {error})")
+            for variable, value in zip(variables, initial):
+                variable.assign(value)
         print(f"  WARNING: no readable backup in {self.root}: training starts again from epoch 1")
         return []
 
 
-def open_checkpoint(out: Path, config: Config) -> Checkpoint:
-    """Use <out>/checkpoint if it was made with the same settings; refuse to mix
-    settings unless VAE_FRESH=1, which discards the old checkpoint."""
+def open_checkpoint(out: Path, config: Config, replicas: int = 1) -> Checkpoint:
+    """Use <out>/checkpoint if it was made with the same settings, precision and replica count;
+    refuse to mix them unless VAE_FRESH=1, which discards the old checkpoint."""
     checkpoint = Checkpoint(out / "checkpoint")
-    wanted = training_fingerprint(config)
+    wanted = training_fingerprint(config, replicas)
     if checkpoint.root.exists():
         try:
             stored = json.loads(checkpoint.fingerprint.read_text())
