@@ -22,34 +22,51 @@
 # (`/kaggle/working/vae_outputs_v3` on Kaggle).
 #
 # **The cell, in order**
-# 1. *Settings*: `OVERRIDES` and `Config`, every setting with its default.
-# 2. *Model*: `Sampling`, encoder, decoder, the loss terms, and the `VAE` with its `train_step`.
+# 1. *Settings*: `OVERRIDES`, then `Config`, which declares every setting once (default, bounds,
+#    group, meaning), and the named random streams.
+# 2. *Model*: `Sampling`, encoder, decoder, the loss terms, and the `VAE` with its `train_step`
+#    and its uses `encode()`, `denoise()`, `generate()`.
 # 3. *Data and noise*: Fashion-MNIST as float32 in [0, 1], the noise, the training batches.
 # 4. *Training*: devices and precision, optimizer, `train_vae()`.
-# 5. *Evaluation*: denoising quality, latent-space quality, generation quality.
-# 6. *Plots*. 7. *Reports*: `metrics.csv`, `metrics.txt` and their definitions.
-# 8. `run()`: the whole pipeline, stage by stage.
+# 5. *Analysis*: `analyse()` computes every number and image set into `Results`.
+# 6. *Drawing*: `render()` draws `Results`; it never runs the model.
+# 7. *Reports*: `metrics.csv`, `metrics.txt` and their definitions, the saved models.
+# 8. `run()`: load, noise, build, train, analyse, save models, render, report.
 # 9. *Appendix*, the plumbing: errors, settings parsing, data loading and validation,
 #    checkpoints, run status, atomic writes.
 #
-# **Settings you are most likely to change**
+# **Settings** (each also an environment variable; the table is made from `Config` by `settings_table()`)
 #
-# | setting | default | meaning |
-# |---|---|---|
-# | `preset` | `default` | `faithful`: the original notebook's configuration; `quality`: a larger model, 40 epochs |
-# | `epochs` | 17 | training epochs (the original: 20) |
-# | `train_samples` | all (60000) | use the first N training images (fewer = faster) |
-# | `test_samples` | all (10000) | use the first N test images |
-# | `latent_dim` | 16 | size of the latent space |
-# | `batch_size` | 256 | training batch size |
-# | `noise_factor` | 0.45 | sigma of the Gaussian noise |
-# | `gamma_sc` | 0.25 | weight of SupCon against the BCE term (0 = a plain denoising VAE) |
-# | `seed` | 42 | every random draw follows from it |
-# | `gen_metrics` | 1 | 0 skips the generation-quality classifier (saves ~20 s) |
-# | `data_dir` | searched | folder with the four IDX files or the Kaggle CSVs |
-# | `out_dir` | `vae_outputs_v3` | where every output goes |
-#
-# The full list, with comments, is `class Config` below.
+# | group | setting | `VAE_…` variable | default | meaning |
+# |---|---|---|---|---|
+# | preset | `preset` | `VAE_PRESET` | `default` | a named set of defaults: faithful = the original notebook's, quality = latent 32, decoder depth 3, dense 512, 40 epochs |
+# | data | `data_dir` | `VAE_DATA_DIR` | `unset` | folder with the four IDX files or the Kaggle CSVs (unset: searched) |
+# | data | `train_samples` | `VAE_TRAIN_SAMPLES` | `unset` | use the first N training images (unset: all 60000) |
+# | data | `test_samples` | `VAE_TEST_SAMPLES` | `unset` | use the first N test images (unset: all 10000) |
+# | data | `noise_factor` | `VAE_NOISE_FACTOR` | `0.45` | sigma of the Gaussian noise, before clipping to [0, 1] |
+# | data | `fresh_noise` | `VAE_FRESH_NOISE` | `1` | 1: new training noise every epoch; 0: one fixed noisy copy |
+# | model | `latent_dim` | `VAE_LATENT_DIM` | `16` | latent dimensions |
+# | model | `hidden_units` | `VAE_HIDDEN_UNITS` | `256` | width of the dense layer on each side of the latent |
+# | model | `encoder_depth` | `VAE_ENCODER_DEPTH` | `2` | convolutions per encoder level: a stride-2 one and depth - 1 at stride 1 |
+# | model | `decoder_depth` | `VAE_DECODER_DEPTH` | `2` | the same for the decoder's transposed convolutions |
+# | model | `output_layer` | `VAE_OUTPUT_LAYER` | `subpixel` | decoder output: subpixel (a 14x14 convolution to 4 channels and a pixel shuffle) or conv (28x28 layers) |
+# | loss | `beta_max` | `VAE_BETA_MAX` | `1.0` | KL weight after the warm-up |
+# | loss | `warmup_epochs` | `VAE_WARMUP_EPOCHS` | `8` | epochs over which beta rises linearly to beta_max |
+# | loss | `gamma_sc` | `VAE_GAMMA_SC` | `0.25` | weight of SupCon (0: a plain denoising VAE) |
+# | loss | `supcon_scale` | `VAE_SUPCON_SCALE` | `recon` | recon: gamma_sc is relative to the BCE term; none: raw nats |
+# | loss | `supcon_temperature` | `VAE_SUPCON_TEMPERATURE` | `0.1` | SupCon temperature |
+# | optimisation | `epochs` | `VAE_EPOCHS` | `17` | training epochs |
+# | optimisation | `batch_size` | `VAE_BATCH_SIZE` | `256` | batch size (SupCon needs pairs) |
+# | optimisation | `learning_rate` | `VAE_LEARNING_RATE` | `0.002` | Adam's peak learning rate |
+# | optimisation | `lr_schedule` | `VAE_LR_SCHEDULE` | `cosine` | cosine: decay to 5 % over the run; constant |
+# | optimisation | `seed` | `VAE_SEED` | `42` | every random draw follows from it |
+# | optimisation | `precision` | `VAE_PRECISION` | `auto` | auto: bfloat16 or float16 where they are faster, else float32 |
+# | optimisation | `devices` | `VAE_DEVICES` | `one` | one: the first GPU, else the CPU; all: MirroredStrategy over every GPU |
+# | evaluation | `embed_samples` | `VAE_EMBED_SAMPLES` | `3000` | seeded test subset for t-SNE and UMAP |
+# | evaluation | `classical_samples` | `VAE_CLASSICAL_SAMPLES` | `1000` | seeded test subset for the TV and non-local-means rows |
+# | evaluation | `gen_metrics` | `VAE_GEN_METRICS` | `1` | 0 skips the generation-quality classifier (saves ~20 s) |
+# | output | `out_dir` | `VAE_OUT_DIR` | `vae_outputs_v3` | where every output goes (/kaggle/working/... on Kaggle) |
+# | output | `discard_checkpoint` | `VAE_FRESH` | `0` | 1: discard a checkpoint made with other settings |
 #
 # **Changing a setting on Kaggle**: edit the line `OVERRIDES = {}` at the top of the cell,
 # for example `OVERRIDES = {"epochs": 5, "train_samples": 10000}`. `OVERRIDES` wins over
@@ -68,6 +85,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import difflib
 import gzip
 import json
 import math
@@ -99,53 +117,100 @@ from keras import layers, ops  # noqa: E402
 # They win over the defaults below and lose to VAE_* environment variables.
 OVERRIDES: dict = {}
 
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting of a run. Each is also the environment variable VAE_<NAME>
-    (VAE_FRESH for discard_checkpoint); the seed notebook's value unless noted."""
-
-    epochs: int = 17  # the original: 20; two convolutions per level for 17 epochs beat one for 20 (docs/RESULTS.md)
-    batch_size: int = 256
-    latent_dim: int = 16
-    noise_factor: float = 0.45
-    gamma_sc: float = 0.25  # with supcon_scale='recon': SupCon weighs a quarter of the BCE (the original: 1.0, raw)
-    beta_max: float = 1.0
-    warmup_epochs: int = 8
-    seed: int = 42
-    train_samples: int | None = None  # first N training images; None = all
-    test_samples: int | None = None  # first N test images; None = all
-    supcon_temperature: float = 0.1
-    # "recon": SupCon is rescaled to the size of the reconstruction term, so GAMMA_SC = 1.0 would weigh
-    # class separation equally with reconstruction; "none": raw nats, where 1.0 is ~2 % of the loss (the original)
-    supcon_scale: str = "recon"
-    learning_rate: float = 2e-3
-    embed_samples: int = 3000  # seeded test subset for t-SNE and UMAP
-    fresh_noise: int = 1  # 1: new training noise every epoch (stops SupCon fitting one noisy copy); 0: the original
-    lr_schedule: str = "cosine"  # "cosine" decay to 5 % over the run, or "constant" (the original)
-    precision: str = "auto"  # auto: mixed precision on a GPU or a CPU where bfloat16 is faster, else float32
-    devices: str = "one"  # "one": the first GPU, else the CPU; "all": MirroredStrategy over every GPU
-    classical_samples: int = 1000  # seeded test subset for the TV / non-local-means reference rows
-    hidden_units: int = 256  # width of the dense layer on each side of the latent (the original: 128)
-    encoder_depth: int = 2  # convolutions per encoder level: a stride-2 one + (depth - 1) stride-1 (the original: 1)
-    decoder_depth: int = 2  # the same for the decoder's transposed convolutions (1: the original's)
-    output_layer: str = "subpixel"  # the decoder's last level: "subpixel" from 14x14, or "conv" at 28x28 (the original)
-    gen_metrics: int = 1  # 1: train a small classifier and report Fréchet distances (09_generation_quality.png)
-    data_dir: str | None = None  # None: search Kaggle, Debian and the Keras cache, then download
-    out_dir: str = "vae_outputs_v3"  # on Kaggle: /kaggle/working/vae_outputs_v3
-    discard_checkpoint: bool = False  # VAE_FRESH=1: discard a checkpoint made with other settings
-    preset: str = "default"  # a named set of defaults from PRESETS; settings named one by one still win
-
-
-# Named sets of defaults (VAE_PRESET or OVERRIDES["preset"]). "faithful" is the original notebook's
-# configuration; "quality" is a larger model trained longer, for a GPU or time to spare.
+# Named sets of defaults (VAE_PRESET or OVERRIDES["preset"]); settings named one by one still win.
 PRESETS = {
     "default": {},
+    # the original notebook: raw-nats SupCon, one fixed noisy copy, width 128, constant Adam 0.001,
+    # float32, one convolution per level, 28x28 output layers, 20 epochs
     "faithful": {"supcon_scale": "none", "gamma_sc": 1.0, "fresh_noise": 0, "hidden_units": 128,
                  "learning_rate": 0.001, "lr_schedule": "constant", "precision": "float32",
                  "encoder_depth": 1, "decoder_depth": 1, "output_layer": "conv", "epochs": 20},
+    # a larger model trained longer, for a GPU or time to spare
     "quality": {"epochs": 40, "warmup_epochs": 10, "latent_dim": 32, "decoder_depth": 3, "hidden_units": 512},
 }
+
+
+def setting(default, group: str, meaning: str, kind=None, low=None, high=None, *, open_low: bool = False,
+            env: str | None = None, trains: bool = True):
+    """One setting, declared once: its default, type (int, float, str, bool, or a tuple of allowed
+    words), bounds, group and one-line meaning. Its environment variable (VAE_<NAME> unless `env`),
+    the parser, the notebook's settings table and the training fingerprint (`trains`) read it here."""
+    kind = kind if kind is not None else type(default)
+    return dataclasses.field(default=default, metadata={
+        "group": group, "meaning": meaning, "kind": kind, "low": low, "high": high, "open_low": open_low,
+        "env": env, "trains": trains})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a run; each is also the environment variable VAE_<NAME>."""
+
+    preset: str = setting("default", "preset", "a named set of defaults: faithful = the original notebook's, "
+                          "quality = latent 32, decoder depth 3, dense 512, 40 epochs", tuple(PRESETS), trains=False)
+    # data
+    data_dir: str | None = setting(None, "data", "folder with the four IDX files or the Kaggle CSVs (unset: searched)",
+                                   str, trains=False)
+    train_samples: int | None = setting(None, "data", "use the first N training images (unset: all 60000)", int,
+                                        2, 10**9)
+    test_samples: int | None = setting(None, "data", "use the first N test images (unset: all 10000)", int, 20, 10**9,
+                                       trains=False)
+    noise_factor: float = setting(0.45, "data", "sigma of the Gaussian noise, before clipping to [0, 1]", low=0.0,
+                                  high=10.0)
+    fresh_noise: int = setting(1, "data", "1: new training noise every epoch; 0: one fixed noisy copy", low=0, high=1)
+    # model
+    latent_dim: int = setting(16, "model", "latent dimensions", low=2, high=4096)
+    hidden_units: int = setting(256, "model", "width of the dense layer on each side of the latent", low=8, high=8192)
+    encoder_depth: int = setting(2, "model", "convolutions per encoder level: a stride-2 one and depth - 1 at stride 1",
+                                 low=1, high=8)
+    decoder_depth: int = setting(2, "model", "the same for the decoder's transposed convolutions", low=1, high=8)
+    output_layer: str = setting("subpixel", "model", "decoder output: subpixel (a 14x14 convolution to 4 channels and "
+                                "a pixel shuffle) or conv (28x28 layers)", ("subpixel", "conv"))
+    # loss
+    beta_max: float = setting(1.0, "loss", "KL weight after the warm-up", low=0.0, high=1e6)
+    warmup_epochs: int = setting(8, "loss", "epochs over which beta rises linearly to beta_max", low=0, high=10_000)
+    gamma_sc: float = setting(0.25, "loss", "weight of SupCon (0: a plain denoising VAE)", low=0.0, high=1e6)
+    supcon_scale: str = setting("recon", "loss", "recon: gamma_sc is relative to the BCE term; none: raw nats",
+                                ("recon", "none"))
+    supcon_temperature: float = setting(0.1, "loss", "SupCon temperature", low=0.0, high=100.0, open_low=True)
+    # optimisation
+    epochs: int = setting(17, "optimisation", "training epochs", low=1, high=10_000)
+    batch_size: int = setting(256, "optimisation", "batch size (SupCon needs pairs)", low=2, high=65_536)
+    learning_rate: float = setting(2e-3, "optimisation", "Adam's peak learning rate", low=0.0, high=10.0,
+                                   open_low=True)
+    lr_schedule: str = setting("cosine", "optimisation", "cosine: decay to 5 % over the run; constant",
+                               ("cosine", "constant"))
+    seed: int = setting(42, "optimisation", "every random draw follows from it", low=0, high=2**31 - 1)
+    precision: str = setting("auto", "optimisation", "auto: bfloat16 or float16 where they are faster, else float32",
+                             ("auto", "float32", "mixed_float16", "mixed_bfloat16"))
+    # the fingerprint records the replica count instead
+    devices: str = setting("one", "optimisation", "one: the first GPU, else the CPU; all: MirroredStrategy over "
+                           "every GPU", ("one", "all"), trains=False)
+    # evaluation
+    embed_samples: int = setting(3000, "evaluation", "seeded test subset for t-SNE and UMAP", low=20, high=10**7,
+                                 trains=False)
+    classical_samples: int = setting(1000, "evaluation", "seeded test subset for the TV and non-local-means rows",
+                                     low=1, high=10**6, trains=False)
+    gen_metrics: int = setting(1, "evaluation", "0 skips the generation-quality classifier (saves ~20 s)", low=0,
+                               high=1, trains=False)
+    # output
+    out_dir: str = setting("vae_outputs_v3", "output", "where every output goes (/kaggle/working/... on Kaggle)",
+                           trains=False)
+    discard_checkpoint: bool = setting(False, "output", "1: discard a checkpoint made with other settings",
+                                       env="VAE_FRESH", trains=False)
+
+
+# field -> its declaration (see setting())
+SETTINGS = {field.name: {**field.metadata, "env": field.metadata["env"] or f"VAE_{field.name.upper()}",
+                         "default": field.default} for field in dataclasses.fields(Config)}
+
+
+def settings_table() -> str:
+    """The notebook's settings table, made from SETTINGS (a test checks the markdown cell against it)."""
+    rows = ["| group | setting | `VAE_…` variable | default | meaning |", "|---|---|---|---|---|"]
+    for name, rule in SETTINGS.items():
+        default = "unset" if rule["default"] is None else int(rule["default"]) if rule["kind"] is bool else rule["default"]
+        rows.append(f"| {rule['group']} | `{name}` | `{rule['env']}` | `{default}` | {rule['meaning']} |")
+    return "\n".join(rows)
 
 
 IMAGE_SIZE = 28
@@ -160,19 +225,26 @@ CLASS_NAMES_TR = [
 ]
 HISTORY_COLUMNS = ["epoch", "total_loss", "recon_loss", "kl_loss", "supcon_loss", "beta"]
 
-# Every random draw has its own stream: VAE_SEED + offset. Training draws are further keyed
-# by (epoch * STEP_KEY_STRIDE + step), never by a generator's hidden state, so a resumed run
-# repeats an uninterrupted one exactly.
+# Every random draw has its own named stream, seed_for(config, name) = VAE_SEED + offset, so that a
+# change in one draw moves no other. The weights (Keras' global generator, set by build_vae) and the
+# batch order (TensorFlow's stateless generator keyed by (VAE_SEED, epoch)) use VAE_SEED itself, each
+# in a generator of its own. Training draws are keyed by (epoch * STEP_KEY_STRIDE + step), never by a
+# generator's hidden state, so a resumed run repeats an uninterrupted one exactly.
 SEED_OFFSETS = {
+    # training
+    "train_noise": 1_000_000_007, "posterior": 2_000_000_011, "train_noise_fixed": 0,
+    # analysis
     "test_noise": 1, "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "expost": 5, "conditional": 6,
-    "robustness_subset": 7, "robustness_noise": 1000, "train_noise": 1_000_000_007, "posterior": 2_000_000_011,
+    "robustness_subset": 7, "robustness_noise": 1000, "silhouette_subset": 0, "embed_subset": 0, "tsne": 0,
+    "umap": 0, "expost_fit": 0, "interpolation_pairs": 0, "classifier": 0,
+    # drawing
+    "scatter_order": 0,
 }
 STEP_KEY_STRIDE = 1_000_003  # more than the steps of any epoch: one key per (epoch, step)
 
 
 def seed_for(config: Config, draw: str) -> int:
     return config.seed + SEED_OFFSETS[draw]
-
 
 # =============================================================================
 # 2. Model: Sampling, encoder, decoder, loss terms, and the VAE's train_step
@@ -194,6 +266,7 @@ class Sampling(layers.Layer):
         super().__init__(**kwargs)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.built = True  # no weights to build; the VAE may save its state before it first samples
 
     def call(self, inputs):
         z_mean, z_log_var, *step_key = inputs
@@ -214,25 +287,24 @@ class Sampling(layers.Layer):
         return {**super().get_config(), "seed": self.seed}
 
 
-def build_encoder(
-    latent_dim: int, seed: int = 1337, hidden_units: int = 128, filters=(32, 64), activation: str = "relu",
-    depth: int = 1,
-) -> keras.Model:
-    """Stride-2 convolutions (each followed by depth - 1 stride-1 ones), a dense layer, and
-    the posterior's mean and log-variance."""
+ENCODER_FILTERS = (32, 64)  # per resolution level, 14x14 and 7x7; the decoder mirrors them
+
+
+def build_encoder(config: Config, filters=ENCODER_FILTERS, activation: str = "relu") -> keras.Model:
+    """Image -> (z_mean, z_log_var): stride-2 convolutions (each followed by encoder_depth - 1 stride-1
+    ones) and a dense layer. The VAE draws z (see VAE.sampling)."""
     inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="noisy_image")
     x = inputs
     for width in filters:
         x = layers.Conv2D(width, 3, strides=2, padding="same", activation=activation)(x)
-        for _ in range(depth - 1):
+        for _ in range(config.encoder_depth - 1):
             x = layers.Conv2D(width, 3, padding="same", activation=activation)(x)
     x = layers.Flatten()(x)
-    x = layers.Dense(hidden_units, activation=activation)(x)
+    x = layers.Dense(config.hidden_units, activation=activation)(x)
     # float32 heads: exp(z_log_var) and the KL stay accurate under mixed precision
-    z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(x)
-    z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(x)
-    z = Sampling(seed=seed, name="z")([z_mean, z_log_var])
-    return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
+    z_mean = layers.Dense(config.latent_dim, name="z_mean", dtype="float32")(x)
+    z_log_var = layers.Dense(config.latent_dim, name="z_log_var", dtype="float32")(x)
+    return keras.Model(inputs, [z_mean, z_log_var], name="encoder")
 
 
 def subpixel_logits(x):
@@ -245,27 +317,24 @@ def subpixel_logits(x):
     return layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="logits")(x)
 
 
-def build_decoder(
-    latent_dim: int, hidden_units: int = 128, filters=(64, 32), activation: str = "relu", depth: int = 1,
-    output_layer: str = "subpixel",
-) -> keras.Model:
-    """Mirror of the encoder, ending in a named 'logits' layer and its sigmoid (training
-    uses the stabler BCE-from-logits).
+def build_decoder(config: Config, filters=ENCODER_FILTERS[::-1], activation: str = "relu") -> keras.Model:
+    """z -> image: the mirror of the encoder, ending in a named 'logits' layer and its sigmoid
+    (training uses the stabler BCE-from-logits).
 
-    output_layer "conv" (the original): a last transposed convolution to 28x28x32, then a 3x3
-    convolution to one channel. "subpixel": a 3x3 convolution at 14x14 predicts each pixel of a
-    2x2 block, and a pixel shuffle lays the blocks out at 28x28. The 28x28 layers took about half of a
-    training step and added nothing measurable (docs/RESULTS.md)."""
-    latent = keras.Input(shape=(latent_dim,), name="z")
-    x = layers.Dense(hidden_units, activation=activation)(latent)
+    output_layer "conv": a last transposed convolution to 28x28x32, then a 3x3 convolution to one
+    channel. "subpixel": a 3x3 convolution at 14x14 predicts each pixel of a 2x2 block, and a pixel
+    shuffle lays the blocks out at 28x28. The 28x28 layers took about half of a training step and
+    added nothing measurable (docs/RESULTS.md)."""
+    latent = keras.Input(shape=(config.latent_dim,), name="z")
+    x = layers.Dense(config.hidden_units, activation=activation)(latent)
     x = layers.Dense(7 * 7 * filters[0], activation=activation)(x)
     x = layers.Reshape((7, 7, filters[0]))(x)
-    levels = filters[:-1] if output_layer == "subpixel" else filters
+    levels = filters[:-1] if config.output_layer == "subpixel" else filters
     for width in levels:
         x = layers.Conv2DTranspose(width, 3, strides=2, padding="same", activation=activation)(x)
-        for _ in range(depth - 1):
+        for _ in range(config.decoder_depth - 1):
             x = layers.Conv2D(width, 3, padding="same", activation=activation)(x)
-    if output_layer == "subpixel":
+    if config.output_layer == "subpixel":
         logits = subpixel_logits(x)
     else:
         logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
@@ -361,16 +430,20 @@ def warmup_beta(epoch: int, beta_max: float, warmup_epochs: int) -> float:
 
 
 class VAE(keras.Model):
-    """Denoising VAE trained on BCE + beta * KL + gamma_sc * w * SupCon(z_mean); see supcon_weight()."""
+    """Denoising VAE trained on BCE + beta * KL + gamma_sc * w * SupCon(z_mean); see supcon_weight().
 
-    def __init__(self, encoder, decoder, gamma_sc=1.0, supcon_temperature=0.1, supcon_scale="recon", **kwargs):
+    It owns its uses, on numpy batches of any size: encode() gives (z_mean, z_log_var), denoise()
+    gives decoder(z_mean(noisy)), generate() decodes latents."""
+
+    def __init__(self, encoder, decoder, config: Config, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.decoder = decoder
+        self.sampling = Sampling(seed=config.seed, name="z")
         self.decoder_logits = keras.Model(decoder.input, decoder.get_layer("logits").output)
-        self.gamma_sc = float(gamma_sc)
-        self.supcon_temperature = float(supcon_temperature)
-        self.supcon_scale = supcon_scale
+        self.gamma_sc = float(config.gamma_sc)
+        self.supcon_temperature = float(config.supcon_temperature)
+        self.supcon_scale = config.supcon_scale
         self.beta = keras.Variable(0.0, trainable=False, name="beta", dtype="float32")
         self.total_loss_tracker = keras.metrics.Mean(name="total_loss")
         self.recon_loss_tracker = keras.metrics.Mean(name="recon_loss")
@@ -390,14 +463,24 @@ class VAE(keras.Model):
         ]
 
     def call(self, noisy, training=False):
-        z_mean, _z_log_var, _z = self.encoder(noisy, training=training)
+        z_mean, _z_log_var = self.encoder(noisy, training=training)
         return self.decoder(z_mean, training=training)
+
+    def encode(self, images: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        z_mean, z_log_var = self.encoder.predict(images, batch_size=batch_size, verbose=0)
+        return z_mean, z_log_var
+
+    def denoise(self, noisy: np.ndarray) -> np.ndarray:
+        """decoder(z_mean(noisy)): the posterior's mean, decoded, is the denoised image."""
+        return self.generate(self.encode(noisy)[0])
+
+    def generate(self, latents: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        return self.decoder.predict(np.asarray(latents, dtype=np.float32), batch_size=batch_size, verbose=0)
 
     def compute_losses(self, noisy, clean, labels, step_key=None, training=False):
         """The loss terms of one batch; with a step_key the posterior sample is keyed by it (see Sampling)."""
-        z_mean, z_log_var, z = self.encoder(noisy, training=training)
-        if step_key is not None:
-            z = self.encoder.get_layer("z")([z_mean, z_log_var, step_key])
+        z_mean, z_log_var = self.encoder(noisy, training=training)
+        z = self.sampling([z_mean, z_log_var] + ([step_key] if step_key is not None else []))
         # Under mixed precision the layers compute in 16 bits; the losses stay float32.
         z_mean, z_log_var = ops.cast(z_mean, "float32"), ops.cast(z_log_var, "float32")
         logits = ops.cast(self.decoder_logits(z, training=training), "float32")
@@ -478,13 +561,16 @@ class StopOnNonFinite(keras.callbacks.Callback):
 # =============================================================================
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FashionMNIST:
     x_train: np.ndarray  # float32 (N, 28, 28, 1) in [0, 1]
     y_train: np.ndarray  # int32 (N,)
     x_test: np.ndarray
     y_test: np.ndarray
     source: str
+    # the fixed noisy copies, added by with_noise()
+    x_train_noisy: np.ndarray | None = None
+    x_test_noisy: np.ndarray | None = None
 
 
 def load_fashion_mnist(config: Config, **search) -> FashionMNIST:
@@ -513,6 +599,14 @@ def add_noise(images: np.ndarray, noise_factor: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(images.shape, dtype=np.float32)
     return np.clip(images + np.float32(noise_factor) * noise, 0.0, 1.0)
+
+
+def with_noise(data: FashionMNIST, config: Config) -> FashionMNIST:
+    """The data with one fixed noisy copy of each split: every test figure is measured on the test copy;
+    the training copy is what fresh_noise=0 trains on, and what the latent-space probes encode."""
+    return dataclasses.replace(
+        data, x_train_noisy=add_noise(data.x_train, config.noise_factor, seed_for(config, "train_noise_fixed")),
+        x_test_noisy=add_noise(data.x_test, config.noise_factor, seed_for(config, "test_noise")))
 
 
 def steps_per_epoch(n_train: int, config: Config, replicas: int = 1) -> int:
@@ -672,10 +766,7 @@ def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Str
     keras.utils.set_random_seed(config.seed)
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
-        encoder = build_encoder(config.latent_dim, config.seed, config.hidden_units, depth=config.encoder_depth)
-        decoder = build_decoder(config.latent_dim, config.hidden_units, depth=config.decoder_depth,
-                                output_layer=config.output_layer)
-        vae = VAE(encoder, decoder, config.gamma_sc, config.supcon_temperature, config.supcon_scale, name="vae")
+        vae = VAE(build_encoder(config), build_decoder(config), config, name="vae")
         steps = steps_per_epoch(n_train, config, strategy.num_replicas_in_sync)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps))
         vae.compile(optimizer=optimizer, jit_compile=jit_compile)
@@ -781,7 +872,7 @@ def train_vae(
 
 
 # =============================================================================
-# 5. Evaluation: denoising, latent space, generation
+# 5. Analysis: every number and every image set of the outputs (analyse() at the end)
 # =============================================================================
 
 QUALITY_COLUMNS = ("mse", "psnr", "ssim")
@@ -813,10 +904,10 @@ def quality_means(per_method: dict[str, pd.DataFrame]) -> dict:
     return means
 
 
-def denoising_summary(noisy: pd.DataFrame, vae: pd.DataFrame, ceiling: pd.DataFrame | None = None) -> dict:
-    """Means over the test images, and the gains of the VAE over the noisy input; with
-    `ceiling`, also the quality of the VAE on clean inputs."""
-    summary = quality_means({"noisy": noisy, "vae": vae, **({"ceiling": ceiling} if ceiling is not None else {})})
+def denoising_summary(quality: dict[str, pd.DataFrame]) -> dict:
+    """Means over the test images of the noisy input, the VAE and the VAE on clean inputs (the
+    ceiling), and the gains of the VAE over the noisy input."""
+    summary = quality_means(quality)
     baseline = summary["noisy_mse"]
     summary["mse_improvement_pct"] = (
         100.0 * (1.0 - summary["vae_mse"] / baseline) if baseline > 0 else float("nan")
@@ -824,16 +915,6 @@ def denoising_summary(noisy: pd.DataFrame, vae: pd.DataFrame, ceiling: pd.DataFr
     summary["psnr_gain_db"] = summary["vae_psnr"] - summary["noisy_psnr"]
     summary["ssim_gain"] = summary["vae_ssim"] - summary["noisy_ssim"]
     return summary
-
-
-def encode(encoder: keras.Model, images: np.ndarray, batch_size: int = 1024):
-    """Batched (z_mean, z_log_var) of the encoder; the sampled z is not needed here."""
-    z_mean, z_log_var, _z = encoder.predict(images, batch_size=batch_size, verbose=0)
-    return z_mean, z_log_var
-
-
-def decode(decoder: keras.Model, latents: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    return decoder.predict(np.asarray(latents, dtype=np.float32), batch_size=batch_size, verbose=0)
 
 
 def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouette_samples: int = 5000):
@@ -862,37 +943,20 @@ def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouet
     }
 
 
-@dataclasses.dataclass
-class Evaluation:
-    x_noisy_test: np.ndarray
-    z_mean_test: np.ndarray
-    z_mean_train: np.ndarray
-    denoised: np.ndarray
-    noisy_quality: pd.DataFrame  # per image
-    vae_quality: pd.DataFrame  # per image
-    ceiling_quality: pd.DataFrame  # per image: decoder(z_mean(clean)) against clean
-    representation: dict
-
-
-def evaluate(vae: VAE, data: FashionMNIST, x_noisy_train, x_noisy_test, config: Config) -> Evaluation:
-    """Denoise the test set with decoder(z_mean) and score it, score the same model on the clean
-    test images (the ceiling of denoising at this latent size), and score the latent space."""
-    z_mean_test, _ = encode(vae.encoder, x_noisy_test)
-    denoised = decode(vae.decoder, z_mean_test)
-    z_mean_train, _ = encode(vae.encoder, x_noisy_train)
-    z_mean_clean, _ = encode(vae.encoder, data.x_test)  # the ceiling: what the bottleneck keeps of a clean image
-    return Evaluation(
-        x_noisy_test=x_noisy_test,
-        z_mean_test=z_mean_test,
-        z_mean_train=z_mean_train,
-        denoised=denoised,
-        noisy_quality=image_quality(data.x_test, x_noisy_test),
-        vae_quality=image_quality(data.x_test, denoised),
-        ceiling_quality=image_quality(data.x_test, decode(vae.decoder, z_mean_clean)),
-        representation=representation_quality(
-            z_mean_train, data.y_train, z_mean_test, data.y_test, config.seed
-        ),
-    )
+def evaluate(vae: VAE, data: FashionMNIST, config: Config) -> dict:
+    """The denoising and latent-space fields of Results: the test set denoised by decoder(z_mean) and
+    scored, the same model scored on the clean test images (the ceiling: what the bottleneck keeps of a
+    clean image), and the latent space scored."""
+    z_mean_test, _ = vae.encode(data.x_test_noisy)
+    denoised = vae.generate(z_mean_test)
+    z_mean_train, _ = vae.encode(data.x_train_noisy)
+    z_mean_clean, _ = vae.encode(data.x_test)
+    quality = {"noisy": image_quality(data.x_test, data.x_test_noisy), "vae": image_quality(data.x_test, denoised),
+               "ceiling": image_quality(data.x_test, vae.generate(z_mean_clean))}
+    representation = representation_quality(z_mean_train, data.y_train, z_mean_test, data.y_test,
+                                            seed_for(config, "silhouette_subset"))
+    return {"denoised": denoised, "quality": quality, "z_mean_train": z_mean_train, "z_mean_test": z_mean_test,
+            "representation": representation}
 
 
 # Training-free references. Parameters picked on 200 noisy *training* images (sigma 0.45)
@@ -1004,31 +1068,31 @@ def class_conditional_latents(z_train, y_train, per_class: int, seed: int):
     return gaussian_samples(rng, means, covariances).astype(np.float32), np.repeat(classes, per_class)
 
 
-def generation_quality(vae: VAE, data: FashionMNIST, evaluation, config: Config, density, epochs: int = 3) -> dict:
+def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_train, denoised, density,
+                       epochs: int = 3) -> dict:
     """A small classifier's accuracy; Fréchet distances to the clean test images (same N for every
     set) of reconstructions and of samples from the prior, the ex-post density and the per-class
     Gaussians; the classes of the samples; per class, how often the classifier agrees with the
     intended class and the Fréchet distance to that class's test images."""
-    classifier = build_classifier(config.seed)
+    classifier = build_classifier(seed_for(config, "classifier"))
     classifier.fit(data.x_train, data.y_train, batch_size=256, epochs=epochs, verbose=0)
     # one pass per image set gives both the features and the class probabilities
     two_heads = keras.Model(classifier.input, [classifier.get_layer("features").output, classifier.output])
     n = min(len(data.x_test), len(data.x_train))
     rng = np.random.default_rng(seed_for(config, "prior_fd"))
-    prior = decode(vae.decoder, rng.standard_normal((n, config.latent_dim)).astype(np.float32))
-    expost = decode(vae.decoder, sample_expost(density, n, seed_for(config, "expost")))
+    prior = vae.generate(rng.standard_normal((n, config.latent_dim)).astype(np.float32))
+    expost = vae.generate(sample_expost(density, n, seed_for(config, "expost")))
     per_class = max(2, n // NUM_CLASSES)
-    latents, intended = class_conditional_latents(evaluation.z_mean_train, data.y_train, per_class,
+    latents, intended = class_conditional_latents(z_mean_train, data.y_train, per_class,
                                                   seed_for(config, "conditional"))
-    conditional = decode(vae.decoder, latents)
 
     def features_and_probs(images):
         return two_heads.predict(images[:n], batch_size=1024, verbose=0)
 
     reference, _ = features_and_probs(data.x_test)
     sets = {name: features_and_probs(images) for name, images in (
-        ("train", data.x_train), ("reconstruction", evaluation.denoised), ("prior", prior),
-        ("noisy", evaluation.x_noisy_test), ("expost", expost), ("conditional", conditional))}
+        ("train", data.x_train), ("reconstruction", denoised), ("prior", prior), ("noisy", data.x_test_noisy),
+        ("expost", expost), ("conditional", vae.generate(latents)))}
     result = {
         "classifier_test_accuracy": float(classifier.evaluate(data.x_test, data.y_test, verbose=0)[1]),
         "fd_clean_train": frechet_distance(sets["train"][0], reference),
@@ -1101,11 +1165,11 @@ def embedding_subset(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.permutation(n)[: min(size, n)])
 
 
-def project_pca(z: np.ndarray, seed: int):
-    """2-D PCA coordinates and the explained-variance ratio of every component."""
+def project_pca(z: np.ndarray):
+    """2-D PCA coordinates and the explained-variance ratio of every component (a full SVD: no random draw)."""
     from sklearn.decomposition import PCA
 
-    full = PCA(random_state=seed).fit(z)
+    full = PCA().fit(z)
     return full.transform(z)[:, :2], full.explained_variance_ratio_
 
 
@@ -1148,7 +1212,10 @@ def project_umap(z: np.ndarray, seed: int, umap_module) -> np.ndarray:
     return reducer.fit_transform(z)
 
 
-def latent_traversal(z_mean: np.ndarray, n_directions: int = 5, steps: int = 9, span: float = 2.5):
+TRAVERSAL_SPAN = 2.5  # standard deviations either side of the mean
+
+
+def latent_traversal(z_mean: np.ndarray, n_directions: int = 5, steps: int = 9, span: float = TRAVERSAL_SPAN):
     """Latents along the top principal directions of z_mean: mean + t * sd * direction,
     t from -span to +span. Returns (n_directions, steps, latent_dim) and the variance ratios."""
     from sklearn.decomposition import PCA
@@ -1181,8 +1248,115 @@ def interpolation_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> list[tup
     return pairs
 
 
+def latent_paths(vae: VAE, z_mean_test: np.ndarray, y_test: np.ndarray, config: Config) -> dict:
+    """The interpolation and traversal fields of Results: decoded straight lines between test images of
+    two classes, and decoded steps along the top principal directions of z_mean."""
+    pairs = interpolation_pairs(y_test, 8, seed_for(config, "interpolation_pairs"))
+    a, b = (np.array(indices) for indices in zip(*pairs))
+    steps = 10
+    line_latents = interpolate_latents(z_mean_test[a], z_mean_test[b], steps)
+    grid, ratios = latent_traversal(z_mean_test)
+    return {
+        "interpolation": vae.generate(line_latents.reshape(-1, config.latent_dim)).reshape(
+            len(pairs), steps, IMAGE_SIZE, IMAGE_SIZE, 1),
+        "interpolation_labels": [f"{CLASS_NAMES_TR[y_test[i]]} →\n{CLASS_NAMES_TR[y_test[j]]}" for i, j in pairs],
+        "traversal": vae.generate(grid.reshape(-1, config.latent_dim)).reshape(*grid.shape[:2], IMAGE_SIZE,
+                                                                                IMAGE_SIZE, 1),
+        "traversal_ratios": ratios,
+    }
+
+
+def latent_embeddings(z_mean_test: np.ndarray, config: Config, timer) -> tuple[dict, list[str]]:
+    """t-SNE and UMAP coordinates of a seeded test subset ({"t-SNE": ..., "UMAP": ...}, with the subset's
+    indices under "subset"), and a warning when UMAP cannot be had."""
+    subset = embedding_subset(len(z_mean_test), config.embed_samples, seed_for(config, "embed_subset"))
+    embeddings, warnings = {"subset": subset}, []
+    with timer.stage("t-SNE"):
+        embeddings["t-SNE"] = project_tsne(z_mean_test[subset], seed_for(config, "tsne"))
+    with timer.stage("UMAP"):
+        umap_module, reason = import_umap()
+        if umap_module is None:
+            warnings.append(f"06C_latent_umap_text_tr.png was not written: {reason}")
+            print(f"WARNING: UMAP skipped: {reason}", file=sys.stderr)
+        else:
+            embeddings["UMAP"] = project_umap(z_mean_test[subset], seed_for(config, "umap"), umap_module)
+    return embeddings, warnings
+
+
+@dataclasses.dataclass
+class Results:
+    """Every number and every image set the outputs need: render() and the reports read only this."""
+
+    config: Config
+    source: str  # where the data came from
+    n_train: int
+    y_test: np.ndarray
+    # denoising: the test set's noisy input, the VAE output, per-image quality of noisy / vae / ceiling
+    x_test: np.ndarray
+    x_test_noisy: np.ndarray
+    denoised: np.ndarray
+    quality: dict
+    classical: dict  # the training-free denoisers on a seeded subset
+    robustness: pd.DataFrame  # one row per method and noise level
+    # latent space
+    z_mean_train: np.ndarray
+    z_mean_test: np.ndarray
+    representation: dict
+    pca_coords: np.ndarray
+    pca_ratios: np.ndarray
+    embeddings: dict  # "subset" (test indices), "t-SNE", "UMAP" (absent when umap-learn is missing)
+    # generation and interpolation: decoded images, (rows, columns, 28, 28, 1)
+    prior_grid: np.ndarray
+    expost_grid: np.ndarray
+    conditional_grid: np.ndarray
+    conditional_classes: np.ndarray
+    interpolation: np.ndarray
+    interpolation_labels: list
+    traversal: np.ndarray
+    traversal_ratios: np.ndarray
+    generation: dict | None  # the Fréchet distances; None when gen_metrics is 0
+    metrics: pd.DataFrame
+    warnings: list
+
+
+def analyse(vae: VAE, data: FashionMNIST, config: Config, timer) -> Results:
+    """Every number and image of the outputs, stage by stage; nothing is drawn or written here."""
+    with timer.stage("evaluate"):
+        evaluated = evaluate(vae, data, config)
+    z_mean_train, z_mean_test = evaluated["z_mean_train"], evaluated["z_mean_test"]
+    with timer.stage("pca"):
+        pca_coords, pca_ratios = project_pca(z_mean_test)
+    embeddings, warnings = latent_embeddings(z_mean_test, config, timer)
+    with timer.stage("generation and interpolation"):
+        rng = np.random.default_rng(seed_for(config, "prior_grid"))
+        prior_grid = vae.generate(rng.standard_normal((100, config.latent_dim)).astype(np.float32))
+        paths = latent_paths(vae, z_mean_test, data.y_test, config)
+    with timer.stage("ex-post density and class-conditional samples"):
+        density = fit_expost_density(z_mean_train, seed_for(config, "expost_fit"))
+        expost_grid = vae.generate(sample_expost(density, 100, seed_for(config, "expost")))
+        latents, intended = class_conditional_latents(z_mean_train, data.y_train, 10, seed_for(config, "conditional"))
+        conditional_grid = vae.generate(latents).reshape(-1, 10, IMAGE_SIZE, IMAGE_SIZE, 1)
+    with timer.stage("classical references"):
+        classical = classical_references(data.x_test, data.x_test_noisy, evaluated["denoised"], config)
+    with timer.stage("noise robustness"):
+        robustness = noise_robustness(vae.denoise, data.x_test, config)
+    generation = None
+    if config.gen_metrics:
+        with timer.stage("generation quality"):
+            generation = generation_quality(vae, data, config, z_mean_train, evaluated["denoised"], density)
+    metrics = metrics_table(denoising_summary(evaluated["quality"]), evaluated["representation"], len(data.x_test),
+                            classical, generation)
+    return Results(
+        config=config, source=data.source, n_train=len(data.x_train), y_test=data.y_test, x_test=data.x_test,
+        x_test_noisy=data.x_test_noisy, classical=classical, robustness=robustness, pca_coords=pca_coords,
+        pca_ratios=pca_ratios, embeddings=embeddings, prior_grid=prior_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1),
+        expost_grid=expost_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1), conditional_grid=conditional_grid,
+        conditional_classes=np.unique(intended), generation=generation, metrics=metrics, warnings=warnings,
+        **evaluated, **paths)
+
+
 # =============================================================================
-# 6. Plots (each written atomically; nothing here runs the model again)
+# 6. Drawing: render() draws Results; nothing here runs the model or an analysis
 # =============================================================================
 
 
@@ -1256,54 +1430,25 @@ def plot_latent_scatter(coords, labels, title, path, class_names=None, axis_name
     save_figure(fig, Path(path), show)
 
 
-def plot_image_grid(images, title, path, ncols: int = 10, show=False):
-    plt = _plt()
-    nrows = math.ceil(len(images) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 1.0, nrows * 1.0 + 0.5), squeeze=False, layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image in zip(axes.flat, images):
-        ax.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=1)
-    fig.suptitle(title)
-    save_figure(fig, Path(path), show)
-
-
-def plot_image_rows(images, row_labels, column_labels, title, path, show=False):
-    """A grid of images (rows, columns, 28, 28, 1) with a label per row and per column."""
+def plot_images(images, title, path, row_labels=None, column_labels=None, show=False):
+    """A grid of images (rows, columns, 28, 28, 1), optionally with a label per row and per column."""
     plt = _plt()
     n_rows, n_columns = images.shape[:2]
-    fig, axes = plt.subplots(n_rows, n_columns, figsize=(n_columns * 1.0, n_rows * 1.1 + 0.7),
-                             squeeze=False, layout="constrained")
+    height = n_rows * (1.1 if column_labels else 1.0) + (0.7 if column_labels else 0.5)
+    fig, axes = plt.subplots(n_rows, n_columns, figsize=(n_columns * 1.0, height), squeeze=False, layout="constrained")
     for r in range(n_rows):
         for c in range(n_columns):
             ax = axes[r][c]
             ax.imshow(images[r, c].squeeze(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            if c == 0:
+            ax.set_frame_on(bool(row_labels or column_labels))
+            if row_labels and c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
-            if r == n_rows - 1:
+            if column_labels and r == n_rows - 1:
                 ax.set_xlabel(column_labels[c], fontsize=7)
     fig.suptitle(title)
     save_figure(fig, Path(path), show)
-
-
-def plot_interpolation(rows, row_labels, path, show=False):
-    """rows: (n_pairs, steps, 28, 28, 1) decoded along straight lines in latent space."""
-    steps = rows.shape[1]
-    plot_image_rows(rows, row_labels, [f"t={s / (steps - 1):.2f}" for s in range(steps)],
-                    "Latent interpolation: decoder((1-t) z_a + t z_b), z = z_mean of noisy test images", path, show)
-
-
-def plot_latent_traversal(images, ratios, span, path, show=False):
-    steps = images.shape[1]
-    plot_image_rows(
-        images,
-        [f"PC{r + 1}\n({100 * ratio:.0f} %)" for r, ratio in enumerate(ratios)],
-        [f"{-span + 2 * span * c / (steps - 1):+.1f} sd" for c in range(steps)],
-        "Latent traversal: decoder(mean + t·sd·PC_k) along the top principal directions of z_mean",
-        path, show,
-    )
 
 
 def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
@@ -1368,6 +1513,14 @@ def plot_noise_robustness(table: pd.DataFrame, trained_sigma: float, path, show=
     save_figure(fig, Path(path), show)
 
 
+TITLE_PANELS = [
+    ("A_title_denoising.png", "Denoising", "Gürültülü görüntü → temiz görüntü"),
+    ("B_title_representation_learning.png", "Representation Learning", "Latent uzayda sınıf ayrışması (PCA / UMAP / t-SNE)"),
+    ("C_title_generation.png", "Generation", "Prior, ex-post GMM ve sınıf-koşullu örnekleme"),
+    ("D_title_interpolation.png", "Latent Interpolation", "Latent uzayda süreklilik"),
+]
+
+
 def plot_title_panel(title: str, subtitle: str, path, show=False):
     """A framed 16:9 title card, 1536x864 px; the whole canvas is kept (no tight crop)."""
     plt = _plt()
@@ -1382,53 +1535,122 @@ def plot_title_panel(title: str, subtitle: str, path, show=False):
     save_figure(fig, Path(path), show, tight=False)
 
 
+def render_training(history: pd.DataFrame, config: Config, out: Path, show=False) -> None:
+    curves = [
+        ("total_loss", "01_train_total_loss.png", "Training loss: total = recon + beta*KL + gamma_sc*w*SupCon", "nats per image"),
+        ("recon_loss", "02_train_recon_loss.png", "Reconstruction loss (BCE, clean vs recon, summed over pixels)", "nats per image"),
+        ("kl_loss", "03_train_kl_loss.png", "KL divergence to N(0, I)", "nats per image"),
+        ("supcon_loss", "03B_train_supcon_loss.png", "Supervised contrastive loss on z_mean", "loss"),
+        ("beta", "04_beta_warmup.png", f"KL weight beta: linear warm-up over {config.warmup_epochs} epochs", "beta"),
+    ]
+    for column, name, title, ylabel in curves:
+        plot_training_curve(history, column, title, ylabel, out / name, show)
+
+
+def render_latent_space(results: Results, out: Path, show=False) -> None:
+    """PCA of every test z_mean (digits and names), t-SNE and UMAP of the seeded subset."""
+    order_seed = seed_for(results.config, "scatter_order")
+    ratios, labels, n = results.pca_ratios, results.y_test, len(results.pca_coords)
+    axes = (f"PC1 ({100 * ratios[0]:.1f} %)", f"PC2 ({100 * ratios[1]:.1f} %)")
+    plot_latent_scatter(results.pca_coords, labels, f"PCA of test z_mean (n={n}), labels 0-9",
+                        out / "06A_latent_pca_numbers.png", axis_names=axes, show=show, seed=order_seed)
+    plot_latent_scatter(results.pca_coords, labels, f"Latent uzay PCA (test z_mean, n={n})",
+                        out / "06B_latent_pca_text_tr.png", CLASS_NAMES_TR, axes, show, order_seed)
+    subset = results.embeddings["subset"]
+    for method, name in (("t-SNE", "06D_latent_tsne_text_tr.png"), ("UMAP", "06C_latent_umap_text_tr.png")):
+        if method in results.embeddings:  # UMAP is absent when umap-learn could not be had (a warning says so)
+            plot_latent_scatter(results.embeddings[method], labels[subset],
+                                f"Latent uzay {method} (test z_mean, seeded subset n={len(subset)})", out / name,
+                                CLASS_NAMES_TR, (f"{method} 1", f"{method} 2"), show, order_seed)
+
+
+def render_generation(results: Results, out: Path, show=False) -> None:
+    """The sample grids, interpolations and traversals, and the generation-quality figure."""
+    plot_images(results.prior_grid, "Samples from the prior: decoder(z), z ~ N(0, I)", out / "07_generated_prior.png",
+                show=show)
+    plot_images(results.expost_grid, "Samples from the ex-post density: decoder(z), z ~ 10-component GMM fitted to "
+                "training z_mean", out / "07B_generated_expost.png", show=show)
+    classes = results.conditional_classes
+    plot_images(results.conditional_grid, "Class-conditional samples: decoder(z), z ~ N(mean, cov) of each class's "
+                "training z_mean", out / "12_class_conditional.png",
+                [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes],
+                [str(k + 1) for k in range(results.conditional_grid.shape[1])], show)
+    steps = results.interpolation.shape[1]
+    plot_images(results.interpolation, "Latent interpolation: decoder((1-t) z_a + t z_b), z = z_mean of noisy test "
+                "images", out / "08_latent_interpolation.png", results.interpolation_labels,
+                [f"t={s / (steps - 1):.2f}" for s in range(steps)], show)
+    steps, span = results.traversal.shape[1], TRAVERSAL_SPAN
+    plot_images(results.traversal, "Latent traversal: decoder(mean + t·sd·PC_k) along the top principal directions "
+                "of z_mean", out / "11_latent_traversal.png",
+                [f"PC{r + 1}\n({100 * ratio:.0f} %)" for r, ratio in enumerate(results.traversal_ratios)],
+                [f"{-span + 2 * span * c / (steps - 1):+.1f} sd" for c in range(steps)], show)
+    if results.generation is not None:
+        plot_generation_quality(results.generation, out / "09_generation_quality.png", show)
+
+
+def render(results: Results, history: pd.DataFrame, out: Path, show: bool = False) -> None:
+    """Draw every figure of the run from Results and the training history."""
+    render_training(history, results.config, out, show)
+    plot_denoising_grid(results.x_test, results.x_test_noisy, results.denoised, results.y_test,
+                        out / "05_denoising_grid.png", show=show)
+    plot_per_class_psnr(results.quality["noisy"], results.quality["vae"], results.y_test,
+                        out / "10_per_class_denoising.png", show)
+    render_latent_space(results, out, show)
+    render_generation(results, out, show)
+    plot_noise_robustness(results.robustness, results.config.noise_factor, out / "13_noise_robustness.png", show)
+    for name, title, subtitle in TITLE_PANELS:
+        plot_title_panel(title, subtitle, out / name)
+
+
 # =============================================================================
 # 7. Reports: one table of metric definitions, metrics.csv / metrics.txt, models, config
 # =============================================================================
 
+# The image sets scored with image_quality(): name -> (group, which images it counts, what they are).
+QUALITY_ROWS = {
+    "noisy": ("denoising", "test", "the noisy input"),
+    "vae": ("denoising", "test", "the VAE output decoder(z_mean(noisy))"),
+    "ceiling": ("ceiling", "ceiling", "decoder(z_mean(clean test image)): the clean-input ceiling, what the model "
+                "reconstructs without noise at this latent size"),
+    "tv_chambolle": ("classical", "classical", CLASSICAL_DENOISERS["tv_chambolle"]),
+    "nl_means": ("classical", "classical", CLASSICAL_DENOISERS["nl_means"]),
+    "vae_subset": ("classical", "classical", "the VAE output decoder(z_mean)"),
+    "noisy_subset": ("classical", "classical", "the noisy input"),
+}
+QUALITY_DEFINITIONS = {
+    "mse": "mean over the images of the per-image MSE against the clean image",
+    "psnr": "mean over the images of skimage peak_signal_noise_ratio(clean, image, data_range=1)",
+    "ssim": "mean over the images of skimage structural_similarity(clean, image, data_range=1)",
+    "psnr_pooled": "10*log10(1 / MSE) with the MSE pooled over every pixel of every image (the PSNR most papers "
+                   "report)",
+}
+SUBSET_NOTE = {"test": "the test images", "ceiling": "the test images",
+               "classical": "the seeded classical-reference test subset"}
+
+
+def quality_rows(methods) -> dict:
+    """The METRICS rows of image_quality() means for the given QUALITY_ROWS."""
+    return {
+        f"{method}_{metric}": (QUALITY_ROWS[method][0], "dB" if metric.startswith("psnr") else "", QUALITY_ROWS[method][1],
+                               f"{definition}, of {QUALITY_ROWS[method][2]}, on {SUBSET_NOTE[QUALITY_ROWS[method][1]]}")
+        for method in methods for metric, definition in QUALITY_DEFINITIONS.items()
+    }
+
+
 # name -> (group, unit, which images it counts, definition); the order is the order of metrics.csv.
 METRICS = {
-    "noisy_mse": ("denoising", "", "test", "mean over test images of the per-image MSE of the noisy input vs the clean image"),
-    "noisy_psnr": ("denoising", "dB", "test", "mean over test images of skimage peak_signal_noise_ratio(clean, noisy, data_range=1)"),
-    "noisy_ssim": ("denoising", "", "test", "mean over test images of skimage structural_similarity(clean, noisy, data_range=1)"),
-    "vae_mse": ("denoising", "", "test", "as noisy_mse, for the VAE output decoder(z_mean(noisy))"),
-    "vae_psnr": ("denoising", "dB", "test", "as noisy_psnr, for the VAE output decoder(z_mean(noisy))"),
-    "vae_ssim": ("denoising", "", "test", "as noisy_ssim, for the VAE output decoder(z_mean(noisy))"),
+    **quality_rows(("noisy", "vae")),
     "mse_improvement_pct": ("gain", "%", "test", "100 * (1 - vae_mse / noisy_mse)"),
     "psnr_gain_db": ("gain", "dB", "test", "vae_psnr - noisy_psnr"),
     "ssim_gain": ("gain", "", "test", "vae_ssim - noisy_ssim"),
-    "noisy_psnr_pooled": ("denoising", "dB", "test", "10*log10(1 / MSE) with the MSE pooled over every pixel of every test image (the PSNR most papers report), noisy input"),
-    "vae_psnr_pooled": ("denoising", "dB", "test", "as noisy_psnr_pooled, for the VAE output decoder(z_mean(noisy))"),
-    **{
-        f"ceiling_{metric}": ("ceiling", "dB" if metric.startswith("psnr") else "", "ceiling",
-                              f"as vae_{metric}, for decoder(z_mean(clean test image)): the clean-input ceiling, what "
-                              "the model reconstructs without noise at this latent size")
-        for metric in (*QUALITY_COLUMNS, "psnr_pooled")
-    },
+    **quality_rows(("ceiling",)),
     "linear_probe_accuracy": (
         "representation", "", "test",
         "test accuracy of StandardScaler+LogisticRegression fitted on z_mean of the noisy training images",
     ),
     "knn10_accuracy": ("representation", "", "test", "test accuracy of a 10-nearest-neighbour classifier on the same z_mean split"),
     "silhouette": ("representation", "", "silhouette", "sklearn silhouette_score of test z_mean against the class labels (seeded subset)"),
-    **{
-        f"{method}_{metric}": ("classical", "dB" if metric == "psnr" else "", "classical",
-                               f"{metric.upper()} of {label} on the seeded classical-reference test subset")
-        for method, label in (
-            ("tv_chambolle", CLASSICAL_DENOISERS["tv_chambolle"]),
-            ("nl_means", CLASSICAL_DENOISERS["nl_means"]),
-            ("vae_subset", "the VAE output decoder(z_mean)"),
-            ("noisy_subset", "the noisy input"),
-        )
-        for metric in QUALITY_COLUMNS
-    },
-    **{
-        f"{method}_psnr_pooled": ("classical", "dB", "classical", f"pooled PSNR, 10*log10(1 / MSE over all pixels), of {label} on the seeded classical-reference test subset")
-        for method, label in (
-            ("tv_chambolle", "the TV denoiser"), ("nl_means", "the non-local-means denoiser"),
-            ("vae_subset", "the VAE output decoder(z_mean)"), ("noisy_subset", "the noisy input"),
-        )
-    },
+    **quality_rows(("tv_chambolle", "nl_means", "vae_subset", "noisy_subset")),
     "classifier_test_accuracy": ("generation", "", "generation", "test accuracy of the small CNN (3 epochs on clean training images) whose 64-d penultimate features define the Fréchet distances"),
     "fd_clean_train": ("generation", "", "generation", "Fréchet distance between classifier features of clean training images and of clean test images (the floor)"),
     "fd_vae_reconstruction": ("generation", "", "generation", "Fréchet distance of VAE outputs decoder(z_mean(noisy test)) to clean test images"),
@@ -1453,16 +1675,12 @@ METRICS = {
 }
 
 
-def metrics_table(
-    summary: dict, representation: dict, n_test: int, generation: dict | None = None, classical: dict | None = None
-) -> pd.DataFrame:
+def metrics_table(summary: dict, representation: dict, n_test: int, classical: dict,
+                  generation: dict | None) -> pd.DataFrame:
     """One row per metric of METRICS whose stage ran: value, unit, images counted, definition."""
-    values = {**summary, **representation, **(generation or {}), **(classical or {})}
-    counts = {"test": n_test, "silhouette": representation["silhouette_samples"]}
-    if "ceiling_psnr" in summary:
-        counts["ceiling"] = n_test
-    if classical:
-        counts["classical"] = classical["classical_samples"]
+    values = {**summary, **representation, **classical, **(generation or {})}
+    counts = {"test": n_test, "ceiling": n_test, "silhouette": representation["silhouette_samples"],
+              "classical": classical["classical_samples"]}
     if generation:
         counts["generation"], counts["conditional"] = generation["fd_samples"], generation["conditional_per_class"]
     rows = [
@@ -1482,14 +1700,33 @@ def quality_lines(values: dict, methods) -> list[str]:
     return lines
 
 
-def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: int, warnings: list[str],
-                   robustness: pd.DataFrame | None = None) -> str:
+def metrics_report(results: Results) -> str:
+    """metrics.txt: the figures of metrics.csv in readable sections, then every definition."""
+    table, config = results.metrics, results.config
     values = dict(zip(table["name"], table["value"]))
     n_images = dict(zip(table["name"], table["n_images"]))
-    lines = [
+    lines = report_head(values, n_images, results) + classical_report(values, n_images)
+    if "fd_prior_samples" in values:
+        lines += generation_report(values)
+    lines += robustness_report(results.robustness, config.noise_factor)
+    lines += [
+        "Definitions",
+        "PSNR and SSIM are per-image means over the test set, computed with skimage.metrics "
+        "(peak_signal_noise_ratio, structural_similarity) with data_range=1; MSE is the per-image "
+        "mean squared error averaged over images.",
+    ]
+    lines += [f"- {name}: {definition}" for name, definition in zip(table["name"], table["definition"])]
+    lines += ["", "Warnings"] + ([f"- {w}" for w in results.warnings] if results.warnings else ["- none"])
+    return "\n".join(lines) + "\n"
+
+
+def report_head(values: dict, n_images: dict, results: Results) -> list[str]:
+    """The data, the settings, the denoising figures and the latent space's."""
+    config = results.config
+    return [
         "VAE denoising on Fashion-MNIST: test-set metrics",
         "=" * 49,
-        f"data: {source}; {n_train} training and {n_images['vae_psnr']} test images",
+        f"data: {results.source}; {results.n_train} training and {n_images['vae_psnr']} test images",
         f"noise: x_noisy = clip(x + {config.noise_factor} * N(0,1), 0, 1), test noise drawn once "
         f"(seed {seed_for(config, 'test_noise')})",
         f"model: latent_dim={config.latent_dim}, epochs={config.epochs}, batch_size={config.batch_size}, "
@@ -1498,8 +1735,7 @@ def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: in
         + ("new every epoch" if config.fresh_noise else "one fixed noisy copy"),
         "",
         "Denoising (the VAE output is decoder(z_mean), the deterministic mean of the posterior)",
-        *quality_lines(values, [("noisy", "noisy input"), ("vae", "VAE")]
-                       + ([("ceiling", "VAE on clean input")] if "ceiling_psnr" in values else [])),
+        *quality_lines(values, [("noisy", "noisy input"), ("vae", "VAE"), ("ceiling", "VAE on clean input")]),
         "(PSNR is the mean of per-image PSNRs; pooled PSNR is 10*log10(1/MSE) over all pixels, as papers report it."
         " 'VAE on clean input' is the ceiling: decoder(z_mean) of the clean image.)",
         "",
@@ -1513,51 +1749,48 @@ def metrics_report(table: pd.DataFrame, config: Config, source: str, n_train: in
         f"silhouette:            {values['silhouette']:.4f}",
         "",
     ]
-    if "tv_chambolle_psnr" in values:
-        lines += [f"Training-free references on a seeded subset of {n_images['tv_chambolle_psnr']} test images"]
-        lines += quality_lines(values, [("noisy_subset", "noisy input"), ("tv_chambolle", "TV (Chambolle)"),
-                                        ("nl_means", "non-local means"), ("vae_subset", "VAE")])
-        lines += [f"- {name}: {definition}" for name, definition in CLASSICAL_DENOISERS.items()] + [""]
-    if "fd_prior_samples" in values:
-        lines += [
-            "Generation quality (Fréchet distance to clean test images, classifier features; lower is better)",
-            f"classifier test accuracy:     {values['classifier_test_accuracy']:.4f}",
-            f"clean training images:        {values['fd_clean_train']:.3f}   (floor)",
-            f"VAE reconstructions:          {values['fd_vae_reconstruction']:.3f}",
-            f"prior samples:                {values['fd_prior_samples']:.3f}",
-            f"noisy test images:            {values['fd_noisy_input']:.3f}   (ceiling)",
-            f"prior samples' class entropy: {values['prior_class_entropy']:.3f} (1 = uniform), "
-            f"mean confidence {values['prior_mean_confidence']:.3f}",
-            f"ex-post samples (GMM on z):   {values['fd_expost_samples']:.3f}   = "
-            f"{values['fd_expost_samples'] / values['fd_prior_samples']:.2f} x the prior's; class entropy "
-            f"{values['expost_class_entropy']:.3f}, mean confidence {values['expost_mean_confidence']:.3f}",
-            f"class-conditional samples:    {values['fd_conditional_samples']:.3f}   the classifier agrees with "
-            f"the intended class for {100 * values['conditional_agreement']:.1f} % (for the VAE's reconstructions of "
-            f"real test images: {100 * values['reconstruction_agreement']:.1f} %)",
-            f"{'class':28}{'agreement':>10}{'FD to its class':>17}",
-            *[f"{CLASS_NAMES_EN[c] + ' / ' + CLASS_NAMES_TR[c]:28}{100 * values[f'conditional_agreement_{c}']:>9.1f}%"
-              f"{values[f'fd_conditional_{c}']:>17.3f}" for c in range(NUM_CLASSES)],
-            "",
-        ]
-    if robustness is not None:
-        lines += [f"Noise robustness on a fixed seeded subset of {int(robustness['n_images'].iloc[0])} test images "
-                  f"(noise_robustness.csv; the VAE was trained at sigma {config.noise_factor})",
-                  f"{'sigma':>6}  {'method':16}{'PSNR (dB)':>10}{'SSIM':>8}"]
-        lines += [f"{row.sigma:>6}  {row.method:16}{row.psnr:>10.2f}{row.ssim:>8.4f}" for row in robustness.itertuples()]
-        lines += robustness_summary(robustness) + [
-            "- noisy input: clip(x + sigma * N(0,1), 0, 1), drawn once per sigma; TV (Chambolle): as in the "
-            "training-free references; VAE: decoder(z_mean(noisy)); PSNR, SSIM and MSE are per-image means as above",
-            "",
-        ]
-    lines += [
-        "Definitions",
-        "PSNR and SSIM are per-image means over the test set, computed with skimage.metrics "
-        "(peak_signal_noise_ratio, structural_similarity) with data_range=1; MSE is the per-image "
-        "mean squared error averaged over images.",
+
+
+def classical_report(values: dict, n_images: dict) -> list[str]:
+    lines = [f"Training-free references on a seeded subset of {n_images['tv_chambolle_psnr']} test images"]
+    lines += quality_lines(values, [("noisy_subset", "noisy input"), ("tv_chambolle", "TV (Chambolle)"),
+                                    ("nl_means", "non-local means"), ("vae_subset", "VAE")])
+    return lines + [f"- {name}: {definition}" for name, definition in CLASSICAL_DENOISERS.items()] + [""]
+
+
+def generation_report(values: dict) -> list[str]:
+    return [
+        "Generation quality (Fréchet distance to clean test images, classifier features; lower is better)",
+        f"classifier test accuracy:     {values['classifier_test_accuracy']:.4f}",
+        f"clean training images:        {values['fd_clean_train']:.3f}   (floor)",
+        f"VAE reconstructions:          {values['fd_vae_reconstruction']:.3f}",
+        f"prior samples:                {values['fd_prior_samples']:.3f}",
+        f"noisy test images:            {values['fd_noisy_input']:.3f}   (ceiling)",
+        f"prior samples' class entropy: {values['prior_class_entropy']:.3f} (1 = uniform), "
+        f"mean confidence {values['prior_mean_confidence']:.3f}",
+        f"ex-post samples (GMM on z):   {values['fd_expost_samples']:.3f}   = "
+        f"{values['fd_expost_samples'] / values['fd_prior_samples']:.2f} x the prior's; class entropy "
+        f"{values['expost_class_entropy']:.3f}, mean confidence {values['expost_mean_confidence']:.3f}",
+        f"class-conditional samples:    {values['fd_conditional_samples']:.3f}   the classifier agrees with "
+        f"the intended class for {100 * values['conditional_agreement']:.1f} % (for the VAE's reconstructions of "
+        f"real test images: {100 * values['reconstruction_agreement']:.1f} %)",
+        f"{'class':28}{'agreement':>10}{'FD to its class':>17}",
+        *[f"{CLASS_NAMES_EN[c] + ' / ' + CLASS_NAMES_TR[c]:28}{100 * values[f'conditional_agreement_{c}']:>9.1f}%"
+          f"{values[f'fd_conditional_{c}']:>17.3f}" for c in range(NUM_CLASSES)],
+        "",
     ]
-    lines += [f"- {name}: {definition}" for name, definition in zip(table["name"], table["definition"])]
-    lines += ["", "Warnings"] + ([f"- {w}" for w in warnings] if warnings else ["- none"])
-    return "\n".join(lines) + "\n"
+
+
+def robustness_report(robustness: pd.DataFrame, trained_sigma: float) -> list[str]:
+    lines = [f"Noise robustness on a fixed seeded subset of {int(robustness['n_images'].iloc[0])} test images "
+             f"(noise_robustness.csv; the VAE was trained at sigma {trained_sigma})",
+             f"{'sigma':>6}  {'method':16}{'PSNR (dB)':>10}{'SSIM':>8}"]
+    lines += [f"{row.sigma:>6}  {row.method:16}{row.psnr:>10.2f}{row.ssim:>8.4f}" for row in robustness.itertuples()]
+    return lines + robustness_summary(robustness) + [
+        "- noisy input: clip(x + sigma * N(0,1), 0, 1), drawn once per sigma; TV (Chambolle): as in the "
+        "training-free references; VAE: decoder(z_mean(noisy)); PSNR, SSIM and MSE are per-image means as above",
+        "",
+    ]
 
 
 def pca_report(ratios: np.ndarray) -> str:
@@ -1568,19 +1801,23 @@ def pca_report(ratios: np.ndarray) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_reports(results: Results, history: pd.DataFrame, out: Path) -> None:
+    """The tables and text reports; metrics.csv and metrics.txt last (their presence marks a finished run)."""
+    write_csv(out / "history.csv", history)
+    write_csv(out / "noise_robustness.csv", results.robustness)
+    write_text(out / "pca_explained_variance.txt", pca_report(results.pca_ratios))
+    write_csv(out / "metrics.csv", results.metrics)
+    write_text(out / "metrics.txt", metrics_report(results))
+
+
 def save_models(vae: VAE, out: Path) -> None:
     """encoder.keras (image -> z_mean, z_log_var) and decoder.keras (z -> image).
 
     Both hold only built-in Keras layers, so keras.models.load_model opens them
-    without this module or any custom-object registration. Sampling is left out
-    of the saved encoder: denoising uses z_mean.
+    without this module or any custom-object registration. The posterior sample
+    belongs to the VAE, not the encoder: denoising uses z_mean.
     """
-    encoder = vae.encoder
-    posterior = keras.Model(
-        encoder.input, [encoder.get_layer("z_mean").output, encoder.get_layer("z_log_var").output],
-        name="encoder",
-    )
-    for model, name in ((posterior, "encoder.keras"), (vae.decoder, "decoder.keras")):
+    for model, name in ((vae.encoder, "encoder.keras"), (vae.decoder, "decoder.keras")):
         with atomic_path(out / name) as tmp:
             model.save(tmp)
 
@@ -1590,7 +1827,7 @@ def effective_config_record(config: Config, overrides: dict | None = None) -> di
     return {
         "config": dataclasses.asdict(config),
         "overrides": dict(OVERRIDES if overrides is None else overrides),
-        "environment_variables": {name: os.environ.get(name) for name, *_ in SETTING_RULES.values()},
+        "environment_variables": {rule["env"]: os.environ.get(rule["env"]) for rule in SETTINGS.values()},
         "dtype_policy": resolve_precision(config),  # what precision="auto" resolved to
         "cpu": cpu_model_name(),
         "versions": {
@@ -1604,111 +1841,8 @@ def effective_config_record(config: Config, overrides: dict | None = None) -> di
 
 
 # =============================================================================
-# 8. run(): load -> noise -> build -> train -> evaluate -> plot -> report
+# 8. run(): load -> noise -> build -> train -> analyse -> save models -> render -> report
 # =============================================================================
-
-
-def make_plots_and_reports(vae, data, history, evaluation, config, out, timer, show=False):
-    """Every figure and report of the seed's section 7."""
-    warnings = []
-    with timer.stage("plots: training curves"):
-        curves = [
-            ("total_loss", "01_train_total_loss.png", "Training loss: total = recon + beta*KL + gamma_sc*w*SupCon", "nats per image"),
-            ("recon_loss", "02_train_recon_loss.png", "Reconstruction loss (BCE, clean vs recon, summed over pixels)", "nats per image"),
-            ("kl_loss", "03_train_kl_loss.png", "KL divergence to N(0, I)", "nats per image"),
-            ("supcon_loss", "03B_train_supcon_loss.png", "Supervised contrastive loss on z_mean", "loss"),
-            ("beta", "04_beta_warmup.png", f"KL weight beta: linear warm-up over {config.warmup_epochs} epochs", "beta"),
-        ]
-        for column, name, title, ylabel in curves:
-            plot_training_curve(history, column, title, ylabel, out / name, show)
-    with timer.stage("plots: denoising"):
-        plot_denoising_grid(data.x_test, evaluation.x_noisy_test, evaluation.denoised, data.y_test,
-                            out / "05_denoising_grid.png", show=show)
-        plot_per_class_psnr(evaluation.noisy_quality, evaluation.vae_quality, data.y_test,
-                            out / "10_per_class_denoising.png", show)
-    with timer.stage("pca"):
-        pca_coords, ratios = project_pca(evaluation.z_mean_test, config.seed)
-        axes = (f"PC1 ({100 * ratios[0]:.1f} %)", f"PC2 ({100 * ratios[1]:.1f} %)")
-        n = len(pca_coords)
-        plot_latent_scatter(pca_coords, data.y_test, f"PCA of test z_mean (n={n}), labels 0-9",
-                            out / "06A_latent_pca_numbers.png", axis_names=axes, show=show, seed=config.seed)
-        plot_latent_scatter(pca_coords, data.y_test, f"Latent uzay PCA (test z_mean, n={n})",
-                            out / "06B_latent_pca_text_tr.png", CLASS_NAMES_TR, axes, show, config.seed)
-        write_text(out / "pca_explained_variance.txt", pca_report(ratios))
-    subset = embedding_subset(len(evaluation.z_mean_test), config.embed_samples, config.seed)
-    z_subset, y_subset = evaluation.z_mean_test[subset], data.y_test[subset]
-    with timer.stage("t-SNE"):
-        coords = project_tsne(z_subset, config.seed)
-        plot_latent_scatter(coords, y_subset, f"Latent uzay t-SNE (test z_mean, seeded subset n={len(subset)})",
-                            out / "06D_latent_tsne_text_tr.png", CLASS_NAMES_TR, ("t-SNE 1", "t-SNE 2"), show,
-                            config.seed)
-    with timer.stage("UMAP"):
-        umap_module, reason = import_umap()
-        if umap_module is None:
-            warnings.append(f"06C_latent_umap_text_tr.png was not written: {reason}")
-            print(f"WARNING: UMAP skipped: {reason}", file=sys.stderr)
-        else:
-            coords = project_umap(z_subset, config.seed, umap_module)
-            plot_latent_scatter(coords, y_subset, f"Latent uzay UMAP (test z_mean, seeded subset n={len(subset)})",
-                                out / "06C_latent_umap_text_tr.png", CLASS_NAMES_TR, ("UMAP 1", "UMAP 2"), show,
-                                config.seed)
-    with timer.stage("plots: generation and interpolation"):
-        rng = np.random.default_rng(seed_for(config, "prior_grid"))
-        prior = decode(vae.decoder, rng.standard_normal((100, config.latent_dim)).astype(np.float32))
-        plot_image_grid(prior, "Samples from the prior: decoder(z), z ~ N(0, I)", out / "07_generated_prior.png", show=show)
-        pairs = interpolation_pairs(data.y_test, 8, config.seed)
-        a, b = (np.array(idx) for idx in zip(*pairs))
-        line_latents = interpolate_latents(evaluation.z_mean_test[a], evaluation.z_mean_test[b], 10)
-        decoded = decode(vae.decoder, line_latents.reshape(-1, config.latent_dim))
-        labels = [f"{CLASS_NAMES_TR[data.y_test[i]]} →\n{CLASS_NAMES_TR[data.y_test[j]]}" for i, j in pairs]
-        plot_interpolation(decoded.reshape(len(pairs), 10, IMAGE_SIZE, IMAGE_SIZE, 1), labels,
-                           out / "08_latent_interpolation.png", show=show)
-        grid, ratios = latent_traversal(evaluation.z_mean_test)
-        traversal = decode(vae.decoder, grid.reshape(-1, config.latent_dim))
-        plot_latent_traversal(traversal.reshape(*grid.shape[:2], IMAGE_SIZE, IMAGE_SIZE, 1), ratios, 2.5,
-                              out / "11_latent_traversal.png", show)
-    with timer.stage("ex-post density and class-conditional samples"):
-        density = fit_expost_density(evaluation.z_mean_train, config.seed)
-        expost = decode(vae.decoder, sample_expost(density, 100, seed_for(config, "expost")))
-        plot_image_grid(expost, "Samples from the ex-post density: decoder(z), z ~ 10-component GMM fitted to training z_mean",
-                        out / "07B_generated_expost.png", show=show)
-        latents, intended = class_conditional_latents(evaluation.z_mean_train, data.y_train, 10,
-                                                      seed_for(config, "conditional"))
-        rows = decode(vae.decoder, latents).reshape(-1, 10, IMAGE_SIZE, IMAGE_SIZE, 1)
-        classes = np.unique(intended)
-        plot_image_rows(rows, [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes],
-                        [str(k + 1) for k in range(10)],
-                        "Class-conditional samples: decoder(z), z ~ N(mean, cov) of each class's training z_mean",
-                        out / "12_class_conditional.png", show)
-    with timer.stage("classical references"):
-        classical = classical_references(data.x_test, evaluation.x_noisy_test, evaluation.denoised, config)
-    with timer.stage("noise robustness"):
-        robustness = noise_robustness(lambda noisy: decode(vae.decoder, encode(vae.encoder, noisy)[0]),
-                                      data.x_test, config)
-        write_csv(out / "noise_robustness.csv", robustness)
-        plot_noise_robustness(robustness, config.noise_factor, out / "13_noise_robustness.png", show)
-    generation = None
-    if config.gen_metrics:
-        with timer.stage("generation quality"):
-            generation = generation_quality(vae, data, evaluation, config, density)
-            plot_generation_quality(generation, out / "09_generation_quality.png", show)
-    with timer.stage("plots: title panels"):
-        panels = [
-            ("A_title_denoising.png", "Denoising", "Gürültülü görüntü → temiz görüntü"),
-            ("B_title_representation_learning.png", "Representation Learning", "Latent uzayda sınıf ayrışması (PCA / UMAP / t-SNE)"),
-            ("C_title_generation.png", "Generation", "Prior, ex-post GMM ve sınıf-koşullu örnekleme"),
-            ("D_title_interpolation.png", "Latent Interpolation", "Latent uzayda süreklilik"),
-        ]
-        for name, title, subtitle in panels:
-            plot_title_panel(title, subtitle, out / name)
-    with timer.stage("report"):
-        write_csv(out / "history.csv", history)
-        summary = denoising_summary(evaluation.noisy_quality, evaluation.vae_quality, evaluation.ceiling_quality)
-        table = metrics_table(summary, evaluation.representation, len(data.x_test), generation, classical)
-        write_csv(out / "metrics.csv", table)
-        write_text(out / "metrics.txt",
-                   metrics_report(table, config, data.source, len(data.x_train), warnings, robustness))
-    return table, warnings
 
 
 def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
@@ -1726,28 +1860,29 @@ def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
             data = load_fashion_mnist(config, **search)
             print(f"  {data.source}: train {data.x_train.shape}, test {data.x_test.shape}")
         with timer.stage("noise"):
-            x_noisy_train = add_noise(data.x_train, config.noise_factor, config.seed)
-            x_noisy_test = add_noise(data.x_test, config.noise_factor, seed_for(config, "test_noise"))
+            data = with_noise(data, config)
         with timer.stage("build"):
             vae = build_vae(config, len(data.x_train), strategy)
         with timer.stage("train"):
             verbose = 1 if sys.stdout.isatty() else 2
-            history = train_vae(vae, x_noisy_train, data.x_train, data.y_train, config, checkpoint, verbose)
-        with timer.stage("evaluate"):
-            evaluation = evaluate(vae, data, x_noisy_train, x_noisy_test, config)
+            history = train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, checkpoint, verbose)
+        results = analyse(vae, data, config, timer)
         with timer.stage("save models"):
             save_models(vae, out)
-        table, warnings = make_plots_and_reports(vae, data, history, evaluation, config, out, timer, show_plots)
+        with timer.stage("plots"):
+            render(results, history, out, show_plots)
+        with timer.stage("report"):
+            write_reports(results, history, out)
     except BaseException as error:
         write_run_status(out, "failed", started_at, error=f"{type(error).__name__}: {error}")
         raise
     timings = timer.frame()
     write_csv(out / "timings.csv", timings)
-    write_run_status(out, "finished", started_at, data_source=data.source, warnings=warnings)
+    write_run_status(out, "finished", started_at, data_source=data.source, warnings=results.warnings)
     print("\n" + (out / "metrics.txt").read_text(encoding="utf-8"))
     print("Stage timings (s):\n" + timings.to_string(index=False))
     print("\n" + list_output_dir(out))
-    return table
+    return results.metrics
 
 
 def main(environ=None, show_plots: bool = False) -> pd.DataFrame:
@@ -1797,43 +1932,6 @@ class CheckpointMismatchError(VAEFashionError):
 
 # --- Settings: OVERRIDES and VAE_* environment variables, one validation path ------------
 
-# field -> (environment variable, type or allowed words, lower bound, lower bound inclusive?, upper bound)
-SETTING_RULES = {
-    "epochs": ("VAE_EPOCHS", int, 1, True, 10_000),
-    "batch_size": ("VAE_BATCH_SIZE", int, 2, True, 65_536),
-    "latent_dim": ("VAE_LATENT_DIM", int, 2, True, 4096),
-    "noise_factor": ("VAE_NOISE_FACTOR", float, 0.0, True, 10.0),
-    "gamma_sc": ("VAE_GAMMA_SC", float, 0.0, True, 1e6),
-    "beta_max": ("VAE_BETA_MAX", float, 0.0, True, 1e6),
-    "warmup_epochs": ("VAE_WARMUP_EPOCHS", int, 0, True, 10_000),
-    "seed": ("VAE_SEED", int, 0, True, 2**31 - 1),
-    "train_samples": ("VAE_TRAIN_SAMPLES", int, 2, True, 10**9),
-    "test_samples": ("VAE_TEST_SAMPLES", int, 20, True, 10**9),
-    "supcon_temperature": ("VAE_SUPCON_TEMPERATURE", float, 0.0, False, 100.0),
-    "supcon_scale": ("VAE_SUPCON_SCALE", ("recon", "none")),
-    "learning_rate": ("VAE_LEARNING_RATE", float, 0.0, False, 10.0),
-    "embed_samples": ("VAE_EMBED_SAMPLES", int, 20, True, 10**7),
-    "fresh_noise": ("VAE_FRESH_NOISE", int, 0, True, 1),
-    "lr_schedule": ("VAE_LR_SCHEDULE", ("cosine", "constant")),
-    "precision": ("VAE_PRECISION", ("auto", "float32", "mixed_float16", "mixed_bfloat16")),
-    "devices": ("VAE_DEVICES", ("one", "all")),
-    "gen_metrics": ("VAE_GEN_METRICS", int, 0, True, 1),
-    "hidden_units": ("VAE_HIDDEN_UNITS", int, 8, True, 8192),
-    "encoder_depth": ("VAE_ENCODER_DEPTH", int, 1, True, 8),
-    "decoder_depth": ("VAE_DECODER_DEPTH", int, 1, True, 8),
-    "output_layer": ("VAE_OUTPUT_LAYER", ("subpixel", "conv")),
-    "preset": ("VAE_PRESET", tuple(PRESETS)),
-    "classical_samples": ("VAE_CLASSICAL_SAMPLES", int, 1, True, 10**6),
-    "data_dir": ("VAE_DATA_DIR", str),
-    "out_dir": ("VAE_OUT_DIR", str),
-    "discard_checkpoint": ("VAE_FRESH", bool),
-}
-# Settings that do not change the trained model; a checkpoint may be reused across them.
-NON_TRAINING_FIELDS = {
-    "test_samples", "embed_samples", "data_dir", "out_dir", "discard_checkpoint", "gen_metrics", "classical_samples",
-    "preset",  # what a preset sets is compared field by field
-    "devices",  # the fingerprint records the replica count instead
-}
 KAGGLE_WORKING = Path("/kaggle/working")
 
 
@@ -1844,20 +1942,19 @@ def default_out_dir() -> Path:
 
 
 def parse_setting(field: str, raw: str, source: str, hint: str):
-    """Parse one setting's text; `source` names it in errors (VAE_EPOCHS or OVERRIDES['epochs'])."""
-    _name, kind, *bounds = SETTING_RULES[field]
-    hint = f"{hint} to use the default ({getattr(Config, field)})"
+    """Parse one setting's text by its declaration in SETTINGS; `source` names it in errors
+    (VAE_EPOCHS, OVERRIDES['epochs'] or PRESETS['faithful']['epochs'])."""
+    rule = SETTINGS[field]
+    kind = ("0", "1") if rule["kind"] is bool else rule["kind"]
+    hint = f"{hint} to use the default ({rule['default']})"
     text = raw.strip()
     if kind is str:
         return text or None
-    if kind is bool:
-        kind = ("0", "1")
     if isinstance(kind, tuple):  # a choice among words
         if text not in kind:
             choices = ", ".join(kind[:-1]) + " or " + kind[-1]
             raise ConfigError(f"{source}={raw!r} must be {choices}; {hint}")
-        return text == "1" if SETTING_RULES[field][1] is bool else text
-    low, low_inclusive, high = bounds
+        return text == "1" if rule["kind"] is bool else text
     try:
         value = int(text) if kind is int else float(text)
     except ValueError:
@@ -1865,37 +1962,51 @@ def parse_setting(field: str, raw: str, source: str, hint: str):
         raise ConfigError(f"{source}={raw!r} is not {what}; {hint}") from None
     if not math.isfinite(value):
         raise ConfigError(f"{source}={raw!r} must be a finite number; {hint}")
-    too_low = value < low if low_inclusive else value <= low
-    if too_low or value > high:
-        bracket = "[" if low_inclusive else "("
+    low, high = rule["low"], rule["high"]
+    if (value <= low if rule["open_low"] else value < low) or value > high:
+        bracket = "(" if rule["open_low"] else "["
         raise ConfigError(f"{source}={raw!r} is out of range: it must lie in {bracket}{low}, {high}]; {hint}")
     return value
+
+
+def parse_value(field: str, value, source: str, hint: str):
+    """A Python value (OVERRIDES, PRESETS) through the same parser as an environment variable's text."""
+    return parse_setting(field, str(int(value)) if isinstance(value, bool) else str(value), source, hint)
+
+
+def refuse_unknown(names, known, where: str) -> None:
+    """An unknown setting stops the run before any work, naming the setting it probably meant."""
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        guesses = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1, 0.75)) else name
+                   for name in unknown]
+        raise ConfigError(f"{where} names unknown setting(s) {', '.join(guesses)}; the settings are: {', '.join(known)}")
 
 
 def config_from_env(environ=None, overrides: dict | None = None) -> Config:
     """The effective Config: the defaults, then the preset's values, then OVERRIDES, then VAE_*
     environment variables.
 
-    Unset or empty variables (and None in OVERRIDES) keep the default. Anything that
-    does not parse, or is out of range, raises ConfigError naming where it came from.
+    Unset or empty variables (and None in OVERRIDES) keep the default. Anything that does not
+    parse, is out of range, or is not a setting at all (VAE_EPOCH) raises ConfigError naming where
+    it came from.
     """
     environ = os.environ if environ is None else environ
     overrides = OVERRIDES if overrides is None else overrides
-    unknown = sorted(set(overrides) - set(SETTING_RULES))
-    if unknown:
-        raise ConfigError(f"OVERRIDES names unknown setting(s) {', '.join(unknown)}; "
-                          f"the settings are: {', '.join(SETTING_RULES)}")
+    variables = {rule["env"]: field for field, rule in SETTINGS.items()}
+    refuse_unknown([name for name in environ if name.startswith("VAE_")], list(variables), "the environment")
+    refuse_unknown(overrides, list(SETTINGS), "OVERRIDES")
     values = {}
-    for field, (name, *_rule) in SETTING_RULES.items():
-        raw = environ.get(name, "")
-        if raw.strip():
-            values[field] = parse_setting(field, raw, name, f"unset {name}")
+    for name, field in variables.items():
+        if environ.get(name, "").strip():
+            values[field] = parse_setting(field, environ[name], name, f"unset {name}")
         elif overrides.get(field) is not None:
-            value = overrides[field]
-            text = str(int(value)) if isinstance(value, bool) else str(value)
-            values[field] = parse_setting(field, text, f"OVERRIDES[{field!r}]", f"remove {field!r} from OVERRIDES")
-    preset = values.get("preset", Config.preset)
-    values = {**PRESETS[preset], **values}
+            values[field] = parse_value(field, overrides[field], f"OVERRIDES[{field!r}]",
+                                        f"remove {field!r} from OVERRIDES")
+    preset = values.get("preset", SETTINGS["preset"]["default"])
+    refuse_unknown(PRESETS[preset], list(SETTINGS), f"PRESETS[{preset!r}]")
+    values = {**{field: parse_value(field, value, f"PRESETS[{preset!r}][{field!r}]", "fix PRESETS")
+                 for field, value in PRESETS[preset].items()}, **values}
     if not values.get("out_dir"):
         values["out_dir"] = str(default_out_dir())
     return Config(**values)
@@ -2139,7 +2250,7 @@ def find_and_load_raw(data_dir=None, search_dirs=None, download=_download_with_k
 def training_fingerprint(config: Config, replicas: int = 1) -> dict:
     """The settings that shape the trained weights, with the precision "auto" resolved to on this
     machine and the replica count: a checkpoint is resumed only under the same ones."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in NON_TRAINING_FIELDS}
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if SETTINGS[k]["trains"]}
     return {**fields, "precision": resolve_precision(config), "replicas": replicas}
 
 

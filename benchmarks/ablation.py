@@ -50,23 +50,22 @@ DEC_EXTRA = [int(n) for n in os.environ.get("ABL_DEC_EXTRA", "0,0,0").split(",")
 OUTPUT = os.environ.get("ABL_OUTPUT", "conv")
 
 
-def build_encoder_layout(latent_dim, seed=1337, hidden_units=128, **_):
+def build_encoder_layout(config, **_):
     inputs = keras.Input(shape=(28, 28, 1), name="noisy_image")
     x = inputs
     for width, extra in zip(ENCODER, ENC_EXTRA):
         x = layers.Conv2D(width, 3, strides=2, padding="same", activation=ACTIVATION)(x)
         for _ in range(extra):
             x = layers.Conv2D(width, 3, padding="same", activation=ACTIVATION)(x)
-    x = layers.Dense(hidden_units, activation=ACTIVATION)(layers.Flatten()(x))
-    z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(x)
-    z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(x)
-    z = vf.Sampling(seed=seed, name="z")([z_mean, z_log_var])
-    return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
+    x = layers.Dense(config.hidden_units, activation=ACTIVATION)(layers.Flatten()(x))
+    z_mean = layers.Dense(config.latent_dim, name="z_mean", dtype="float32")(x)
+    z_log_var = layers.Dense(config.latent_dim, name="z_log_var", dtype="float32")(x)
+    return keras.Model(inputs, [z_mean, z_log_var], name="encoder")
 
 
-def build_decoder_layout(latent_dim, hidden_units=128, **_):
-    latent = keras.Input(shape=(latent_dim,), name="z")
-    x = layers.Dense(hidden_units, activation=ACTIVATION)(latent)
+def build_decoder_layout(config, **_):
+    latent = keras.Input(shape=(config.latent_dim,), name="z")
+    x = layers.Dense(config.hidden_units, activation=ACTIVATION)(latent)
     x = layers.Dense(7 * 7 * DECODER[0], activation=ACTIVATION)(x)
     x = layers.Reshape((7, 7, DECODER[0]))(x)
     for _ in range(DEC_EXTRA[0]):
@@ -110,25 +109,23 @@ def main():
         vf.VAE = HeadVAE
     config = vf.config_from_env()
     vf.setup_devices(config)
-    data = vf.load_fashion_mnist(config)
-    noisy_train = vf.add_noise(data.x_train, config.noise_factor, config.seed)
-    noisy_test = vf.add_noise(data.x_test, config.noise_factor, config.seed + 1)
+    data = vf.with_noise(vf.load_fashion_mnist(config), config)
     vae = vf.build_vae(config, len(data.x_train))
     if HEAD:  # build the head's variables before the optimizer sees the weights
-        vae.compute_losses(noisy_train[:4], data.x_train[:4], data.y_train[:4])
+        vae.compute_losses(data.x_train_noisy[:4], data.x_train[:4], data.y_train[:4])
     began = time.perf_counter()
-    history = vf.train_vae(vae, noisy_train, data.x_train, data.y_train, config, verbose=0)
+    history = vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
     train_s = time.perf_counter() - began
-    evaluation = vf.evaluate(vae, data, noisy_train, noisy_test, config)
-    summary = vf.denoising_summary(evaluation.noisy_quality, evaluation.vae_quality)
-    z_mean, z_log_var = vf.encode(vae.encoder, noisy_test)
+    evaluated = vf.evaluate(vae, data, config)
+    summary = vf.denoising_summary(evaluated["quality"])
+    z_mean, z_log_var = vae.encode(data.x_test_noisy)
     rng = np.random.default_rng(0)
     samples = [z_mean + np.exp(0.5 * z_log_var) * rng.standard_normal(z_mean.shape).astype(np.float32) for _ in range(8)]
-    averaged = vf.image_quality(data.x_test, np.mean([vf.decode(vae.decoder, z) for z in samples], axis=0))
+    averaged = vf.image_quality(data.x_test, np.mean([vae.generate(z) for z in samples], axis=0))
     figures = {
         "psnr": round(summary["vae_psnr"], 3), "ssim": round(summary["vae_ssim"], 4),
         "psnr_avg8": round(float(averaged.psnr.mean()), 3),
-        **{k: round(v, 4) for k, v in evaluation.representation.items() if k != "silhouette_samples"},
+        **{k: round(v, 4) for k, v in evaluated["representation"].items() if k != "silhouette_samples"},
         "kl_end": round(float(history.kl_loss.iloc[-1]), 2), "supcon_end": round(float(history.supcon_loss.iloc[-1]), 3),
         "train_s": round(train_s, 1), "parameters": vae.encoder.count_params() + vae.decoder.count_params(),
         "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("VAE_", "ABL_"))},

@@ -97,7 +97,7 @@ def test_bad_overrides_name_the_entry_and_the_known_settings():
     with pytest.raises(vf.ConfigError, match="OVERRIDES\\['epochs'\\]='0' is out of range") as info:
         vf.config_from_env({}, {"epochs": 0})
     assert "remove 'epochs' from OVERRIDES to use the default (17)" in str(info.value)
-    with pytest.raises(vf.ConfigError, match="unknown setting\\(s\\) epoch;.*epochs, batch_size"):
+    with pytest.raises(vf.ConfigError, match="unknown setting\\(s\\) epoch \\(did you mean epochs\\?\\);.*batch_size"):
         vf.config_from_env({}, {"epoch": 5})
     with pytest.raises(vf.ConfigError, match="OVERRIDES\\['lr_schedule'\\]='linear' must be cosine or constant"):
         vf.config_from_env({}, {"lr_schedule": "linear"})
@@ -138,3 +138,41 @@ def test_auto_precision_picks_bfloat16_only_where_it_was_measured_faster():
     assert vf.cpu_prefers_bfloat16(intel_amx) and vf.cpu_prefers_bfloat16(amd_bf16)
     assert not vf.cpu_prefers_bfloat16(intel_bf16_only) and not vf.cpu_prefers_bfloat16(amd_plain)
     assert not vf.cpu_prefers_bfloat16("flags: avx512_bf16x amx_bf16_fake")  # whole words only
+
+
+def test_an_unknown_vae_variable_stops_the_run_naming_the_setting_it_probably_meant(tmp_path, monkeypatch, capsys):
+    with pytest.raises(vf.ConfigError, match="VAE_EPOCH \\(did you mean VAE_EPOCHS\\?\\)"):
+        vf.config_from_env({"VAE_EPOCH": "5"})
+    with pytest.raises(vf.ConfigError, match="unknown setting\\(s\\) VAE_COLOUR;"):
+        vf.config_from_env({"VAE_COLOUR": "red"})
+    assert vf.config_from_env({"OTHER_EPOCH": "5"}).epochs == 17  # only VAE_* names are ours
+    out = tmp_path / "out"
+    monkeypatch.setenv("VAE_OUT_DIR", str(out))
+    monkeypatch.setenv("VAE_EPOCH", "5")
+    assert vf.cli() == 2
+    assert "VAE_EPOCH (did you mean VAE_EPOCHS?)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_every_setting_is_declared_once_with_its_variable_group_and_meaning():
+    groups = ["preset", "data", "model", "loss", "optimisation", "evaluation", "output"]
+    assert [rule["group"] for rule in vf.SETTINGS.values()] == sorted(
+        (rule["group"] for rule in vf.SETTINGS.values()), key=groups.index)  # fields in group order
+    for field, rule in vf.SETTINGS.items():
+        assert rule["env"] == ("VAE_FRESH" if field == "discard_checkpoint" else f"VAE_{field.upper()}")
+        assert rule["meaning"] and "\n" not in rule["meaning"] and "(the original" not in rule["meaning"], field
+        assert getattr(vf.Config(), field) == rule["default"]
+    # every variable reaches its field, and the fingerprint holds exactly the settings that train
+    assert vf.config_from_env({"VAE_FRESH": "1", "VAE_DEVICES": "all"}).discard_checkpoint is True
+    trained = {field for field, rule in vf.SETTINGS.items() if rule["trains"]}
+    assert set(vf.training_fingerprint(vf.Config())) == trained | {"replicas"}
+    assert {"epochs", "latent_dim", "seed", "precision"} <= trained and not {"out_dir", "devices", "preset"} & trained
+
+
+def test_preset_values_pass_the_same_validation(monkeypatch):
+    monkeypatch.setitem(vf.PRESETS, "quality", {"epochs": 0})
+    with pytest.raises(vf.ConfigError, match="PRESETS\\['quality'\\]\\['epochs'\\]='0' is out of range"):
+        vf.config_from_env({"VAE_PRESET": "quality"})
+    monkeypatch.setitem(vf.PRESETS, "quality", {"epoch": 30})
+    with pytest.raises(vf.ConfigError, match="PRESETS\\['quality'\\] names unknown setting\\(s\\) epoch"):
+        vf.config_from_env({"VAE_PRESET": "quality"})

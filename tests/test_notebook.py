@@ -46,6 +46,11 @@ def test_notebook_matches_the_script():
     assert committed["metadata"]["kernelspec"]["name"] == "python3"
 
 
+def test_the_notebook_settings_table_is_the_declared_settings():
+    first_markdown = jupytext.read(ROOT / "vae_fashion.py").cells[0].source
+    assert vf.settings_table() in first_markdown, "regenerate the table with vf.settings_table()"
+
+
 def test_importing_the_module_does_not_train(tmp_path):
     code = "import vae_fashion, sys; sys.exit(0 if 'vae_fashion' in sys.modules else 1)"
     env = {**os.environ, "VAE_OUT_DIR": str(tmp_path / "out"), "PYTHONPATH": str(ROOT)}

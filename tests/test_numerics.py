@@ -168,7 +168,7 @@ def test_image_quality_matches_independent_psnr_and_ssim():
 def test_denoising_summary_gains():
     noisy = pd.DataFrame({"mse": [0.04, 0.06], "psnr": [14.0, 12.0], "ssim": [0.3, 0.4]})
     vae = pd.DataFrame({"mse": [0.01, 0.01], "psnr": [20.0, 20.0], "ssim": [0.7, 0.8]})
-    s = vf.denoising_summary(noisy, vae)
+    s = vf.denoising_summary({"noisy": noisy, "vae": vae})
     assert s["noisy_mse"] == pytest.approx(0.05) and s["vae_psnr"] == pytest.approx(20.0)
     assert s["mse_improvement_pct"] == pytest.approx(80.0)
     assert s["psnr_gain_db"] == pytest.approx(7.0)
@@ -220,16 +220,20 @@ def small_vae():
 
 def test_model_shapes(small_vae):
     x = np.random.default_rng(6).random((3, 28, 28, 1)).astype(np.float32)
-    z_mean, z_log_var, z = small_vae.encoder(x)
-    assert z_mean.shape == z_log_var.shape == z.shape == (3, 6)
+    z_mean, z_log_var = small_vae.encoder(x)
+    assert z_mean.shape == z_log_var.shape == (3, 6)
     image = small_vae.decoder(z_mean).numpy()
     assert image.shape == (3, 28, 28, 1) and image.min() >= 0 and image.max() <= 1
     np.testing.assert_allclose(small_vae(x).numpy(), image, atol=1e-6)
+    # the model's own uses: encode, denoise = decoder(z_mean), generate = decoder
+    np.testing.assert_allclose(small_vae.encode(x)[0], z_mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(small_vae.denoise(x), image, atol=1e-6)
+    np.testing.assert_allclose(small_vae.generate(z_mean.numpy()), image, atol=1e-6)
     assert [m.name for m in small_vae.metrics] == vf.HISTORY_COLUMNS[1:]
 
 
 def test_subpixel_output_is_a_pixel_shuffle_of_the_last_convolution():
-    decoder = vf.build_decoder(4, hidden_units=8, output_layer="subpixel")
+    decoder = vf.build_decoder(vf.Config(latent_dim=4, hidden_units=8, decoder_depth=1, output_layer="subpixel"))
     shuffle_input = decoder.layers[-5].output  # the 4-channel 3x3 convolution at 14x14
     assert tuple(shuffle_input.shape[1:]) == (14, 14, 4)
     z = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
@@ -237,7 +241,7 @@ def test_subpixel_output_is_a_pixel_shuffle_of_the_last_convolution():
     logits = keras.Model(decoder.input, decoder.get_layer("logits").output)(z)
     np.testing.assert_array_equal(logits.numpy(), tf.nn.depth_to_space(features, 2).numpy())
     assert logits.numpy()[0, 3, 6, 0] == features.numpy()[0, 1, 3, 2]  # row 2*1+1, column 2*3+0: channel 2
-    original = vf.build_decoder(4, hidden_units=8, output_layer="conv")
+    original = vf.build_decoder(vf.Config(latent_dim=4, hidden_units=8, decoder_depth=1, output_layer="conv"))
     assert [type(layer).__name__ for layer in original.layers[-3:]] == ["Conv2DTranspose", "Conv2D", "Activation"]
     assert original.get_layer("logits").output.shape[1:] == (28, 28, 1)
 
@@ -315,31 +319,25 @@ def test_pooled_psnr_is_ten_log_one_over_the_pooled_mse():
 def test_the_ceiling_is_measured_on_clean_inputs():
     """An encoder that passes the pixels through and a decoder that halves them: the ceiling's error
     is that of clean vs clean/2, whatever the noise."""
-    flat = keras.Input((28, 28, 1))
-    pixels = keras.layers.Flatten()(flat)
-    encoder = keras.Model(flat, [pixels, pixels, pixels])
-    latent = keras.Input((784,))
-    decoder = keras.Model(latent, keras.layers.Reshape((28, 28, 1))(latent * 0.5))
+    model = types.SimpleNamespace(encode=lambda x: (x.reshape(len(x), -1),) * 2,
+                                  generate=lambda z: z.reshape(-1, 28, 28, 1) * 0.5)
     rng = np.random.default_rng(9)
     clean = [rng.random((n, 28, 28, 1)).astype(np.float32) for n in (40, 30)]
     labels = [np.arange(n) % 10 for n in (40, 30)]
-    data = vf.FashionMNIST(clean[0], labels[0], clean[1], labels[1], "test")
     noisy = [vf.add_noise(x, 0.45, seed) for seed, x in enumerate(clean)]
-    evaluation = vf.evaluate(types.SimpleNamespace(encoder=encoder, decoder=decoder), data, noisy[0], noisy[1],
-                             vf.Config())
-    np.testing.assert_allclose(evaluation.ceiling_quality["mse"], np.mean((clean[1] / 2) ** 2, axis=(1, 2, 3)),
+    data = vf.FashionMNIST(clean[0], labels[0], clean[1], labels[1], "test", noisy[0], noisy[1])
+    evaluated = vf.evaluate(model, data, vf.Config())
+    np.testing.assert_allclose(evaluated["quality"]["ceiling"]["mse"], np.mean((clean[1] / 2) ** 2, axis=(1, 2, 3)),
                                rtol=1e-5)
-    np.testing.assert_allclose(evaluation.vae_quality["mse"], np.mean((clean[1] - noisy[1] / 2) ** 2, axis=(1, 2, 3)),
-                               rtol=1e-5)
-    summary = vf.denoising_summary(evaluation.noisy_quality, evaluation.vae_quality, evaluation.ceiling_quality)
+    np.testing.assert_allclose(evaluated["quality"]["vae"]["mse"],
+                               np.mean((clean[1] - noisy[1] / 2) ** 2, axis=(1, 2, 3)), rtol=1e-5)
+    summary = vf.denoising_summary(evaluated["quality"])
     assert summary["ceiling_mse"] == pytest.approx(float(np.mean((clean[1] / 2) ** 2)), rel=1e-5)
 
 
 def test_the_faithful_preset_builds_the_original_layers():
     config = vf.config_from_env({"VAE_PRESET": "faithful"})
-    encoder = vf.build_encoder(config.latent_dim, hidden_units=config.hidden_units, depth=config.encoder_depth)
-    decoder = vf.build_decoder(config.latent_dim, config.hidden_units, depth=config.decoder_depth,
-                               output_layer=config.output_layer)
+    encoder, decoder = vf.build_encoder(config), vf.build_decoder(config)
 
     def summary(model):
         return [(type(layer).__name__, getattr(layer, "filters", getattr(layer, "units", None)),

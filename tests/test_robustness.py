@@ -311,13 +311,10 @@ def test_two_runs_with_the_same_seed_give_the_same_metrics(dataset_dir):
                        data_dir=str(dataset_dir), seed=11)
 
     def once():
-        data = vf.load_fashion_mnist(config)
-        noisy_train = vf.add_noise(data.x_train, config.noise_factor, config.seed)
-        noisy_test = vf.add_noise(data.x_test, config.noise_factor, config.seed + 1)
+        data = vf.with_noise(vf.load_fashion_mnist(config), config)
         vae = vf.build_vae(config, len(data.x_train))
-        vf.train_vae(vae, noisy_train, data.x_train, data.y_train, config, verbose=0)
-        evaluation = vf.evaluate(vae, data, noisy_train, noisy_test, config)
-        return vf.denoising_summary(evaluation.noisy_quality, evaluation.vae_quality)
+        vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
+        return vf.denoising_summary(vf.evaluate(vae, data, config)["quality"])
 
     first, second = once(), once()
     assert first == second
