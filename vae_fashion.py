@@ -232,13 +232,13 @@ HISTORY_COLUMNS = ["epoch", "total_loss", "recon_loss", "kl_loss", "supcon_loss"
 # generator's hidden state, so a resumed run repeats an uninterrupted one exactly.
 SEED_OFFSETS = {
     # training
-    "train_noise": 1_000_000_007, "posterior": 2_000_000_011, "train_noise_fixed": 0,
+    "train_noise": 1_000_000_007, "posterior": 2_000_000_011, "train_noise_fixed": 8,
     # analysis
     "test_noise": 1, "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "expost": 5, "conditional": 6,
-    "robustness_subset": 7, "robustness_noise": 1000, "silhouette_subset": 0, "embed_subset": 0, "tsne": 0,
-    "umap": 0, "expost_fit": 0, "interpolation_pairs": 0, "classifier": 0,
+    "robustness_subset": 7, "silhouette_subset": 9, "embed_subset": 10, "tsne": 11, "umap": 12, "expost_fit": 13,
+    "interpolation_pairs": 14, "classifier": 15, "robustness_noise": 1000,  # + the noise level's index
     # drawing
-    "scatter_order": 0,
+    "scatter_order": 16,
 }
 STEP_KEY_STRIDE = 1_000_003  # more than the steps of any epoch: one key per (epoch, step)
 
