@@ -124,7 +124,7 @@ PRESETS = {
     # float32, one convolution per level, 28x28 output layers, 20 epochs
     "faithful": {"supcon_scale": "none", "gamma_sc": 1.0, "fresh_noise": 0, "hidden_units": 128,
                  "learning_rate": 0.001, "lr_schedule": "constant", "precision": "float32",
-                 "encoder_depth": 1, "decoder_depth": 1, "output_layer": "conv", "epochs": 20},
+                 "encoder_depth": 1, "decoder_depth": 1, "output_layer": "conv", "epochs": 20, "prior": "normal"},
     # a larger model trained longer, for a GPU or time to spare
     "quality": {"epochs": 40, "warmup_epochs": 10, "latent_dim": 32, "decoder_depth": 3, "hidden_units": 512},
 }
@@ -172,6 +172,9 @@ class Config:
     supcon_scale: str = setting("recon", "loss", "recon: gamma_sc is relative to the BCE term; none: raw nats",
                                 ("recon", "none"))
     supcon_temperature: float = setting(0.1, "loss", "SupCon temperature", low=0.0, high=100.0, open_low=True)
+    prior: str = setting("normal", "loss", "normal: N(0, I); mixture: a learned Gaussian mixture, fitted to the "
+                         "posteriors after the first epoch and trained with the model", ("normal", "mixture"))
+    prior_components: int = setting(10, "loss", "components of the mixture prior", low=1, high=1000)
     # optimisation
     epochs: int = setting(17, "optimisation", "training epochs", low=1, high=10_000)
     batch_size: int = setting(256, "optimisation", "batch size (SupCon needs pairs)", low=2, high=65_536)
@@ -236,7 +239,7 @@ SEED_OFFSETS = {
     # analysis
     "test_noise": 1, "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "expost": 5, "conditional": 6,
     "robustness_subset": 7, "silhouette_subset": 9, "embed_subset": 10, "tsne": 11, "umap": 12, "expost_fit": 13,
-    "interpolation_pairs": 14, "classifier": 15, "robustness_noise": 1000,  # + the noise level's index
+    "interpolation_pairs": 14, "classifier": 15, "prior_fit": 17, "robustness_noise": 1000,  # + the level's index
     # drawing
     "scatter_order": 16,
 }
@@ -288,6 +291,58 @@ class Sampling(layers.Layer):
 
 
 ENCODER_FILTERS = (32, 64)  # per resolution level, 14x14 and 7x7; the decoder mirrors them
+
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def log_normal(z, mean, log_var):
+    """log N(z; mean, diag(exp(log_var))) per latent dimension (not summed)."""
+    return -0.5 * (ops.square(z - mean) * ops.exp(-log_var) + log_var + LOG_2PI)
+
+
+@keras.saving.register_keras_serializable(package="vae_fashion")
+class MixturePrior(layers.Layer):
+    """A learned prior p(z) = sum_k w_k N(z; mu_k, diag(sigma_k^2)), w = softmax(logits).
+
+    It starts as N(0, I) (every component the standard normal). fit() moves it onto the aggregate
+    posterior once, after the first epoch (FitPrior); from then on the KL term's gradient keeps
+    fitting it, jointly with the model, so its samples land where the posteriors are."""
+
+    def __init__(self, latent_dim: int, components: int, **kwargs):
+        super().__init__(dtype="float32", **kwargs)
+        self.logits = self.add_weight(shape=(components,), initializer="zeros", name="logits")
+        self.means = self.add_weight(shape=(components, latent_dim), initializer="zeros", name="means")
+        self.log_vars = self.add_weight(shape=(components, latent_dim), initializer="zeros", name="log_vars")
+        self.built = True
+
+    def log_prob(self, z):
+        """log p(z) for a batch of latents (batch, latent_dim) -> (batch,)."""
+        per_component = ops.sum(log_normal(ops.cast(z, "float32")[:, None, :], self.means, self.log_vars), axis=-1)
+        return ops.logsumexp(ops.log_softmax(self.logits)[None, :] + per_component, axis=1)
+
+    def fit(self, latents: np.ndarray, seed: int) -> None:
+        """Set the components to a diagonal Gaussian mixture fitted by EM to `latents`."""
+        from sklearn.mixture import GaussianMixture
+
+        mixture = GaussianMixture(len(self.logits.numpy()), covariance_type="diag", random_state=seed).fit(latents)
+        self.logits.assign(np.log(mixture.weights_).astype(np.float32))
+        self.means.assign(mixture.means_.astype(np.float32))
+        self.log_vars.assign(np.log(mixture.covariances_).astype(np.float32))
+
+    def parameters(self) -> dict:
+        """weights, means and variances as numpy arrays (what prior.npz holds)."""
+        logits = self.logits.numpy().astype(np.float64)
+        weights = np.exp(logits - logits.max())
+        return {"weights": weights / weights.sum(), "means": self.means.numpy(), "variances": np.exp(self.log_vars.numpy())}
+
+
+def sample_mixture(parameters: dict, n: int, rng) -> np.ndarray:
+    """n latents from a Gaussian mixture given as MixturePrior.parameters(): a component by its weight,
+    then a draw from it."""
+    component = rng.choice(len(parameters["weights"]), size=n, p=parameters["weights"])
+    noise = rng.standard_normal((n, parameters["means"].shape[1]))
+    return (parameters["means"][component] + np.sqrt(parameters["variances"][component]) * noise).astype(np.float32)
 
 
 def build_encoder(config: Config, filters=ENCODER_FILTERS, activation: str = "relu") -> keras.Model:
@@ -377,6 +432,13 @@ def kl_divergence(z_mean, z_log_var):
     return ops.mean(ops.sum(kl, axis=1))
 
 
+def kl_monte_carlo(z, z_mean, z_log_var, prior_log_prob):
+    """KL(q(z|x) || p(z)) estimated at the posterior sample z, one per image: log q(z|x) - log p(z),
+    summed over latent dims, averaged over the batch. For a learned prior with no closed form."""
+    log_q = ops.sum(log_normal(z, z_mean, z_log_var), axis=1)
+    return ops.mean(log_q - prior_log_prob(z))
+
+
 def supcon_loss(features, labels, temperature: float = 0.1):
     """Supervised contrastive loss (Khosla et al. 2020, L_out).
 
@@ -440,6 +502,9 @@ class VAE(keras.Model):
         self.encoder = encoder
         self.decoder = decoder
         self.sampling = Sampling(seed=config.seed, name="z")
+        # None: the standard normal, whose KL has a closed form
+        self.prior = MixturePrior(config.latent_dim, config.prior_components, name="prior") if (
+            config.prior == "mixture") else None
         self.decoder_logits = keras.Model(decoder.input, decoder.get_layer("logits").output)
         self.gamma_sc = float(config.gamma_sc)
         self.supcon_temperature = float(config.supcon_temperature)
@@ -477,6 +542,13 @@ class VAE(keras.Model):
     def generate(self, latents: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         return self.decoder.predict(np.asarray(latents, dtype=np.float32), batch_size=batch_size, verbose=0)
 
+    def sample_prior(self, n: int, seed: int) -> np.ndarray:
+        """n latents from the prior in use: N(0, I), or the learned mixture."""
+        rng = np.random.default_rng(seed)
+        if self.prior is None:
+            return rng.standard_normal((n, self.decoder.input.shape[-1])).astype(np.float32)
+        return sample_mixture(self.prior.parameters(), n, rng)
+
     def compute_losses(self, noisy, clean, labels, step_key=None, training=False):
         """The loss terms of one batch; with a step_key the posterior sample is keyed by it (see Sampling)."""
         z_mean, z_log_var = self.encoder(noisy, training=training)
@@ -485,7 +557,10 @@ class VAE(keras.Model):
         z_mean, z_log_var = ops.cast(z_mean, "float32"), ops.cast(z_log_var, "float32")
         logits = ops.cast(self.decoder_logits(z, training=training), "float32")
         recon = reconstruction_loss(clean, logits)
-        kl = kl_divergence(z_mean, z_log_var)
+        if self.prior is None:
+            kl = kl_divergence(z_mean, z_log_var)
+        else:
+            kl = kl_monte_carlo(ops.cast(z, "float32"), z_mean, z_log_var, self.prior.log_prob)
         # SupCon compares every image of the global batch, on one device or several; each replica
         # holds the whole term, and the mean over replicas of `total` is the one-device loss.
         features, labels = (across_replicas(v, "gather") for v in (self.supcon_features(z_mean), labels))
@@ -532,6 +607,26 @@ class BetaWarmup(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.model.beta.assign(warmup_beta(epoch, self.beta_max, self.warmup_epochs))
+
+
+class FitPrior(keras.callbacks.Callback):
+    """Before the second epoch, fits the mixture prior to the aggregate posterior: one posterior sample
+    of each of up to 10 000 noisy training images (a seeded subset). A resumed run past that epoch
+    has the fitted prior in its checkpoint."""
+
+    def __init__(self, noisy: np.ndarray, config: Config, epoch: int = 1, size: int = 10_000):
+        super().__init__()
+        self.noisy, self.config, self.epoch, self.size = noisy, config, epoch, size
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch != self.epoch or self.model.prior is None:
+            return
+        seed = seed_for(self.config, "prior_fit")
+        rng = np.random.default_rng(seed)
+        subset = np.sort(rng.permutation(len(self.noisy))[: self.size])
+        z_mean, z_log_var = self.model.encode(self.noisy[subset])
+        latents = z_mean + np.exp(0.5 * z_log_var) * rng.standard_normal(z_mean.shape).astype(np.float32)
+        self.model.prior.fit(latents, seed)
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
@@ -854,7 +949,7 @@ def train_vae(
             epochs=config.epochs,
             initial_epoch=first_epoch,
             steps_per_epoch=steps_per_epoch(len(x_clean), config, replicas),
-            callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), guard, history,
+            callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), FitPrior(x_noisy, config), guard, history,
                        TrainingTimeEstimate(config.epochs)],
             verbose=verbose,
             shuffle=False,  # the dataset shuffles by (seed, epoch) itself
@@ -1079,8 +1174,7 @@ def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_trai
     # one pass per image set gives both the features and the class probabilities
     two_heads = keras.Model(classifier.input, [classifier.get_layer("features").output, classifier.output])
     n = min(len(data.x_test), len(data.x_train))
-    rng = np.random.default_rng(seed_for(config, "prior_fd"))
-    prior = vae.generate(rng.standard_normal((n, config.latent_dim)).astype(np.float32))
+    prior = vae.generate(vae.sample_prior(n, seed_for(config, "prior_fd")))
     expost = vae.generate(sample_expost(density, n, seed_for(config, "expost")))
     per_class = max(2, n // NUM_CLASSES)
     latents, intended = class_conditional_latents(z_mean_train, data.y_train, per_class,
@@ -1328,8 +1422,7 @@ def analyse(vae: VAE, data: FashionMNIST, config: Config, timer) -> Results:
         pca_coords, pca_ratios = project_pca(z_mean_test)
     embeddings, warnings = latent_embeddings(z_mean_test, config, timer)
     with timer.stage("generation and interpolation"):
-        rng = np.random.default_rng(seed_for(config, "prior_grid"))
-        prior_grid = vae.generate(rng.standard_normal((100, config.latent_dim)).astype(np.float32))
+        prior_grid = vae.generate(vae.sample_prior(100, seed_for(config, "prior_grid")))
         paths = latent_paths(vae, z_mean_test, data.y_test, config)
     with timer.stage("ex-post density and class-conditional samples"):
         density = fit_expost_density(z_mean_train, seed_for(config, "expost_fit"))
@@ -1470,9 +1563,9 @@ def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
     save_figure(fig, Path(path), show)
 
 
-def plot_generation_quality(generation: dict, path, show=False):
+def plot_generation_quality(generation: dict, path, prior_name: str = "prior\nN(0, I)", show=False):
     plt = _plt()
-    names = ["clean train\n(floor)", "VAE recon-\nstructions", "prior\nN(0, I)", "ex-post\nGMM", "class-\nconditional",
+    names = ["clean train\n(floor)", "VAE recon-\nstructions", prior_name, "ex-post\nGMM", "class-\nconditional",
              "noisy test\n(ceiling)"]
     keys = ["fd_clean_train", "fd_vae_reconstruction", "fd_prior_samples", "fd_expost_samples",
             "fd_conditional_samples", "fd_noisy_input"]
@@ -1486,7 +1579,7 @@ def plot_generation_quality(generation: dict, path, show=False):
     ax.tick_params(axis="x", labelsize=8)
     x = np.arange(NUM_CLASSES)
     for offset, name, color in ((-0.2, "prior", "#ff7f0e"), (0.2, "expost", "#9467bd")):
-        label = (f"{'prior N(0, I)' if name == 'prior' else 'ex-post GMM'}: entropy "
+        label = (f"{prior_name.replace(chr(10), ' ') if name == 'prior' else 'ex-post GMM'}: entropy "
                  f"{generation[name + '_class_entropy']:.2f}, confidence {generation[name + '_mean_confidence']:.2f}")
         ax2.bar(x + offset, generation[f"{name}_class_counts"], 0.4, color=color, label=label)
     ax2.axhline(generation["fd_samples"] / NUM_CLASSES, color="k", ls="--", lw=1, label="uniform")
@@ -1535,11 +1628,15 @@ def plot_title_panel(title: str, subtitle: str, path, show=False):
     save_figure(fig, Path(path), show, tight=False)
 
 
+PRIOR_NAMES = {"normal": "N(0, I)", "mixture": "the learned mixture prior"}
+
+
 def render_training(history: pd.DataFrame, config: Config, out: Path, show=False) -> None:
     curves = [
         ("total_loss", "01_train_total_loss.png", "Training loss: total = recon + beta*KL + gamma_sc*w*SupCon", "nats per image"),
         ("recon_loss", "02_train_recon_loss.png", "Reconstruction loss (BCE, clean vs recon, summed over pixels)", "nats per image"),
-        ("kl_loss", "03_train_kl_loss.png", "KL divergence to N(0, I)", "nats per image"),
+        ("kl_loss", "03_train_kl_loss.png", f"KL divergence to the prior, {PRIOR_NAMES[config.prior]}"
+         + (" (Monte-Carlo estimate)" if config.prior == "mixture" else ""), "nats per image"),
         ("supcon_loss", "03B_train_supcon_loss.png", "Supervised contrastive loss on z_mean", "loss"),
         ("beta", "04_beta_warmup.png", f"KL weight beta: linear warm-up over {config.warmup_epochs} epochs", "beta"),
     ]
@@ -1566,8 +1663,8 @@ def render_latent_space(results: Results, out: Path, show=False) -> None:
 
 def render_generation(results: Results, out: Path, show=False) -> None:
     """The sample grids, interpolations and traversals, and the generation-quality figure."""
-    plot_images(results.prior_grid, "Samples from the prior: decoder(z), z ~ N(0, I)", out / "07_generated_prior.png",
-                show=show)
+    plot_images(results.prior_grid, f"Samples from the prior: decoder(z), z ~ {PRIOR_NAMES[results.config.prior]}",
+                out / "07_generated_prior.png", show=show)
     plot_images(results.expost_grid, "Samples from the ex-post density: decoder(z), z ~ 10-component GMM fitted to "
                 "training z_mean", out / "07B_generated_expost.png", show=show)
     classes = results.conditional_classes
@@ -1585,7 +1682,8 @@ def render_generation(results: Results, out: Path, show=False) -> None:
                 [f"PC{r + 1}\n({100 * ratio:.0f} %)" for r, ratio in enumerate(results.traversal_ratios)],
                 [f"{-span + 2 * span * c / (steps - 1):+.1f} sd" for c in range(steps)], show)
     if results.generation is not None:
-        plot_generation_quality(results.generation, out / "09_generation_quality.png", show)
+        plot_generation_quality(results.generation, out / "09_generation_quality.png",
+                                "prior\nN(0, I)" if results.config.prior == "normal" else "learned\nprior", show)
 
 
 def render(results: Results, history: pd.DataFrame, out: Path, show: bool = False) -> None:
@@ -1654,7 +1752,7 @@ METRICS = {
     "classifier_test_accuracy": ("generation", "", "generation", "test accuracy of the small CNN (3 epochs on clean training images) whose 64-d penultimate features define the Fréchet distances"),
     "fd_clean_train": ("generation", "", "generation", "Fréchet distance between classifier features of clean training images and of clean test images (the floor)"),
     "fd_vae_reconstruction": ("generation", "", "generation", "Fréchet distance of VAE outputs decoder(z_mean(noisy test)) to clean test images"),
-    "fd_prior_samples": ("generation", "", "generation", "Fréchet distance of decoder(z), z ~ N(0, I), to clean test images"),
+    "fd_prior_samples": ("generation", "", "generation", "Fréchet distance of decoder(z), z ~ the prior in use (N(0, I), or the learned mixture with prior=mixture), to clean test images"),
     "fd_noisy_input": ("generation", "", "generation", "Fréchet distance of the noisy test images to clean test images (a ceiling)"),
     "prior_class_entropy": ("generation", "", "generation", "entropy of the classifier's labels for the prior samples / log(10); 1 = every class equally often"),
     "prior_mean_confidence": ("generation", "", "generation", "mean max-softmax probability of the classifier on the prior samples"),
@@ -1731,7 +1829,8 @@ def report_head(values: dict, n_images: dict, results: Results) -> list[str]:
         f"(seed {seed_for(config, 'test_noise')})",
         f"model: latent_dim={config.latent_dim}, epochs={config.epochs}, batch_size={config.batch_size}, "
         f"gamma_sc={config.gamma_sc} (supcon_scale={config.supcon_scale}), beta_max={config.beta_max}, "
-        f"warmup_epochs={config.warmup_epochs}, training noise: "
+        f"warmup_epochs={config.warmup_epochs}, prior={config.prior}"
+        + (f" ({config.prior_components} components)" if config.prior == "mixture" else "") + ", training noise: "
         + ("new every epoch" if config.fresh_noise else "one fixed noisy copy"),
         "",
         "Denoising (the VAE output is decoder(z_mean), the deterministic mean of the posterior)",
@@ -1820,6 +1919,9 @@ def save_models(vae: VAE, out: Path) -> None:
     for model, name in ((vae.encoder, "encoder.keras"), (vae.decoder, "decoder.keras")):
         with atomic_path(out / name) as tmp:
             model.save(tmp)
+    if vae.prior is not None:  # the learned prior: weights, means, variances (README: generating from the files)
+        with atomic_path(out / "prior.npz") as tmp:
+            np.savez(tmp, **vae.prior.parameters())
 
 
 def effective_config_record(config: Config, overrides: dict | None = None) -> dict:

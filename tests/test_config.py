@@ -55,6 +55,10 @@ def test_empty_variable_means_default():
         ("VAE_BATCH_SIZE", "1", "VAE_BATCH_SIZE='1' is out of range"),
         ("VAE_TEST_SAMPLES", "5", "VAE_TEST_SAMPLES='5' is out of range"),
         ("VAE_LEARNING_RATE", "0", "must lie in \\(0.0"),
+        ("VAE_PRIOR", "flow", "VAE_PRIOR='flow' must be normal or mixture"),
+        ("VAE_PRIOR_COMPONENTS", "0", "VAE_PRIOR_COMPONENTS='0' is out of range"),
+        ("VAE_PRIOR_COMPONENTS", "2.5", "VAE_PRIOR_COMPONENTS='2.5' is not a whole number"),
+        ("VAE_DEVICES", "both", "VAE_DEVICES='both' must be one or all"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_default(name, value, message):

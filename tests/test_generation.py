@@ -138,3 +138,69 @@ def test_robustness_summary_names_where_the_vae_stops_beating_tv():
         "PSNR: the VAE beats TV at sigma 0.45, 0.8 and stops beating it at sigma 0.1",
         "SSIM: the VAE beats TV at sigma 0.45, 0.8 and stops beating it at sigma 0.1",
     ]
+
+
+# ---------------------------------------------------------------- the learned (mixture) prior
+
+
+def test_monte_carlo_kl_to_a_standard_normal_mixture_equals_the_closed_form():
+    rng = np.random.default_rng(0)
+    z_mean = rng.normal(0, 1, (6, 3)).astype(np.float32)
+    z_log_var = rng.normal(0, 0.5, (6, 3)).astype(np.float32)
+    analytic = float(vf.kl_divergence(z_mean, z_log_var))
+    draws = 40_000  # per posterior
+    mean, log_var = np.repeat(z_mean, draws, axis=0), np.repeat(z_log_var, draws, axis=0)
+    z = (mean + np.exp(0.5 * log_var) * rng.standard_normal(mean.shape)).astype(np.float32)
+    for components in (1, 3):  # K identical standard-normal components are N(0, I) too
+        prior = vf.MixturePrior(3, components)
+        per_draw = (np.sum(vf.log_normal(z, mean, log_var).numpy(), axis=1) - prior.log_prob(z).numpy())
+        estimate = float(vf.kl_monte_carlo(z, mean, log_var, prior.log_prob))
+        assert estimate == pytest.approx(float(per_draw.mean()), rel=1e-5)
+        assert abs(estimate - analytic) < 4 * per_draw.std() / np.sqrt(len(z)), (estimate, analytic)
+
+
+def test_mixture_log_density_matches_scipy():
+    from scipy.stats import multivariate_normal
+
+    prior = vf.MixturePrior(2, 3)
+    weights = np.array([0.5, 0.3, 0.2])
+    means = np.array([[0.0, 1.0], [3.0, -1.0], [-2.0, 2.0]], np.float32)
+    variances = np.array([[1.0, 0.5], [0.2, 2.0], [1.5, 1.5]], np.float32)
+    prior.logits.assign(np.log(weights).astype(np.float32))
+    prior.means.assign(means)
+    prior.log_vars.assign(np.log(variances))
+    z = np.random.default_rng(1).normal(0, 2, (50, 2)).astype(np.float32)
+    expected = np.log(sum(w * multivariate_normal(m, np.diag(v)).pdf(z) for w, m, v in zip(weights, means, variances)))
+    np.testing.assert_allclose(prior.log_prob(z).numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(prior.parameters()["weights"], weights, rtol=1e-6)
+
+
+def test_mixture_samples_follow_its_weights_and_components():
+    parameters = {"weights": np.array([0.7, 0.2, 0.1]), "means": np.array([[0.0, 0.0], [20.0, 0.0], [40.0, 5.0]]),
+                  "variances": np.array([[1.0, 1.0], [4.0, 0.25], [1.0, 9.0]])}
+    z = vf.sample_mixture(parameters, 30_000, np.random.default_rng(2))
+    component = np.argmin(np.abs(z[:, :1] - parameters["means"][:, 0]), axis=1)
+    np.testing.assert_allclose(np.bincount(component) / len(z), parameters["weights"], atol=0.01)
+    for k in range(3):
+        np.testing.assert_allclose(z[component == k].mean(axis=0), parameters["means"][k], atol=0.1)
+        np.testing.assert_allclose(z[component == k].var(axis=0), parameters["variances"][k], rtol=0.1)
+
+
+def test_the_learned_prior_generates_from_the_saved_files_alone(tmp_path):
+    """README's snippet: decoder.keras and prior.npz, without this module."""
+    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, prior="mixture", prior_components=3))
+    vae.prior.fit(np.random.default_rng(3).normal(0, 1, (300, 4)) + np.repeat([[4, 0, 0, 0], [0, 0, 0, 0]], 150, 0),
+                  seed=0)
+    vf.save_models(vae, tmp_path)
+    saved = np.load(tmp_path / "prior.npz")
+    for name, value in vae.prior.parameters().items():
+        np.testing.assert_allclose(saved[name], value, rtol=1e-6)
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("```python\n")[1].split("```")[0]
+    assert "prior.npz" in snippet and "decoder.keras" in snippet
+    code = f"import os, sys\nos.chdir(sys.argv[1])\n{snippet}\nassert 'vae_fashion' not in sys.modules\n" \
+           "import numpy as np; np.save('images.npy', images)\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=tmp_path, env=env, timeout=300)
+    images = np.load(tmp_path / "images.npy")
+    assert images.shape[1:] == (28, 28, 1) and len(images) > 1 and 0 <= images.min() and images.max() <= 1

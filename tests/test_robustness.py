@@ -318,3 +318,21 @@ def test_two_runs_with_the_same_seed_give_the_same_metrics(dataset_dir):
 
     first, second = once(), once()
     assert first == second
+
+
+def test_a_run_with_the_learned_prior_resumes_bit_for_bit(tmp_path):
+    """Killed before the prior is fitted (start of epoch 2), resumed: the fit happens in the resumed run,
+    and weights, prior, metrics and history equal an uninterrupted run's."""
+    env = {**RESUME, "VAE_PRIOR": "mixture", "VAE_PRIOR_COMPONENTS": "4", "VAE_GEN_METRICS": "0",
+           "VAE_DATA_DIR": str(write_dataset(tmp_path / "data"))}
+    _run_to_end({**env, "VAE_OUT_DIR": str(tmp_path / "ref")}, tmp_path)
+    out = tmp_path / "killed"
+    env = {**env, "VAE_OUT_DIR": str(out)}
+    _kill_at(env, tmp_path, "Epoch 2/4")
+    log = _run_to_end(env, tmp_path)
+    assert "resuming after epoch 1" in log
+    _assert_same_run(out, tmp_path / "ref")
+    ours, theirs = np.load(out / "prior.npz"), np.load(tmp_path / "ref" / "prior.npz")
+    for name in ("weights", "means", "variances"):
+        np.testing.assert_array_equal(ours[name], theirs[name])
+    assert len(np.unique(ours["means"][:, 0])) == 4  # fitted: the components no longer all sit at 0
