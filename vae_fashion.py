@@ -55,6 +55,8 @@
 # | loss | `gamma_sc` | `VAE_GAMMA_SC` | `0.25` | weight of SupCon (0: a plain denoising VAE) |
 # | loss | `supcon_scale` | `VAE_SUPCON_SCALE` | `recon` | recon: gamma_sc is relative to the BCE term; none: raw nats |
 # | loss | `supcon_temperature` | `VAE_SUPCON_TEMPERATURE` | `0.1` | SupCon temperature |
+# | loss | `prior` | `VAE_PRIOR` | `normal` | normal: N(0, I); mixture: a learned Gaussian mixture, fitted to the posteriors after the first epoch and trained with the model |
+# | loss | `prior_components` | `VAE_PRIOR_COMPONENTS` | `10` | components of the mixture prior |
 # | optimisation | `epochs` | `VAE_EPOCHS` | `17` | training epochs |
 # | optimisation | `batch_size` | `VAE_BATCH_SIZE` | `256` | batch size (SupCon needs pairs) |
 # | optimisation | `learning_rate` | `VAE_LEARNING_RATE` | `0.002` | Adam's peak learning rate |
