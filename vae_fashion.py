@@ -497,7 +497,7 @@ class VAE(keras.Model):
     """Denoising VAE trained on BCE + beta * KL + gamma_sc * w * SupCon(z_mean); see supcon_weight().
 
     It owns its uses, on numpy batches of any size: encode() gives (z_mean, z_log_var), denoise()
-    gives decoder(z_mean(noisy)), generate() decodes latents."""
+    gives decoder(z_mean(noisy)), generate() decodes latents, sample_prior() draws from the prior."""
 
     def __init__(self, encoder, decoder, config: Config, **kwargs):
         super().__init__(**kwargs)
