@@ -278,7 +278,7 @@ class Sampling(layers.Layer):
         if step_key:
             stream = tf.stack([tf.constant(self.seed + SEED_OFFSETS["posterior"], tf.int64),
                                tf.cast(step_key[0], tf.int64)])
-            stream = tf.random.experimental.stateless_fold_in(stream, 0)
+            stream = tf.random.experimental.stateless_fold_in(stream, 0)  # the stream one device always used
             replicas, replica = replica_position()
             rows = tf.shape(z_mean)[0]  # global batches are split evenly (make_train_dataset)
             global_shape = tf.stack([rows * replicas, tf.shape(z_mean)[1]])
@@ -339,12 +339,21 @@ class MixturePrior(layers.Layer):
         return {"weights": weights / weights.sum(), "means": self.means.numpy(), "variances": np.exp(self.log_vars.numpy())}
 
 
+def gaussian_samples(rng, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
+    """One sample of N(means[i], covariances[i]) per row i, through the Cholesky factors."""
+    factors = np.linalg.cholesky(covariances)
+    return means + np.einsum("nij,nj->ni", factors, rng.standard_normal(means.shape))
+
+
 def sample_mixture(parameters: dict, n: int, rng) -> np.ndarray:
-    """n latents from a Gaussian mixture given as MixturePrior.parameters(): a component by its weight,
-    then a draw from it."""
+    """n latents from a Gaussian mixture: a component by its weight, then a draw from it. `parameters`
+    holds weights, means, and full "covariances" or diagonal "variances" (MixturePrior.parameters())."""
+    covariances = parameters.get("covariances")
+    if covariances is None:
+        variances = parameters["variances"]
+        covariances = variances[:, :, None] * np.eye(variances.shape[1], dtype=variances.dtype)
     component = rng.choice(len(parameters["weights"]), size=n, p=parameters["weights"])
-    noise = rng.standard_normal((n, parameters["means"].shape[1]))
-    return (parameters["means"][component] + np.sqrt(parameters["variances"][component]) * noise).astype(np.float32)
+    return gaussian_samples(rng, parameters["means"][component], covariances[component]).astype(np.float32)
 
 
 def build_encoder(config: Config, filters=ENCODER_FILTERS, activation: str = "relu") -> keras.Model:
@@ -402,23 +411,27 @@ def build_decoder(config: Config, filters=ENCODER_FILTERS[::-1], activation: str
 # Loss terms: per-batch means of per-image quantities.
 
 
-def replica_position() -> tuple[int, tf.Tensor]:
-    """(replicas in sync, this replica's index); (1, 0) outside MirroredStrategy."""
+def several_replicas():
+    """The replica context when several replicas train in sync (MirroredStrategy), else None."""
     context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return 1, tf.constant(0)
-    return context.num_replicas_in_sync, context.replica_id_in_sync_group
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
+def replica_position() -> tuple[int, tf.Tensor]:
+    """(replicas in sync, this replica's index); (1, 0) on one device."""
+    context = several_replicas()
+    return (1, tf.constant(0)) if context is None else (context.num_replicas_in_sync, context.replica_id_in_sync_group)
 
 
 def across_replicas(value, op: str):
-    """value "gather"ed along axis 0 or "mean"-reduced over the replicas; value itself on one device.
-    all_gather passes gradients back to the replica each row came from."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
+    """value "gather"ed along axis 0, or "mean"- or "sum"-reduced over the replicas; value itself on one
+    device. all_gather passes gradients back to the replica each row came from."""
+    context = several_replicas()
+    if context is None:
         return value
     if op == "gather":
         return context.all_gather(value, axis=0)
-    return context.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+    return context.all_reduce(tf.distribute.ReduceOp.MEAN if op == "mean" else tf.distribute.ReduceOp.SUM, value)
 
 
 def reconstruction_loss(clean, logits):
@@ -589,8 +602,7 @@ class VAE(keras.Model):
             # The loss-scale optimizer decides "apply, or skip and halve the scale" from replica 0's
             # gradients, before they are summed: an overflow elsewhere would reach the weights. Make
             # every replica's gradients non-finite when any replica's are, so all skip together.
-            overflows = tf.distribute.get_replica_context().all_reduce(
-                tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(self.optimizer.check_finite(grads), tf.float32))
+            overflows = across_replicas(1.0 - tf.cast(self.optimizer.check_finite(grads), tf.float32), "sum")
             grads = [ops.where(overflows > 0, ops.full_like(g, float("nan")), g) for g in grads]
         self.optimizer.apply(grads, self.trainable_weights)
         for tracker in self.metrics[:4]:
@@ -1142,17 +1154,10 @@ def fit_expost_density(z_train: np.ndarray, seed: int, components: int = NUM_CLA
     return GaussianMixture(components, covariance_type="full", random_state=seed).fit(z_train)
 
 
-def gaussian_samples(rng, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
-    """One sample of N(means[i], covariances[i]) per row i, through the Cholesky factors."""
-    factors = np.linalg.cholesky(covariances)
-    return means + np.einsum("nij,nj->ni", factors, rng.standard_normal(means.shape))
-
-
 def sample_expost(density, n: int, seed: int) -> np.ndarray:
     """n latents from the fitted mixture, in random component order."""
-    rng = np.random.default_rng(seed)
-    component = rng.choice(len(density.weights_), size=n, p=density.weights_)
-    return gaussian_samples(rng, density.means_[component], density.covariances_[component]).astype(np.float32)
+    parameters = {"weights": density.weights_, "means": density.means_, "covariances": density.covariances_}
+    return sample_mixture(parameters, n, np.random.default_rng(seed))
 
 
 def class_conditional_latents(z_train, y_train, per_class: int, seed: int):

@@ -1,7 +1,9 @@
 """Shared helpers: tiny IDX datasets written by the tests themselves."""
 
 import gzip
+import os
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,6 +66,26 @@ def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool 
     ):
         write_idx(folder / IDX_NAMES[key], array, gz=gz)
     return folder
+
+
+def saved_weights(path) -> dict:
+    """Every array of a Keras .weights.h5 file, by its path inside the file."""
+    import h5py
+
+    arrays = {}
+    with h5py.File(path, "r") as handle:
+        handle.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if hasattr(item, "shape") else None)
+    return arrays
+
+
+def start_run(env: dict, code: str | None = None, **popen) -> subprocess.Popen:
+    """vae_fashion.py as a script (or `code` in `python -c`) with only the given VAE_* variables set,
+    its output merged and unbuffered."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+    full_env.update(env, PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-u", str(ROOT / "vae_fashion.py")] if code is None else [sys.executable, "-c", code]
+    return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
 
 
 @pytest.fixture

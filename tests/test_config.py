@@ -67,13 +67,20 @@ def test_bad_values_name_the_variable_and_the_default(name, value, message):
     assert f"unset {name} to use the default" in str(info.value)
 
 
-def test_config_errors_stop_the_script_before_any_work(tmp_path, monkeypatch, capsys):
+def _cli_error(tmp_path, monkeypatch, capsys, name, value):
+    """Run the script entry point with one variable set; the exit code, its stderr, and whether it made
+    the output folder."""
     out = tmp_path / "out"
     monkeypatch.setenv("VAE_OUT_DIR", str(out))
-    monkeypatch.setenv("VAE_EPOCHS", "abc")
-    assert vf.cli() == 2
-    assert "ERROR: VAE_EPOCHS='abc' is not a whole number" in capsys.readouterr().err
-    assert not out.exists()
+    monkeypatch.setenv(name, value)
+    return vf.cli(), capsys.readouterr().err, out.exists()
+
+
+def test_config_errors_stop_the_script_before_any_work(tmp_path, monkeypatch, capsys):
+    code, err, made_output = _cli_error(tmp_path, monkeypatch, capsys, "VAE_EPOCHS", "abc")
+    assert code == 2
+    assert "ERROR: VAE_EPOCHS='abc' is not a whole number" in err
+    assert not made_output
 
 
 def test_effective_config_record_is_json(monkeypatch):
@@ -150,12 +157,10 @@ def test_an_unknown_vae_variable_stops_the_run_naming_the_setting_it_probably_me
     with pytest.raises(vf.ConfigError, match="unknown setting\\(s\\) VAE_COLOUR;"):
         vf.config_from_env({"VAE_COLOUR": "red"})
     assert vf.config_from_env({"OTHER_EPOCH": "5"}).epochs == 17  # only VAE_* names are ours
-    out = tmp_path / "out"
-    monkeypatch.setenv("VAE_OUT_DIR", str(out))
-    monkeypatch.setenv("VAE_EPOCH", "5")
-    assert vf.cli() == 2
-    assert "VAE_EPOCH (did you mean VAE_EPOCHS?)" in capsys.readouterr().err
-    assert not out.exists()
+    code, err, made_output = _cli_error(tmp_path, monkeypatch, capsys, "VAE_EPOCH", "5")
+    assert code == 2
+    assert "VAE_EPOCH (did you mean VAE_EPOCHS?)" in err
+    assert not made_output
 
 
 def test_every_setting_is_declared_once_with_its_variable_group_and_meaning():

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import vae_fashion as vf
-from conftest import ROOT, write_dataset
+from conftest import ROOT, saved_weights, start_run, write_dataset
 
 # Split the CPU into two logical devices before TensorFlow starts using it.
 TWO_CPUS = (
@@ -248,15 +248,12 @@ TWO_DEVICE_RUN = {"VAE_DEVICES": "all", "VAE_PRECISION": "mixed_float16", "VAE_E
 RUN_ON_TWO_CPUS = TWO_CPUS + "import runpy\nrunpy.run_path('vae_fashion.py', run_name='__main__')\n"
 
 
-def _start(env, cwd):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-    full_env.update(env, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-c", RUN_ON_TWO_CPUS], cwd=ROOT, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(env):
+    return start_run(env, RUN_ON_TWO_CPUS, cwd=ROOT)  # runpy finds vae_fashion.py in ROOT
 
 
-def _finish(env, cwd):
-    process = _start(env, cwd)
+def _finish(env):
+    process = _start(env)
     log = process.communicate(timeout=900)[0]
     assert process.returncode == 0, log[-4000:]
     return log
@@ -265,15 +262,7 @@ def _finish(env, cwd):
 def _same_run(out: Path, reference: Path):
     pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"), pd.read_csv(reference / "metrics.csv"))
     pd.testing.assert_frame_equal(pd.read_csv(out / "history.csv"), pd.read_csv(reference / "history.csv"))
-    import h5py
-
-    def arrays(path):
-        found = {}
-        with h5py.File(path, "r") as handle:
-            handle.visititems(lambda name, item: found.__setitem__(name, item[()]) if hasattr(item, "shape") else None)
-        return found
-
-    ours, theirs = (arrays(folder / "checkpoint" / "vae.weights.h5") for folder in (out, reference))
+    ours, theirs = (saved_weights(folder / "checkpoint" / "vae.weights.h5") for folder in (out, reference))
     assert ours.keys() == theirs.keys() and len(ours) > 10
     for name in theirs:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
@@ -283,7 +272,7 @@ def test_run_on_two_devices_in_float16_resumes_after_a_kill_and_reuses_a_finishe
     """Through run(): an uneven last batch (500 = 7 x 64 + 52), mixed_float16, a kill in epoch 3,
     the resume, and a rerun of the finished training, all on two replicas."""
     env = {**TWO_DEVICE_RUN, "VAE_DATA_DIR": str(write_dataset(tmp_path / "data"))}
-    log = _finish({**env, "VAE_OUT_DIR": str(tmp_path / "ref")}, tmp_path)
+    log = _finish({**env, "VAE_OUT_DIR": str(tmp_path / "ref")})
     assert "2 replica(s); precision mixed_float16" in log
     assert "7/7" in log and "ms per step: the 4 epochs take about" in log
     history = pd.read_csv(tmp_path / "ref" / "history.csv")
@@ -293,17 +282,17 @@ def test_run_on_two_devices_in_float16_resumes_after_a_kill_and_reuses_a_finishe
 
     out = tmp_path / "killed"
     env = {**env, "VAE_OUT_DIR": str(out)}
-    victim = _start(env, tmp_path)
+    victim = _start(env)
     for line in victim.stdout:
         if line.startswith("Epoch 3/4"):
             victim.send_signal(signal.SIGKILL)
             break
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL
-    log = _finish(env, tmp_path)
+    log = _finish(env)
     assert "resuming after epoch 2" in log and "Epoch 1/4" not in log
     _same_run(out, tmp_path / "ref")
 
-    log = _finish(env, tmp_path)  # Run all, pressed again
+    log = _finish(env)  # Run all, pressed again
     assert "training already finished" in log
     _same_run(out, tmp_path / "ref")

@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pandas as pd
 import pytest
 
 import vae_fashion as vf
-from conftest import IDX_NAMES, ROOT, write_dataset, write_idx
+from conftest import IDX_NAMES, saved_weights, start_run, write_dataset, write_idx
 
 TINY = {"VAE_EPOCHS": "2", "VAE_BATCH_SIZE": "64", "VAE_TRAIN_SAMPLES": "256", "VAE_TEST_SAMPLES": "64",
         "VAE_EMBED_SAMPLES": "60", "VAE_LATENT_DIM": "4"}
@@ -169,19 +167,12 @@ def test_stale_results_of_an_earlier_run_are_removed(tmp_path, monkeypatch, caps
 # ------------------------------------------------------------------ resume and reruns
 
 
-def _script(env, **popen):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-    full_env.update(env)
-    return subprocess.Popen([sys.executable, "-u", str(ROOT / "vae_fashion.py")], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
 RESUME = {"VAE_EPOCHS": "4", "VAE_WARMUP_EPOCHS": "2", "VAE_BATCH_SIZE": "64", "VAE_TRAIN_SAMPLES": "512",
           "VAE_TEST_SAMPLES": "100", "VAE_EMBED_SAMPLES": "60", "VAE_SEED": "5"}
 
 
 def _run_to_end(env, cwd):
-    process = _script(env, cwd=cwd)
+    process = start_run(env, cwd=cwd)
     log = process.communicate(timeout=900)[0]
     assert process.returncode == 0, log[-3000:]
     return log
@@ -189,7 +180,7 @@ def _run_to_end(env, cwd):
 
 def _kill_at(env, cwd, epoch_line):
     """Start a run and SIGKILL it when it prints `epoch_line` (the start of that epoch)."""
-    victim = _script(env, cwd=cwd)
+    victim = start_run(env, cwd=cwd)
     seen = []
     deadline = time.time() + 600
     for line in victim.stdout:
@@ -205,22 +196,13 @@ def _kill_at(env, cwd, epoch_line):
     assert not (out / "metrics.csv").exists()
 
 
-def _weights(path):
-    import h5py
-
-    arrays = {}
-    with h5py.File(path, "r") as handle:
-        handle.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if hasattr(item, "shape") else None)
-    return arrays
-
-
 def _assert_same_run(out, reference):
     """Exactly equal: every printed digit of metrics.csv and history.csv, and every saved weight."""
     pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"), pd.read_csv(reference / "metrics.csv"))
     history = pd.read_csv(out / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4]
     pd.testing.assert_frame_equal(history, pd.read_csv(reference / "history.csv"))
-    ours, theirs = _weights(out / "checkpoint" / "vae.weights.h5"), _weights(reference / "checkpoint" / "vae.weights.h5")
+    ours, theirs = (saved_weights(folder / "checkpoint" / "vae.weights.h5") for folder in (out, reference))
     assert ours.keys() == theirs.keys() and len(ours) > 10
     for name in theirs:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
