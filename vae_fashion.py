@@ -57,6 +57,9 @@
 # | loss | `supcon_temperature` | `VAE_SUPCON_TEMPERATURE` | `0.1` | SupCon temperature |
 # | loss | `prior` | `VAE_PRIOR` | `normal` | normal: N(0, I); mixture: a learned Gaussian mixture, fitted to the posteriors after the first epoch and trained with the model |
 # | loss | `prior_components` | `VAE_PRIOR_COMPONENTS` | `10` | components of the mixture prior |
+# | loss | `prior_covariance` | `VAE_PRIOR_COVARIANCE` | `diagonal` | the mixture's components: diagonal or full covariance |
+# | loss | `prior_refit_epoch` | `VAE_PRIOR_REFIT_EPOCH` | `0` | fit the mixture by EM again before this epoch (0: only before epoch 2) |
+# | loss | `prior_learning_rate_scale` | `VAE_PRIOR_LEARNING_RATE_SCALE` | `1.0` | the mixture's learning rate relative to the model's (0: fixed between fits) |
 # | optimisation | `epochs` | `VAE_EPOCHS` | `17` | training epochs |
 # | optimisation | `batch_size` | `VAE_BATCH_SIZE` | `256` | batch size (SupCon needs pairs) |
 # | optimisation | `learning_rate` | `VAE_LEARNING_RATE` | `0.002` | Adam's peak learning rate |
@@ -177,6 +180,12 @@ class Config:
     prior: str = setting("normal", "loss", "normal: N(0, I); mixture: a learned Gaussian mixture, fitted to the "
                          "posteriors after the first epoch and trained with the model", ("normal", "mixture"))
     prior_components: int = setting(10, "loss", "components of the mixture prior", low=1, high=1000)
+    prior_covariance: str = setting("diagonal", "loss", "the mixture's components: diagonal or full covariance",
+                                    ("diagonal", "full"))
+    prior_refit_epoch: int = setting(0, "loss", "fit the mixture by EM again before this epoch (0: only before "
+                                     "epoch 2)", low=0, high=10_000)
+    prior_learning_rate_scale: float = setting(1.0, "loss", "the mixture's learning rate relative to the model's "
+                                               "(0: fixed between fits)", low=0.0, high=100.0)
     # optimisation
     epochs: int = setting(17, "optimisation", "training epochs", low=1, high=10_000)
     batch_size: int = setting(256, "optimisation", "batch size (SupCon needs pairs)", low=2, high=65_536)
@@ -305,38 +314,82 @@ def log_normal(z, mean, log_var):
 
 @keras.saving.register_keras_serializable(package="vae_fashion")
 class MixturePrior(layers.Layer):
-    """A learned prior p(z) = sum_k w_k N(z; mu_k, diag(sigma_k^2)), w = softmax(logits).
+    """A learned prior p(z) = sum_k w_k N(z; mu_k, Sigma_k), w = softmax(logits), Sigma_k diagonal
+    or full (through its Cholesky factor).
 
     It starts as N(0, I) (every component the standard normal). fit() moves it onto the aggregate
-    posterior once, after the first epoch (FitPrior); from then on the KL term's gradient keeps
-    fitting it, jointly with the model, so its samples land where the posteriors are."""
+    posterior (FitPrior); from then on the KL term's gradient keeps fitting it, jointly with the model,
+    at learning_rate_scale times the model's learning rate (0: held fixed between fits)."""
 
-    def __init__(self, latent_dim: int, components: int, **kwargs):
+    def __init__(self, latent_dim: int, components: int, covariance: str = "diagonal",
+                 learning_rate_scale: float = 1.0, **kwargs):
         super().__init__(dtype="float32", **kwargs)
+        self.full = covariance == "full"
+        # Adam steps each variable by about the learning rate whatever the gradient's size, so a variable
+        # that stores parameter / scale makes the parameter learn at scale times the model's rate.
+        self.scale = float(learning_rate_scale)
         self.logits = self.add_weight(shape=(components,), initializer="zeros", name="logits")
         self.means = self.add_weight(shape=(components, latent_dim), initializer="zeros", name="means")
-        self.log_vars = self.add_weight(shape=(components, latent_dim), initializer="zeros", name="log_vars")
+        # diagonal: log-variances; full: the Cholesky factor's lower triangle, log of its diagonal
+        shape = (components, latent_dim, latent_dim) if self.full else (components, latent_dim)
+        self.spread = self.add_weight(shape=shape, initializer="zeros", name="scale_tril" if self.full else "log_vars")
         self.built = True
+
+    def _value(self, variable):
+        return ops.stop_gradient(variable) if self.scale == 0 else variable * (self.scale or 1.0)
+
+    def _store(self, variable, value: np.ndarray) -> None:
+        variable.assign((value / (self.scale or 1.0)).astype(np.float32))
+
+    def _cholesky(self):
+        raw = self._value(self.spread)
+        return tf.linalg.band_part(raw, -1, 0) - tf.linalg.diag(tf.linalg.diag_part(raw) - ops.exp(
+            tf.linalg.diag_part(raw)))
 
     def log_prob(self, z):
         """log p(z) for a batch of latents (batch, latent_dim) -> (batch,)."""
-        per_component = ops.sum(log_normal(ops.cast(z, "float32")[:, None, :], self.means, self.log_vars), axis=-1)
-        return ops.logsumexp(ops.log_softmax(self.logits)[None, :] + per_component, axis=1)
+        z, means = ops.cast(z, "float32"), self._value(self.means)
+        if self.full:
+            factor = self._cholesky()  # (K, D, D)
+            centred = ops.transpose(z[None, :, :] - means[:, None, :], (0, 2, 1))  # (K, D, batch)
+            whitened = tf.linalg.triangular_solve(factor, centred, lower=True)
+            log_det = ops.sum(ops.log(tf.linalg.diag_part(factor)), axis=1)  # half the log-determinant
+            per_component = ops.transpose(-0.5 * (ops.sum(ops.square(whitened), axis=1) + z.shape[-1] * LOG_2PI)
+                                          - log_det[:, None])
+        else:
+            per_component = ops.sum(log_normal(z[:, None, :], means, self._value(self.spread)), axis=-1)
+        return ops.logsumexp(ops.log_softmax(self._value(self.logits))[None, :] + per_component, axis=1)
+
+    def set_parameters(self, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> None:
+        """Set the components: covariances (K, D, D) when full, variances (K, D) when diagonal."""
+        self._store(self.logits, np.log(weights))
+        self._store(self.means, means)
+        if self.full:
+            factor = np.linalg.cholesky(covariances)
+            self._store(self.spread, np.tril(factor, -1) + np.apply_along_axis(np.diag, -1, np.log(
+                np.diagonal(factor, axis1=1, axis2=2))))
+        else:
+            self._store(self.spread, np.log(covariances))
 
     def fit(self, latents: np.ndarray, seed: int) -> None:
-        """Set the components to a diagonal Gaussian mixture fitted by EM to `latents`."""
+        """Set the components to a Gaussian mixture fitted by EM to `latents`."""
         from sklearn.mixture import GaussianMixture
 
-        mixture = GaussianMixture(len(self.logits.numpy()), covariance_type="diag", random_state=seed).fit(latents)
-        self.logits.assign(np.log(mixture.weights_).astype(np.float32))
-        self.means.assign(mixture.means_.astype(np.float32))
-        self.log_vars.assign(np.log(mixture.covariances_).astype(np.float32))
+        mixture = GaussianMixture(len(self.logits.numpy()), covariance_type="full" if self.full else "diag",
+                                  random_state=seed).fit(latents)
+        self.set_parameters(mixture.weights_, mixture.means_, mixture.covariances_)
 
     def parameters(self) -> dict:
-        """weights, means and variances as numpy arrays (what prior.npz holds)."""
-        logits = self.logits.numpy().astype(np.float64)
+        """weights, means and "variances" (diagonal) or "covariances" (full) as numpy arrays (prior.npz)."""
+        logits = ops.convert_to_numpy(self._value(self.logits)).astype(np.float64)
         weights = np.exp(logits - logits.max())
-        return {"weights": weights / weights.sum(), "means": self.means.numpy(), "variances": np.exp(self.log_vars.numpy())}
+        parameters = {"weights": weights / weights.sum(), "means": ops.convert_to_numpy(self._value(self.means))}
+        if self.full:
+            factor = ops.convert_to_numpy(self._cholesky())
+            parameters["covariances"] = factor @ np.transpose(factor, (0, 2, 1))
+        else:
+            parameters["variances"] = np.exp(ops.convert_to_numpy(self._value(self.spread)))
+        return parameters
 
 
 def gaussian_samples(rng, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
@@ -518,8 +571,8 @@ class VAE(keras.Model):
         self.decoder = decoder
         self.sampling = Sampling(seed=config.seed, name="z")
         # None: the standard normal, whose KL has a closed form
-        self.prior = MixturePrior(config.latent_dim, config.prior_components, name="prior") if (
-            config.prior == "mixture") else None
+        self.prior = MixturePrior(config.latent_dim, config.prior_components, config.prior_covariance,
+                                  config.prior_learning_rate_scale, name="prior") if config.prior == "mixture" else None
         self.decoder_logits = keras.Model(decoder.input, decoder.get_layer("logits").output)
         self.gamma_sc = float(config.gamma_sc)
         self.supcon_temperature = float(config.supcon_temperature)
@@ -624,16 +677,17 @@ class BetaWarmup(keras.callbacks.Callback):
 
 
 class FitPrior(keras.callbacks.Callback):
-    """Before the second epoch, fits the mixture prior to the aggregate posterior: one posterior sample
-    of each of up to 10 000 noisy training images (a seeded subset). A resumed run past that epoch
-    has the fitted prior in its checkpoint."""
+    """Before the second epoch (and again before prior_refit_epoch, if set), fits the mixture prior to the
+    aggregate posterior: one posterior sample of each of up to 10 000 noisy training images (a seeded
+    subset). A resumed run past that epoch has the fitted prior in its checkpoint."""
 
-    def __init__(self, noisy: np.ndarray, config: Config, epoch: int = 1, size: int = 10_000):
+    def __init__(self, noisy: np.ndarray, config: Config, size: int = 10_000):
         super().__init__()
-        self.noisy, self.config, self.epoch, self.size = noisy, config, epoch, size
+        self.noisy, self.config, self.size = noisy, config, size
+        self.epochs = {1} | ({config.prior_refit_epoch - 1} if config.prior_refit_epoch else set())
 
     def on_epoch_begin(self, epoch, logs=None):
-        if epoch != self.epoch or self.model.prior is None:
+        if epoch not in self.epochs or self.model.prior is None:
             return
         seed = seed_for(self.config, "prior_fit")
         rng = np.random.default_rng(seed)
