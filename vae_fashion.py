@@ -24,20 +24,22 @@
 # **The cell, in order**
 # 1. *Settings*: `OVERRIDES`, then `Config`, which declares every setting once (default, bounds,
 #    group, meaning), and the named random streams.
-# 2. *Model*: `Sampling`, encoder, decoder, the loss terms, and the `VAE` with its `train_step`
-#    and its uses `encode()`, `denoise()`, `generate()`.
+# 2. *Model*: `Sampling`, encoder, decoder, the loss terms, the learned prior, and the `VAE` with
+#    its `train_step` and its uses `encode()`, `denoise()`, `generate()`.
 # 3. *Data and noise*: Fashion-MNIST as float32 in [0, 1], the noise, the training batches.
-# 4. *Training*: devices and precision, optimizer, `train_vae()`.
+# 4. *Training*: the optimizer, `train_vae()` (Keras' `fit`) and its callbacks.
 # 5. *Analysis*: `analyse()` computes every number and image set into `Results`.
-# 6. *Drawing*: `render()` draws `Results`; it never runs the model.
+# 6. *Drawing*: `render()` draws `Results` into the files of `OUTPUTS`; it never runs the model.
 # 7. *Reports*: `metrics.csv`, `metrics.txt` and their definitions, the saved models.
 # 8. `run()`: load, noise, build, train, analyse, save models, render, report.
-# 9. *Appendix*, the plumbing: errors, settings parsing, data loading and validation,
-#    checkpoints, run status, atomic writes.
+# 9. *Appendix*, the plumbing: errors, settings parsing, several devices and precisions, data
+#    loading and validation, checkpoints, run status, atomic writes.
 #
-# **Settings** (each also an environment variable; the table is made from `Config` by `settings_table()`)
+# **Settings**: a key of `OVERRIDES`, or the environment variable `VAE_<KEY>` (made from `Config`
+# by `settings_table()`)
 #
-# | group | setting | `VAE_…` variable | default | meaning |
+# <!-- settings table -->
+# | group | `OVERRIDES` key | variable | default | meaning |
 # |---|---|---|---|---|
 # | preset | `preset` | `VAE_PRESET` | `default` | a named set of defaults: faithful = the original notebook's, quality = latent 32, decoder depth 3, dense 512, 40 epochs |
 # | data | `data_dir` | `VAE_DATA_DIR` | `unset` | folder with the four IDX files or the Kaggle CSVs (unset: searched) |
@@ -58,6 +60,7 @@
 # | loss | `prior` | `VAE_PRIOR` | `normal` | normal: N(0, I); mixture: a learned Gaussian mixture, fitted to the posteriors after the first epoch and trained with the model |
 # | loss | `prior_components` | `VAE_PRIOR_COMPONENTS` | `10` | components of the mixture prior |
 # | loss | `prior_covariance` | `VAE_PRIOR_COVARIANCE` | `diagonal` | the mixture's components: diagonal or full covariance |
+# | loss | `prior_fit` | `VAE_PRIOR_FIT` | `em` | how the mixture is fitted to the posteriors: em, or classes (one component per class: its share, mean and spread; needs prior_components 10) |
 # | loss | `prior_refit_epoch` | `VAE_PRIOR_REFIT_EPOCH` | `0` | fit the mixture by EM again before this epoch (0: only before epoch 2) |
 # | loss | `prior_learning_rate_scale` | `VAE_PRIOR_LEARNING_RATE_SCALE` | `1.0` | the mixture's learning rate relative to the model's (0: fixed between fits) |
 # | optimisation | `epochs` | `VAE_EPOCHS` | `17` | training epochs |
@@ -71,13 +74,12 @@
 # | evaluation | `classical_samples` | `VAE_CLASSICAL_SAMPLES` | `1000` | seeded test subset for the TV and non-local-means rows |
 # | evaluation | `gen_metrics` | `VAE_GEN_METRICS` | `1` | 0 skips the generation-quality classifier (saves ~20 s) |
 # | output | `out_dir` | `VAE_OUT_DIR` | `vae_outputs_v3` | where every output goes (/kaggle/working/... on Kaggle) |
-# | output | `discard_checkpoint` | `VAE_FRESH` | `0` | 1: discard a checkpoint made with other settings |
+# | output | `fresh` | `VAE_FRESH` | `0` | 1: discard a checkpoint made with other settings and train afresh |
 #
 # **Changing a setting on Kaggle**: edit the line `OVERRIDES = {}` at the top of the cell,
 # for example `OVERRIDES = {"epochs": 5, "train_samples": 10000}`. `OVERRIDES` wins over
-# the defaults and loses to environment variables (`VAE_EPOCHS=5`, ...; every setting is
-# `VAE_<NAME>`), which is how CI and nbconvert set them. `config.json` in the output folder
-# records the settings that ran.
+# the defaults and loses to environment variables (`VAE_EPOCHS=5`, ...), which is how CI and
+# nbconvert set them. `config.json` in the output folder records the settings that ran.
 #
 # This notebook is generated from `vae_fashion.py` with `jupytext --to ipynb vae_fashion.py`;
 # edit the script, not the notebook.
@@ -118,6 +120,8 @@ from keras import layers, ops  # noqa: E402
 # 1. Settings
 # =============================================================================
 
+OUT_FOLDER = "vae_outputs_v3"  # the seed's name; below /kaggle/working on Kaggle (default_out_dir)
+
 # Change settings here, e.g. OVERRIDES = {"epochs": 5, "train_samples": 10000}.
 # They win over the defaults below and lose to VAE_* environment variables.
 OVERRIDES: dict = {}
@@ -127,7 +131,7 @@ PRESETS = {
     "default": {},
     # the original notebook: raw-nats SupCon, one fixed noisy copy, width 128, constant Adam 0.001,
     # float32, one convolution per level, 28x28 output layers, 20 epochs
-    "faithful": {"supcon_scale": "none", "gamma_sc": 1.0, "fresh_noise": 0, "hidden_units": 128,
+    "faithful": {"supcon_scale": "none", "gamma_sc": 1.0, "fresh_noise": False, "hidden_units": 128,
                  "learning_rate": 0.001, "lr_schedule": "constant", "precision": "float32",
                  "encoder_depth": 1, "decoder_depth": 1, "output_layer": "conv", "epochs": 20, "prior": "normal"},
     # a larger model trained longer, for a GPU or time to spare
@@ -136,19 +140,19 @@ PRESETS = {
 
 
 def setting(default, group: str, meaning: str, kind=None, low=None, high=None, *, open_low: bool = False,
-            env: str | None = None, trains: bool = True):
-    """One setting, declared once: its default, type (int, float, str, bool, or a tuple of allowed
-    words), bounds, group and one-line meaning. Its environment variable (VAE_<NAME> unless `env`),
-    the parser, the notebook's settings table and the training fingerprint (`trains`) read it here."""
+            trains: bool = True):
+    """One setting, declared once: its default, type (int, float, str, bool (0 or 1), or a tuple of
+    allowed words), bounds, group and one-line meaning. Its environment variable VAE_<NAME>, the parser,
+    the settings tables and the training fingerprint (`trains`) read it here."""
     kind = kind if kind is not None else type(default)
     return dataclasses.field(default=default, metadata={
         "group": group, "meaning": meaning, "kind": kind, "low": low, "high": high, "open_low": open_low,
-        "env": env, "trains": trains})
+        "trains": trains})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of a run; each is also the environment variable VAE_<NAME>."""
+    """Every setting of a run: the key of OVERRIDES, and the environment variable VAE_<KEY in capitals>."""
 
     preset: str = setting("default", "preset", "a named set of defaults: faithful = the original notebook's, "
                           "quality = latent 32, decoder depth 3, dense 512, 40 epochs", tuple(PRESETS), trains=False)
@@ -161,7 +165,7 @@ class Config:
                                        trains=False)
     noise_factor: float = setting(0.45, "data", "sigma of the Gaussian noise, before clipping to [0, 1]", low=0.0,
                                   high=10.0)
-    fresh_noise: int = setting(1, "data", "1: new training noise every epoch; 0: one fixed noisy copy", low=0, high=1)
+    fresh_noise: bool = setting(True, "data", "1: new training noise every epoch; 0: one fixed noisy copy")
     # model
     latent_dim: int = setting(16, "model", "latent dimensions", low=2, high=4096)
     hidden_units: int = setting(256, "model", "width of the dense layer on each side of the latent", low=8, high=8192)
@@ -182,6 +186,8 @@ class Config:
     prior_components: int = setting(10, "loss", "components of the mixture prior", low=1, high=1000)
     prior_covariance: str = setting("diagonal", "loss", "the mixture's components: diagonal or full covariance",
                                     ("diagonal", "full"))
+    prior_fit: str = setting("em", "loss", "how the mixture is fitted to the posteriors: em, or classes (one component "
+                             "per class: its share, mean and spread; needs prior_components 10)", ("em", "classes"))
     prior_refit_epoch: int = setting(0, "loss", "fit the mixture by EM again before this epoch (0: only before "
                                      "epoch 2)", low=0, high=10_000)
     prior_learning_rate_scale: float = setting(1.0, "loss", "the mixture's learning rate relative to the model's "
@@ -204,23 +210,24 @@ class Config:
                                  trains=False)
     classical_samples: int = setting(1000, "evaluation", "seeded test subset for the TV and non-local-means rows",
                                      low=1, high=10**6, trains=False)
-    gen_metrics: int = setting(1, "evaluation", "0 skips the generation-quality classifier (saves ~20 s)", low=0,
-                               high=1, trains=False)
+    gen_metrics: bool = setting(True, "evaluation", "0 skips the generation-quality classifier (saves ~20 s)",
+                                trains=False)
     # output
-    out_dir: str = setting("vae_outputs_v3", "output", "where every output goes (/kaggle/working/... on Kaggle)",
+    out_dir: str = setting(OUT_FOLDER, "output", "where every output goes (/kaggle/working/... on Kaggle)",
                            trains=False)
-    discard_checkpoint: bool = setting(False, "output", "1: discard a checkpoint made with other settings",
-                                       env="VAE_FRESH", trains=False)
+    fresh: bool = setting(False, "output", "1: discard a checkpoint made with other settings and train afresh",
+                          trains=False)
 
 
 # field -> its declaration (see setting())
-SETTINGS = {field.name: {**field.metadata, "env": field.metadata["env"] or f"VAE_{field.name.upper()}",
-                         "default": field.default} for field in dataclasses.fields(Config)}
+SETTINGS = {field.name: {**field.metadata, "env": f"VAE_{field.name.upper()}", "default": field.default}
+            for field in dataclasses.fields(Config)}
 
 
 def settings_table() -> str:
-    """The notebook's settings table, made from SETTINGS (a test checks the markdown cell against it)."""
-    rows = ["| group | setting | `VAE_…` variable | default | meaning |", "|---|---|---|---|---|"]
+    """The settings table of the notebook and README, made from SETTINGS (tools/sync_docs.py writes it there;
+    a test checks both)."""
+    rows = ["| group | `OVERRIDES` key | variable | default | meaning |", "|---|---|---|---|---|"]
     for name, rule in SETTINGS.items():
         default = "unset" if rule["default"] is None else int(rule["default"]) if rule["kind"] is bool else rule["default"]
         rows.append(f"| {rule['group']} | `{name}` | `{rule['env']}` | `{default}` | {rule['meaning']} |")
@@ -238,6 +245,10 @@ CLASS_NAMES_TR = [
     "Sandalet", "Gömlek", "Spor Ayakkabı", "Çanta", "Bilek Bot",
 ]
 HISTORY_COLUMNS = ["epoch", "total_loss", "recon_loss", "kl_loss", "supcon_loss", "beta"]
+# Seeded subsets of the analysis and of the prior's fit (see seeded_subset):
+SILHOUETTE_SAMPLES = 5000  # test z_mean scored by the silhouette (O(n^2) distances)
+ROBUSTNESS_SAMPLES = 1000  # test images denoised at every noise level of 13_noise_robustness.png
+PRIOR_FIT_SAMPLES = 10_000  # training posteriors the mixture prior is fitted to by EM
 
 # Every random draw has its own named stream, seed_for(config, name) = VAE_SEED + offset, so that a
 # change in one draw moves no other. The weights (Keras' global generator, set by build_vae) and the
@@ -257,26 +268,37 @@ SEED_OFFSETS = {
 STEP_KEY_STRIDE = 1_000_003  # more than the steps of any epoch: one key per (epoch, step)
 
 
+def prior_label(config: Config, short: bool = False) -> str:
+    """How titles and labels name the prior: the long form, or the two-line short one of a bar label."""
+    if config.prior == "normal":
+        return "prior\nN(0, I)" if short else "N(0, I)"
+    return "learned\nprior" if short else "the learned mixture prior"
+
+
 def seed_for(config: Config, draw: str) -> int:
     return config.seed + SEED_OFFSETS[draw]
 
+
+def seeded_subset(n: int, size: int, rng, in_order: bool = True) -> np.ndarray:
+    """Indices of min(size, n) of range(n) drawn without replacement by rng (a seed or a numpy Generator),
+    sorted unless in_order=False (the draw's own order)."""
+    drawn = np.random.default_rng(rng).permutation(n)[: min(size, n)]
+    return np.sort(drawn) if in_order else drawn
+
+
 # =============================================================================
-# 2. Model: Sampling, encoder, decoder, loss terms, and the VAE's train_step
+# 2. Model: Sampling, encoder, decoder, loss terms, the learned prior, and the VAE's train_step
 # =============================================================================
 
 
 @keras.saving.register_keras_serializable(package="vae_fashion")
 class Sampling(layers.Layer):
-    """Reparameterisation trick: z = z_mean + exp(z_log_var / 2) * epsilon.
+    """z = z_mean + exp(z_log_var / 2) * epsilon: the reparameterisation trick.
 
-    Called as [z_mean, z_log_var], epsilon comes from the layer's SeedGenerator.
-    Training calls it as [z_mean, z_log_var, step_key]: epsilon is then stateless,
-    a function of (seed, step_key) alone, so a resumed run draws exactly what an
-    uninterrupted one drew. It is drawn for the whole global batch and each replica
-    takes its rows, so an image gets the same epsilon on one device or on several.
-    """
+    Training also passes the step key: epsilon is then a function of (seed, step key) alone, so that a
+    resumed run draws exactly what an uninterrupted one drew (keyed_normal, also on several devices)."""
 
-    def __init__(self, seed: int = 1337, **kwargs):
+    def __init__(self, seed: int, **kwargs):
         super().__init__(**kwargs)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -285,14 +307,7 @@ class Sampling(layers.Layer):
     def call(self, inputs):
         z_mean, z_log_var, *step_key = inputs
         if step_key:
-            stream = tf.stack([tf.constant(self.seed + SEED_OFFSETS["posterior"], tf.int64),
-                               tf.cast(step_key[0], tf.int64)])
-            stream = tf.random.experimental.stateless_fold_in(stream, 0)  # the stream one device always used
-            replicas, replica = replica_position()
-            rows = tf.shape(z_mean)[0]  # global batches are split evenly (make_train_dataset)
-            global_shape = tf.stack([rows * replicas, tf.shape(z_mean)[1]])
-            epsilon = tf.random.stateless_normal(global_shape, seed=stream, dtype=z_mean.dtype)
-            epsilon = epsilon[replica * rows:(replica + 1) * rows]
+            epsilon = keyed_normal(z_mean, self.seed + SEED_OFFSETS["posterior"], step_key[0])
         else:
             epsilon = keras.random.normal(ops.shape(z_mean), dtype=z_mean.dtype, seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * epsilon
@@ -304,12 +319,143 @@ class Sampling(layers.Layer):
 ENCODER_FILTERS = (32, 64)  # per resolution level, 14x14 and 7x7; the decoder mirrors them
 
 
+def build_encoder(config: Config) -> keras.Model:
+    """Image -> (z_mean, z_log_var): stride-2 convolutions (each followed by encoder_depth - 1 stride-1
+    ones) and a dense layer. The VAE draws z (see VAE.sampling)."""
+    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="noisy_image")
+    x = inputs
+    for width in ENCODER_FILTERS:
+        x = layers.Conv2D(width, 3, strides=2, padding="same", activation="relu")(x)
+        for _ in range(config.encoder_depth - 1):
+            x = layers.Conv2D(width, 3, padding="same", activation="relu")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(config.hidden_units, activation="relu")(x)
+    # float32 heads: exp(z_log_var) and the KL stay accurate under mixed precision
+    z_mean = layers.Dense(config.latent_dim, name="z_mean", dtype="float32")(x)
+    z_log_var = layers.Dense(config.latent_dim, name="z_log_var", dtype="float32")(x)
+    return keras.Model(inputs, [z_mean, z_log_var], name="encoder")
+
+
+def subpixel_logits(x):
+    """28x28x1 logits from 14x14 features: a 3x3 convolution to 4 channels, each one pixel of a 2x2
+    block, and a pixel shuffle (depth_to_space) in plain Keras layers, so decoder.keras loads anywhere."""
+    half = IMAGE_SIZE // 2
+    x = layers.Conv2D(4, 3, padding="same")(x)  # channel 2*dy + dx: pixel (2i + dy, 2j + dx)
+    x = layers.Reshape((half, half, 2, 2))(x)
+    x = layers.Permute((1, 3, 2, 4))(x)
+    return layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="logits")(x)
+
+
+def build_decoder(config: Config) -> keras.Model:
+    """z -> image: the mirror of the encoder, ending in a named 'logits' layer and its sigmoid
+    (training uses the stabler BCE-from-logits).
+
+    output_layer "conv": a last transposed convolution to 28x28x32, then a 3x3 convolution to one
+    channel. "subpixel": a 3x3 convolution at 14x14 predicts each pixel of a 2x2 block, and a pixel
+    shuffle lays the blocks out at 28x28. The 28x28 layers took about half of a training step and
+    added nothing measurable (docs/RESULTS.md)."""
+    filters = ENCODER_FILTERS[::-1]
+    latent = keras.Input(shape=(config.latent_dim,), name="z")
+    x = layers.Dense(config.hidden_units, activation="relu")(latent)
+    x = layers.Dense(7 * 7 * filters[0], activation="relu")(x)
+    x = layers.Reshape((7, 7, filters[0]))(x)
+    levels = filters[:-1] if config.output_layer == "subpixel" else filters
+    for width in levels:
+        x = layers.Conv2DTranspose(width, 3, strides=2, padding="same", activation="relu")(x)
+        for _ in range(config.decoder_depth - 1):
+            x = layers.Conv2D(width, 3, padding="same", activation="relu")(x)
+    if config.output_layer == "subpixel":
+        logits = subpixel_logits(x)
+    else:
+        logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
+    image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
+    return keras.Model(latent, image, name="decoder")
+
+
+# Loss terms: per-batch means of per-image quantities.
+
+
+def reconstruction_loss(clean, logits):
+    """Binary cross-entropy of the clean target against the decoder's logits,
+    summed over the 784 pixels and averaged over the batch (nats per image)."""
+    bce = ops.binary_crossentropy(clean, logits, from_logits=True)
+    return ops.mean(ops.sum(bce, axis=(1, 2, 3)))
+
+
+def kl_divergence(z_mean, z_log_var):
+    """KL(N(z_mean, exp(z_log_var)) || N(0, I)), closed form, summed over latent dims."""
+    kl = -0.5 * (1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var))
+    return ops.mean(ops.sum(kl, axis=1))
+
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
 def log_normal(z, mean, log_var):
     """log N(z; mean, diag(exp(log_var))) per latent dimension (not summed)."""
     return -0.5 * (ops.square(z - mean) * ops.exp(-log_var) + log_var + LOG_2PI)
+
+
+def kl_monte_carlo(z, z_mean, z_log_var, prior_log_prob):
+    """KL(q(z|x) || p(z)) estimated at the posterior sample z, one per image: log q(z|x) - log p(z),
+    summed over latent dims, averaged over the batch. For a learned prior with no closed form."""
+    log_q = ops.sum(log_normal(z, z_mean, z_log_var), axis=1)
+    return ops.mean(log_q - prior_log_prob(z))
+
+
+def supcon_loss(features, labels, temperature: float = 0.1):
+    """Supervised contrastive loss (Khosla et al. 2020, L_out).
+
+    Features are L2-normalised; each anchor's log-probabilities over all other
+    samples are averaged over its positives (same label, self excluded). Anchors
+    without a positive in the batch are left out, and a batch without any
+    positive pair gives 0 rather than NaN.
+    """
+    features = ops.cast(features, "float32")
+    norm = ops.sqrt(ops.sum(ops.square(features), axis=1, keepdims=True) + 1e-12)
+    unit = features / norm
+    logits = ops.matmul(unit, ops.transpose(unit)) / temperature
+    batch = ops.shape(features)[0]
+    is_self = ops.cast(ops.eye(batch), "bool")
+    logits = ops.where(is_self, -1e9, logits)
+    log_prob = logits - ops.logsumexp(logits, axis=1, keepdims=True)
+    labels = ops.reshape(labels, (-1,))
+    positive = ops.logical_and(ops.equal(labels[:, None], labels[None, :]), ops.logical_not(is_self))
+    n_positive = ops.sum(ops.cast(positive, "float32"), axis=1)
+    sum_log_prob = ops.sum(ops.where(positive, log_prob, 0.0), axis=1)
+    has_positive = n_positive > 0
+    per_anchor = -sum_log_prob / ops.maximum(n_positive, 1.0)
+    n_anchors = ops.sum(ops.cast(has_positive, "float32"))
+    return ops.sum(ops.where(has_positive, per_anchor, 0.0)) / ops.maximum(n_anchors, 1.0)
+
+
+def supcon_weight(recon, supcon, gamma_sc: float, scale: str = "recon"):
+    """The factor SupCon is multiplied by in the total loss.
+
+    "none": gamma_sc, in raw nats (the original; next to a BCE of ~240 nats per
+    image, SupCon's ~5 nats then barely move the encoder). "recon": gamma_sc *
+    recon / SupCon, held constant in the gradient, so the term's size is
+    gamma_sc times the reconstruction term's. The divisor is floored at 1 nat so
+    that a batch in which SupCon is nearly solved (few positives) cannot blow up
+    the weight.
+    """
+    if scale == "none":
+        return gamma_sc
+    return gamma_sc * ops.stop_gradient(recon / ops.maximum(supcon, 1.0))
+
+
+def warmup_beta(epoch: int, beta_max: float, warmup_epochs: int) -> float:
+    """Linear KL warm-up: beta_max * (epoch + 1) / warmup_epochs, capped at beta_max.
+
+    `epoch` counts from 0, so beta reaches beta_max in epoch `warmup_epochs`
+    (1-based) and is never 0, which would leave z_log_var unconstrained.
+    """
+    if warmup_epochs <= 0:
+        return float(beta_max)
+    return float(beta_max) * min(1.0, (epoch + 1) / warmup_epochs)
+
+
+# The learned prior: a Gaussian mixture (VAE_PRIOR=mixture), and sampling from Gaussian mixtures.
 
 
 @keras.saving.register_keras_serializable(package="vae_fashion")
@@ -371,13 +517,21 @@ class MixturePrior(layers.Layer):
         else:
             self._store(self.spread, np.log(covariances))
 
-    def fit(self, latents: np.ndarray, seed: int) -> None:
-        """Set the components to a Gaussian mixture fitted by EM to `latents`."""
+    def fit(self, latents: np.ndarray, seed: int, labels: np.ndarray | None = None) -> None:
+        """Set the components to a Gaussian mixture fitted by EM to `latents`; with `labels`, to one Gaussian
+        per class instead (the class's share, mean and spread)."""
         from sklearn.mixture import GaussianMixture
 
-        mixture = GaussianMixture(len(self.logits.numpy()), covariance_type="full" if self.full else "diag",
-                                  random_state=seed).fit(latents)
-        self.set_parameters(mixture.weights_, mixture.means_, mixture.covariances_)
+        if labels is None:
+            mixture = GaussianMixture(len(self.logits.numpy()), covariance_type="full" if self.full else "diag",
+                                      random_state=seed).fit(latents)
+            self.set_parameters(mixture.weights_, mixture.means_, mixture.covariances_)
+            return
+        classes = [latents[labels == c] for c in range(len(self.logits.numpy()))]
+        ridge = 1e-6 * np.eye(latents.shape[1])
+        self.set_parameters(np.array([len(c) for c in classes]) / len(latents), np.array([c.mean(axis=0) for c in classes]),
+                            np.array([np.cov(c, rowvar=False) + ridge if self.full else c.var(axis=0) + 1e-6
+                                      for c in classes]))
 
     def parameters(self) -> dict:
         """weights, means and "variances" (diagonal) or "covariances" (full) as numpy arrays (prior.npz)."""
@@ -407,156 +561,6 @@ def sample_mixture(parameters: dict, n: int, rng) -> np.ndarray:
         covariances = variances[:, :, None] * np.eye(variances.shape[1], dtype=variances.dtype)
     component = rng.choice(len(parameters["weights"]), size=n, p=parameters["weights"])
     return gaussian_samples(rng, parameters["means"][component], covariances[component]).astype(np.float32)
-
-
-def build_encoder(config: Config, filters=ENCODER_FILTERS, activation: str = "relu") -> keras.Model:
-    """Image -> (z_mean, z_log_var): stride-2 convolutions (each followed by encoder_depth - 1 stride-1
-    ones) and a dense layer. The VAE draws z (see VAE.sampling)."""
-    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="noisy_image")
-    x = inputs
-    for width in filters:
-        x = layers.Conv2D(width, 3, strides=2, padding="same", activation=activation)(x)
-        for _ in range(config.encoder_depth - 1):
-            x = layers.Conv2D(width, 3, padding="same", activation=activation)(x)
-    x = layers.Flatten()(x)
-    x = layers.Dense(config.hidden_units, activation=activation)(x)
-    # float32 heads: exp(z_log_var) and the KL stay accurate under mixed precision
-    z_mean = layers.Dense(config.latent_dim, name="z_mean", dtype="float32")(x)
-    z_log_var = layers.Dense(config.latent_dim, name="z_log_var", dtype="float32")(x)
-    return keras.Model(inputs, [z_mean, z_log_var], name="encoder")
-
-
-def subpixel_logits(x):
-    """28x28x1 logits from 14x14 features: a 3x3 convolution to 4 channels, each one pixel of a 2x2
-    block, and a pixel shuffle (depth_to_space) in plain Keras layers, so decoder.keras loads anywhere."""
-    half = IMAGE_SIZE // 2
-    x = layers.Conv2D(4, 3, padding="same")(x)  # channel 2*dy + dx: pixel (2i + dy, 2j + dx)
-    x = layers.Reshape((half, half, 2, 2))(x)
-    x = layers.Permute((1, 3, 2, 4))(x)
-    return layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="logits")(x)
-
-
-def build_decoder(config: Config, filters=ENCODER_FILTERS[::-1], activation: str = "relu") -> keras.Model:
-    """z -> image: the mirror of the encoder, ending in a named 'logits' layer and its sigmoid
-    (training uses the stabler BCE-from-logits).
-
-    output_layer "conv": a last transposed convolution to 28x28x32, then a 3x3 convolution to one
-    channel. "subpixel": a 3x3 convolution at 14x14 predicts each pixel of a 2x2 block, and a pixel
-    shuffle lays the blocks out at 28x28. The 28x28 layers took about half of a training step and
-    added nothing measurable (docs/RESULTS.md)."""
-    latent = keras.Input(shape=(config.latent_dim,), name="z")
-    x = layers.Dense(config.hidden_units, activation=activation)(latent)
-    x = layers.Dense(7 * 7 * filters[0], activation=activation)(x)
-    x = layers.Reshape((7, 7, filters[0]))(x)
-    levels = filters[:-1] if config.output_layer == "subpixel" else filters
-    for width in levels:
-        x = layers.Conv2DTranspose(width, 3, strides=2, padding="same", activation=activation)(x)
-        for _ in range(config.decoder_depth - 1):
-            x = layers.Conv2D(width, 3, padding="same", activation=activation)(x)
-    if config.output_layer == "subpixel":
-        logits = subpixel_logits(x)
-    else:
-        logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
-    image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
-    return keras.Model(latent, image, name="decoder")
-
-
-# Loss terms: per-batch means of per-image quantities.
-
-
-def several_replicas():
-    """The replica context when several replicas train in sync (MirroredStrategy), else None."""
-    context = tf.distribute.get_replica_context()
-    return context if context is not None and context.num_replicas_in_sync > 1 else None
-
-
-def replica_position() -> tuple[int, tf.Tensor]:
-    """(replicas in sync, this replica's index); (1, 0) on one device."""
-    context = several_replicas()
-    return (1, tf.constant(0)) if context is None else (context.num_replicas_in_sync, context.replica_id_in_sync_group)
-
-
-def across_replicas(value, op: str):
-    """value "gather"ed along axis 0, or "mean"- or "sum"-reduced over the replicas; value itself on one
-    device. all_gather passes gradients back to the replica each row came from."""
-    context = several_replicas()
-    if context is None:
-        return value
-    if op == "gather":
-        return context.all_gather(value, axis=0)
-    return context.all_reduce(tf.distribute.ReduceOp.MEAN if op == "mean" else tf.distribute.ReduceOp.SUM, value)
-
-
-def reconstruction_loss(clean, logits):
-    """Binary cross-entropy of the clean target against the decoder's logits,
-    summed over the 784 pixels and averaged over the batch (nats per image)."""
-    bce = ops.binary_crossentropy(clean, logits, from_logits=True)
-    return ops.mean(ops.sum(bce, axis=(1, 2, 3)))
-
-
-def kl_divergence(z_mean, z_log_var):
-    """KL(N(z_mean, exp(z_log_var)) || N(0, I)), closed form, summed over latent dims."""
-    kl = -0.5 * (1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var))
-    return ops.mean(ops.sum(kl, axis=1))
-
-
-def kl_monte_carlo(z, z_mean, z_log_var, prior_log_prob):
-    """KL(q(z|x) || p(z)) estimated at the posterior sample z, one per image: log q(z|x) - log p(z),
-    summed over latent dims, averaged over the batch. For a learned prior with no closed form."""
-    log_q = ops.sum(log_normal(z, z_mean, z_log_var), axis=1)
-    return ops.mean(log_q - prior_log_prob(z))
-
-
-def supcon_loss(features, labels, temperature: float = 0.1):
-    """Supervised contrastive loss (Khosla et al. 2020, L_out).
-
-    Features are L2-normalised; each anchor's log-probabilities over all other
-    samples are averaged over its positives (same label, self excluded). Anchors
-    without a positive in the batch are left out, and a batch without any
-    positive pair gives 0 rather than NaN.
-    """
-    features = ops.cast(features, "float32")
-    norm = ops.sqrt(ops.sum(ops.square(features), axis=1, keepdims=True) + 1e-12)
-    unit = features / norm
-    logits = ops.matmul(unit, ops.transpose(unit)) / temperature
-    batch = ops.shape(features)[0]
-    is_self = ops.cast(ops.eye(batch), "bool")
-    logits = ops.where(is_self, -1e9, logits)
-    log_prob = logits - ops.logsumexp(logits, axis=1, keepdims=True)
-    labels = ops.reshape(labels, (-1,))
-    positive = ops.logical_and(ops.equal(labels[:, None], labels[None, :]), ops.logical_not(is_self))
-    n_positive = ops.sum(ops.cast(positive, "float32"), axis=1)
-    sum_log_prob = ops.sum(ops.where(positive, log_prob, 0.0), axis=1)
-    has_positive = n_positive > 0
-    per_anchor = -sum_log_prob / ops.maximum(n_positive, 1.0)
-    n_anchors = ops.sum(ops.cast(has_positive, "float32"))
-    return ops.sum(ops.where(has_positive, per_anchor, 0.0)) / ops.maximum(n_anchors, 1.0)
-
-
-def supcon_weight(recon, supcon, gamma_sc: float, scale: str = "recon"):
-    """The factor SupCon is multiplied by in the total loss.
-
-    "none": gamma_sc, in raw nats (the original; next to a BCE of ~240 nats per
-    image, SupCon's ~5 nats then barely move the encoder). "recon": gamma_sc *
-    recon / SupCon, held constant in the gradient, so the term's size is
-    gamma_sc times the reconstruction term's. The divisor is floored at 1 nat so
-    that a batch in which SupCon is nearly solved (few positives) cannot blow up
-    the weight.
-    """
-    if scale == "none":
-        return gamma_sc
-    return gamma_sc * ops.stop_gradient(recon / ops.maximum(supcon, 1.0))
-
-
-def warmup_beta(epoch: int, beta_max: float, warmup_epochs: int) -> float:
-    """Linear KL warm-up: beta_max * (epoch + 1) / warmup_epochs, capped at beta_max.
-
-    `epoch` counts from 0, so beta reaches beta_max in epoch `warmup_epochs`
-    (1-based) and is never 0, which would leave z_log_var unconstrained.
-    """
-    if warmup_epochs <= 0:
-        return float(beta_max)
-    return float(beta_max) * min(1.0, (epoch + 1) / warmup_epochs)
 
 
 class VAE(keras.Model):
@@ -631,92 +635,24 @@ class VAE(keras.Model):
             kl = kl_monte_carlo(ops.cast(z, "float32"), z_mean, z_log_var, self.prior.log_prob)
         # SupCon compares every image of the global batch, on one device or several; each replica
         # holds the whole term, and the mean over replicas of `total` is the one-device loss.
-        features, labels = (across_replicas(v, "gather") for v in (self.supcon_features(z_mean), labels))
-        supcon = supcon_loss(features, labels, self.supcon_temperature)
-        weight = supcon_weight(across_replicas(recon, "mean"), supcon, self.gamma_sc, self.supcon_scale)
+        supcon = supcon_loss(gather_global_batch(z_mean), gather_global_batch(labels), self.supcon_temperature)
+        weight = supcon_weight(mean_over_replicas(recon), supcon, self.gamma_sc, self.supcon_scale)
         total = recon + self.beta * kl + weight * supcon
         return {"total_loss": total, "recon_loss": recon, "kl_loss": kl, "supcon_loss": supcon}
 
-    def supcon_features(self, z_mean):
-        """What SupCon compares: z_mean itself (a subclass may add a projection head)."""
-        return z_mean
-
     def train_step(self, data):
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             losses = self.compute_losses(
                 data["noisy"], data["clean"], data["label"], step_key=data["step_key"][0], training=True
             )
-            # Replica gradients are summed, so each replica contributes its mean / replicas;
-            # scale_loss is the identity unless a LossScaleOptimizer (float16) is in use.
-            objective = self.optimizer.scale_loss(losses["total_loss"] / replicas)
-        grads = tape.gradient(objective, self.trainable_weights)
-        if replicas > 1 and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            # The loss-scale optimizer decides "apply, or skip and halve the scale" from replica 0's
-            # gradients, before they are summed: an overflow elsewhere would reach the weights. Make
-            # every replica's gradients non-finite when any replica's are, so all skip together.
-            overflows = across_replicas(1.0 - tf.cast(self.optimizer.check_finite(grads), tf.float32), "sum")
-            grads = [ops.where(overflows > 0, ops.full_like(g, float("nan")), g) for g in grads]
+            # scale_loss is the identity unless float16 trains through a LossScaleOptimizer
+            objective = self.optimizer.scale_loss(replica_share(losses["total_loss"]))
+        grads = skip_together_on_overflow(self.optimizer, tape.gradient(objective, self.trainable_weights))
         self.optimizer.apply(grads, self.trainable_weights)
         for tracker in self.metrics[:4]:
             tracker.update_state(losses[tracker.name])
         self.beta_tracker.update_state(self.beta)
         return {m.name: m.result() for m in self.metrics}
-
-
-class BetaWarmup(keras.callbacks.Callback):
-    """Sets model.beta at the start of each epoch from warmup_beta()."""
-
-    def __init__(self, beta_max: float, warmup_epochs: int):
-        super().__init__()
-        self.beta_max = beta_max
-        self.warmup_epochs = warmup_epochs
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.beta.assign(warmup_beta(epoch, self.beta_max, self.warmup_epochs))
-
-
-class FitPrior(keras.callbacks.Callback):
-    """Before the second epoch (and again before prior_refit_epoch, if set), fits the mixture prior to the
-    aggregate posterior: one posterior sample of each of up to 10 000 noisy training images (a seeded
-    subset). A resumed run past that epoch has the fitted prior in its checkpoint."""
-
-    def __init__(self, noisy: np.ndarray, config: Config, size: int = 10_000):
-        super().__init__()
-        self.noisy, self.config, self.size = noisy, config, size
-        self.epochs = {1} | ({config.prior_refit_epoch - 1} if config.prior_refit_epoch else set())
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch not in self.epochs or self.model.prior is None:
-            return
-        seed = seed_for(self.config, "prior_fit")
-        rng = np.random.default_rng(seed)
-        subset = np.sort(rng.permutation(len(self.noisy))[: self.size])
-        z_mean, z_log_var = self.model.encode(self.noisy[subset])
-        latents = z_mean + np.exp(0.5 * z_log_var) * rng.standard_normal(z_mean.shape).astype(np.float32)
-        self.model.prior.fit(latents, seed)
-
-
-class StopOnNonFinite(keras.callbacks.Callback):
-    """Like keras.callbacks.TerminateOnNaN, but remembers which loss term failed."""
-
-    TERMS = ("recon_loss", "kl_loss", "supcon_loss", "total_loss")
-
-    def __init__(self):
-        super().__init__()
-        self.failure = None
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        for term in self.TERMS:
-            value = (logs or {}).get(term)
-            if value is not None and not math.isfinite(float(value)):
-                self.failure = (term, float(value), self.epoch + 1, batch)
-                self.model.stop_training = True
-                return
 
 
 # =============================================================================
@@ -772,20 +708,6 @@ def with_noise(data: FashionMNIST, config: Config) -> FashionMNIST:
         x_test_noisy=add_noise(data.x_test, config.noise_factor, seed_for(config, "test_noise")))
 
 
-def steps_per_epoch(n_train: int, config: Config, replicas: int = 1) -> int:
-    """Batches per epoch: every image on one device; on several, only full batches, so that every
-    replica gets the same number of images (the last partial batch of each epoch's order is dropped)."""
-    if replicas == 1:
-        return math.ceil(n_train / config.batch_size)
-    if config.batch_size % replicas:
-        raise ConfigError(f"VAE_BATCH_SIZE={config.batch_size} does not split evenly over {replicas} replicas "
-                          f"(VAE_DEVICES=all); use a multiple of {replicas}, or VAE_DEVICES=one")
-    if n_train < config.batch_size:
-        raise ConfigError(f"VAE_TRAIN_SAMPLES={n_train} is less than one batch (VAE_BATCH_SIZE={config.batch_size}), "
-                          "and VAE_DEVICES=all trains on full batches only; use more images or a smaller batch")
-    return n_train // config.batch_size
-
-
 def make_train_dataset(
     noisy, clean, labels, config: Config, first_epoch: int, epochs: int | None = None, replicas: int = 1
 ) -> tf.data.Dataset:
@@ -830,90 +752,6 @@ def make_train_dataset(
 # =============================================================================
 
 
-def cpu_prefers_bfloat16(cpuinfo: str | None = None) -> bool:
-    """Whether bfloat16 layers train faster than float32 on this CPU, by measurement: with AMX, or on an
-    AMD CPU with AVX512_BF16 (1.25-1.6x faster per step). An Intel CPU with AVX512_BF16 but no AMX ran the
-    step 1.6x slower in bfloat16 (docs/RESULTS.md), so it gets float32."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set(cpuinfo.split())
-    return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in flags)
-
-
-def cpu_model_name() -> str:
-    """The CPU's name and model number, recorded with every run: timings depend on it."""
-    fields = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    if "model name" not in fields:
-        return platform.processor() or platform.machine()
-    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
-
-
-def gpu_compute_capability() -> tuple[int, int] | None:
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return None
-    return tuple(tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0)))
-
-
-def resolve_precision(config: Config, compute_capability=None, cpuinfo: str | None = None) -> str:
-    """The Keras dtype policy that VAE_PRECISION names; "auto" picks it for this machine.
-
-    GPUs: bfloat16 from compute capability 8.0 (Ampere), float16 on 7.x (Tensor Cores: V100, T4), and
-    float32 below 7.0 (P100): the TensorFlow mixed-precision guide says older GPUs gain no math speed from
-    float16, and float32 needs no loss scaling."""
-    if config.precision != "auto":
-        return config.precision
-    capability = gpu_compute_capability() if compute_capability is None else compute_capability
-    if capability:
-        major = capability[0]
-        return "mixed_bfloat16" if major >= 8 else "mixed_float16" if major >= 7 else "float32"
-    return "mixed_bfloat16" if cpu_prefers_bfloat16(cpuinfo) else "float32"
-
-
-def setup_devices(config: Config) -> tf.distribute.Strategy:
-    """Sets the Keras dtype policy and returns the strategy to build and train in. Call before building.
-
-    "one": the default strategy (TensorFlow places the work on the first GPU, else the CPU). "all":
-    MirroredStrategy over every GPU, or, with no GPU, over the logical CPU devices the CPU was split
-    into (how the tests exercise it); with a single device it is the default strategy again."""
-    keras.mixed_precision.set_global_policy(resolve_precision(config))
-    if config.devices == "all":
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        if len(devices) > 1:
-            return tf.distribute.MirroredStrategy([device.name for device in devices])
-    return tf.distribute.get_strategy()
-
-
-def tpu_runtime() -> str | None:
-    """The TPU runtime's name when this is a TPU VM (Kaggle, Colab), else None."""
-    for name in ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR"):
-        if os.environ.get(name):
-            return f"{name}={os.environ[name]}"
-    return "/dev/accel0" if Path("/dev/accel0").exists() else None
-
-
-def device_summary(strategy: tf.distribute.Strategy) -> str:
-    """One line: where the run trains, in how many replicas, in which precision, on which CPU."""
-    gpus = tf.config.list_logical_devices("GPU")
-    devices = (strategy.extended.worker_devices if strategy.num_replicas_in_sync > 1
-               else [gpus[0].name if gpus else "CPU:0"])
-    devices = [name.split("device:")[-1] for name in devices]
-    line = (f"devices: {', '.join(devices)}; {strategy.num_replicas_in_sync} replica(s); precision "
-            f"{keras.mixed_precision.global_policy().name}; CPU {cpu_model_name()}")
-    tpu = tpu_runtime()
-    if tpu:
-        line += (f"\n  NOTE: this is a TPU runtime ({tpu}), but the notebook has no TPUStrategy: it trains on the "
-                 "host CPU, which takes 20 minutes or more. A GPU runtime (T4) is the fast choice.")
-    return line
-
-
 def learning_rate_schedule(config: Config, steps_per_epoch: int):
     if config.lr_schedule == "constant":
         return config.learning_rate
@@ -935,57 +773,6 @@ def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Str
         vae.compile(optimizer=optimizer, jit_compile=jit_compile)
         vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # build: fit, checkpoints and load_weights need it
     return vae
-
-
-class TrainingTimeEstimate(keras.callbacks.Callback):
-    """After the first epoch of this fit, prints how long all the epochs will take on this machine,
-    from the steps after the first (which includes building the graph)."""
-
-    def __init__(self, epochs: int):
-        super().__init__()
-        self.epochs = epochs
-        self.first_epoch = None
-        self.after_first_step = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == 0 and self.after_first_step is None:
-            self.after_first_step = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        steps = self.params.get("steps") or 0
-        if epoch != self.first_epoch or steps < 2:
-            return
-        per_step = (time.perf_counter() - self.after_first_step) / (steps - 1)
-        left = self.epochs - epoch - 1
-
-        def duration(seconds):
-            return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
-
-        print(f"  {1000 * per_step:.0f} ms per step: the {self.epochs} epochs take about "
-              f"{duration(per_step * steps * self.epochs)} on this machine, {duration(per_step * steps * left)} "
-              f"from now ({cpu_model_name()})", flush=True)
-
-
-class EpochHistoryLog(keras.callbacks.Callback):
-    """Collects one history row per epoch and, with a checkpoint, backs up the
-    training state after every epoch (see Checkpoint.save_epoch)."""
-
-    def __init__(self, checkpoint: Checkpoint | None, rows: list[dict]):
-        super().__init__()
-        self.checkpoint = checkpoint
-        self.rows = rows
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        self.rows.append({"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_COLUMNS[1:] if k in logs}})
-        if self.checkpoint is not None:
-            self.checkpoint.save_epoch(self.model, self.rows)
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
 
 
 def train_vae(
@@ -1017,26 +804,84 @@ def train_vae(
             epochs=config.epochs,
             initial_epoch=first_epoch,
             steps_per_epoch=steps_per_epoch(len(x_clean), config, replicas),
-            callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), FitPrior(x_noisy, config), guard, history,
+            callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), FitPrior(x_noisy, labels, config), guard, history,
                        TrainingTimeEstimate(config.epochs)],
             verbose=verbose,
             shuffle=False,  # the dataset shuffles by (seed, epoch) itself
         )
     if guard.failure is not None:
         term, value, epoch, batch = guard.failure
-        raise TrainingDivergedError(
-            f"training stopped: {term} became {value} in epoch {epoch}, batch {batch}. "
-            "Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX, or check the input data."
-        )
+        raise TrainingDivergedError(diverged_message(term, value, epoch, batch))
     if checkpoint is not None:
         with atomic_path(checkpoint.weights) as tmp:
             vae.save_weights(tmp)
     return history.frame()
 
 
+def diverged_message(term: str, value: float, epoch: int, batch: int) -> str:
+    return (f"training stopped: {term} became {value} in epoch {epoch}, batch {batch}. "
+            "Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX, or check the input data.")
+
+
+class BetaWarmup(keras.callbacks.Callback):
+    """Sets model.beta at the start of each epoch from warmup_beta()."""
+
+    def __init__(self, beta_max: float, warmup_epochs: int):
+        super().__init__()
+        self.beta_max = beta_max
+        self.warmup_epochs = warmup_epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.beta.assign(warmup_beta(epoch, self.beta_max, self.warmup_epochs))
+
+
+class FitPrior(keras.callbacks.Callback):
+    """Before the second epoch (and again before prior_refit_epoch, if set), fits the mixture prior to the
+    aggregate posterior: one posterior sample of each of PRIOR_FIT_SAMPLES seeded noisy training images.
+    A resumed run past that epoch has the fitted prior in its checkpoint."""
+
+    def __init__(self, noisy: np.ndarray, labels: np.ndarray, config: Config, size: int = PRIOR_FIT_SAMPLES):
+        super().__init__()
+        self.noisy, self.labels, self.config, self.size = noisy, labels, config, size
+        self.epochs = {1} | ({config.prior_refit_epoch - 1} if config.prior_refit_epoch else set())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch not in self.epochs or self.model.prior is None:
+            return
+        seed = seed_for(self.config, "prior_fit")
+        rng = np.random.default_rng(seed)
+        subset = seeded_subset(len(self.noisy), self.size, rng)
+        z_mean, z_log_var = self.model.encode(self.noisy[subset])
+        latents = z_mean + np.exp(0.5 * z_log_var) * rng.standard_normal(z_mean.shape).astype(np.float32)
+        self.model.prior.fit(latents, seed, self.labels[subset] if self.config.prior_fit == "classes" else None)
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Like keras.callbacks.TerminateOnNaN, but remembers which loss term failed."""
+
+    TERMS = ("recon_loss", "kl_loss", "supcon_loss", "total_loss")
+
+    def __init__(self):
+        super().__init__()
+        self.failure = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        for term in self.TERMS:
+            value = (logs or {}).get(term)
+            if value is not None and not math.isfinite(float(value)):
+                self.failure = (term, float(value), self.epoch + 1, batch)
+                self.model.stop_training = True
+                return
+
+
 # =============================================================================
 # 5. Analysis: every number and every image set of the outputs (analyse() at the end)
 # =============================================================================
+
 
 QUALITY_COLUMNS = ("mse", "psnr", "ssim")
 
@@ -1055,10 +900,8 @@ def image_quality(reference: np.ndarray, images: np.ndarray) -> pd.DataFrame:
 
 
 def quality_means(per_method: dict[str, pd.DataFrame]) -> dict:
-    """{method}_{mse,psnr,ssim}: the mean over images of each method's image_quality(); and
-    {method}_psnr_pooled: 10*log10(1 / MSE) with the MSE pooled over all pixels of all images,
-    the PSNR most denoising papers report (every image has 784 pixels, so the pooled MSE is
-    the mean of the per-image MSEs)."""
+    """{method}_{mse,psnr,ssim,psnr_pooled} as QUALITY_DEFINITIONS defines them (every image has 784 pixels,
+    so the pooled MSE is the mean of the per-image MSEs)."""
     means = {}
     for method, quality in per_method.items():
         means.update({f"{method}_{column}": float(quality[column].mean()) for column in QUALITY_COLUMNS})
@@ -1068,8 +911,8 @@ def quality_means(per_method: dict[str, pd.DataFrame]) -> dict:
 
 
 def denoising_summary(quality: dict[str, pd.DataFrame]) -> dict:
-    """Means over the test images of the noisy input, the VAE and the VAE on clean inputs (the
-    ceiling), and the gains of the VAE over the noisy input."""
+    """Means over the test images of the noisy input, the VAE, and the VAE given clean inputs (a
+    reference), and the gains of the VAE over the noisy input."""
     summary = quality_means(quality)
     baseline = summary["noisy_mse"]
     summary["mse_improvement_pct"] = (
@@ -1080,7 +923,7 @@ def denoising_summary(quality: dict[str, pd.DataFrame]) -> dict:
     return summary
 
 
-def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouette_samples: int = 5000):
+def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouette_samples: int = SILHOUETTE_SAMPLES):
     """Linear probe, kNN accuracy and silhouette of z_mean against the class labels."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import silhouette_score
@@ -1091,8 +934,7 @@ def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouet
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     probe.fit(z_train, y_train)
     knn = KNeighborsClassifier(n_neighbors=min(10, len(z_train)), n_jobs=-1).fit(z_train, y_train)
-    rng = np.random.default_rng(seed)
-    subset = rng.permutation(len(z_test))[:silhouette_samples]
+    subset = seeded_subset(len(z_test), silhouette_samples, seed, in_order=False)  # the score's digits depend on it
     silhouette = (
         silhouette_score(z_test[subset], y_test[subset])
         if len(np.unique(y_test[subset])) > 1
@@ -1108,14 +950,14 @@ def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouet
 
 def evaluate(vae: VAE, data: FashionMNIST, config: Config) -> dict:
     """The denoising and latent-space fields of Results: the test set denoised by decoder(z_mean) and
-    scored, the same model scored on the clean test images (the ceiling: what the bottleneck keeps of a
-    clean image), and the latent space scored."""
+    scored, the same model given the clean test images (a reference, not a bound: the encoder was
+    trained on noisy inputs), and the latent space scored."""
     z_mean_test, _ = vae.encode(data.x_test_noisy)
     denoised = vae.generate(z_mean_test)
     z_mean_train, _ = vae.encode(data.x_train_noisy)
     z_mean_clean, _ = vae.encode(data.x_test)
     quality = {"noisy": image_quality(data.x_test, data.x_test_noisy), "vae": image_quality(data.x_test, denoised),
-               "ceiling": image_quality(data.x_test, vae.generate(z_mean_clean))}
+               "clean_input": image_quality(data.x_test, vae.generate(z_mean_clean))}
     representation = representation_quality(z_mean_train, data.y_train, z_mean_test, data.y_test,
                                             seed_for(config, "silhouette_subset"))
     return {"denoised": denoised, "quality": quality, "z_mean_train": z_mean_train, "z_mean_test": z_mean_test,
@@ -1145,7 +987,7 @@ def classical_references(clean, noisy, denoised, config: Config) -> dict:
     """PSNR/SSIM/MSE of two training-free denoisers, and of the VAE, on one seeded test subset."""
     from skimage.restoration import denoise_nl_means
 
-    subset = embedding_subset(len(clean), config.classical_samples, seed_for(config, "classical_subset"))
+    subset = seeded_subset(len(clean), config.classical_samples, seed_for(config, "classical_subset"))
     images = noisy[subset, ..., 0].astype(np.float64)
     sigma = max(config.noise_factor, 1e-3)
     outputs = {
@@ -1281,11 +1123,12 @@ def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_trai
 ROBUSTNESS_SIGMAS = (0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
 
 
-def noise_robustness(denoise, clean: np.ndarray, config: Config, sigmas=ROBUSTNESS_SIGMAS, size: int = 1000):
+def noise_robustness(denoise, clean: np.ndarray, config: Config, sigmas=ROBUSTNESS_SIGMAS,
+                     size: int = ROBUSTNESS_SAMPLES):
     """PSNR / SSIM / MSE of the noisy input, the TV reference and `denoise` (the VAE, trained at one
     noise level) on a fixed seeded test subset, for every noise level in `sigmas`: one row per
     method and sigma."""
-    x = clean[embedding_subset(len(clean), size, seed_for(config, "robustness_subset"))]
+    x = clean[seeded_subset(len(clean), size, seed_for(config, "robustness_subset"))]
     rows = []
     for i, sigma in enumerate(sigmas):
         noisy = add_noise(x, sigma, seed_for(config, "robustness_noise") + i)
@@ -1314,12 +1157,6 @@ def robustness_summary(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def embedding_subset(n: int, size: int, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded random subset (t-SNE, UMAP, classical references)."""
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.permutation(n)[: min(size, n)])
-
-
 def project_pca(z: np.ndarray):
     """2-D PCA coordinates and the explained-variance ratio of every component (a full SVD: no random draw)."""
     from sklearn.decomposition import PCA
@@ -1336,7 +1173,7 @@ def project_tsne(z: np.ndarray, seed: int) -> np.ndarray:
     return tsne.fit_transform(z)
 
 
-def import_umap(auto_install: bool = True):
+def import_umap():
     """Return (umap module, None), or (None, reason) when it cannot be had.
 
     Like the seed notebook, a missing umap-learn is pip-installed once.
@@ -1347,18 +1184,14 @@ def import_umap(auto_install: bool = True):
         return umap, None
     except ImportError as error:
         reason = f"import umap failed ({error})"
-    if auto_install:
-        try:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "install", "-q", "umap-learn"],
-                check=True, timeout=600, capture_output=True,
-            )
-            import umap
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "umap-learn"], check=True, timeout=600,
+                       capture_output=True)
+        import umap
 
-            return umap, None
-        except Exception as error:  # noqa: BLE001 - any failure only skips one plot
-            reason += f"; pip install umap-learn failed ({type(error).__name__})"
-    return None, reason
+        return umap, None
+    except Exception as error:  # noqa: BLE001 - any failure only skips one plot
+        return None, reason + f"; pip install umap-learn failed ({type(error).__name__})"
 
 
 def project_umap(z: np.ndarray, seed: int, umap_module) -> np.ndarray:
@@ -1424,7 +1257,7 @@ def latent_paths(vae: VAE, z_mean_test: np.ndarray, y_test: np.ndarray, config: 
 def latent_embeddings(z_mean_test: np.ndarray, config: Config, timer) -> tuple[dict, list[str]]:
     """t-SNE and UMAP coordinates of a seeded test subset ({"t-SNE": ..., "UMAP": ...}, with the subset's
     indices under "subset"), and a warning when UMAP cannot be had."""
-    subset = embedding_subset(len(z_mean_test), config.embed_samples, seed_for(config, "embed_subset"))
+    subset = seeded_subset(len(z_mean_test), config.embed_samples, seed_for(config, "embed_subset"))
     embeddings, warnings = {"subset": subset}, []
     with timer.stage("t-SNE"):
         embeddings["t-SNE"] = project_tsne(z_mean_test[subset], seed_for(config, "tsne"))
@@ -1446,7 +1279,7 @@ class Results:
     source: str  # where the data came from
     n_train: int
     y_test: np.ndarray
-    # denoising: the test set's noisy input, the VAE output, per-image quality of noisy / vae / ceiling
+    # denoising: the test set's noisy input, the VAE output, per-image quality of noisy / vae / clean_input
     x_test: np.ndarray
     x_test_noisy: np.ndarray
     denoised: np.ndarray
@@ -1502,11 +1335,14 @@ def analyse(vae: VAE, data: FashionMNIST, config: Config, timer) -> Results:
                             classical, generation)
     return Results(
         config=config, source=data.source, n_train=len(data.x_train), y_test=data.y_test, x_test=data.x_test,
-        x_test_noisy=data.x_test_noisy, classical=classical, robustness=robustness, pca_coords=pca_coords,
-        pca_ratios=pca_ratios, embeddings=embeddings, prior_grid=prior_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1),
+        x_test_noisy=data.x_test_noisy, denoised=evaluated["denoised"], quality=evaluated["quality"],
+        classical=classical, robustness=robustness, z_mean_train=z_mean_train, z_mean_test=z_mean_test,
+        representation=evaluated["representation"], pca_coords=pca_coords, pca_ratios=pca_ratios,
+        embeddings=embeddings, prior_grid=prior_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1),
         expost_grid=expost_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1), conditional_grid=conditional_grid,
-        conditional_classes=np.unique(intended), generation=generation, metrics=metrics, warnings=warnings,
-        **evaluated, **paths)
+        conditional_classes=np.unique(intended), interpolation=paths["interpolation"],
+        interpolation_labels=paths["interpolation_labels"], traversal=paths["traversal"],
+        traversal_ratios=paths["traversal_ratios"], generation=generation, metrics=metrics, warnings=warnings)
 
 
 # =============================================================================
@@ -1624,10 +1460,10 @@ def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
     save_figure(fig, Path(path), show)
 
 
-def plot_generation_quality(generation: dict, path, prior_name: str = "prior\nN(0, I)", show=False):
+def plot_generation_quality(generation: dict, path, prior_name: str, show=False):
     plt = _plt()
-    names = ["clean train\n(floor)", "VAE recon-\nstructions", prior_name, "ex-post\nGMM", "class-\nconditional",
-             "noisy test\n(ceiling)"]
+    names = ["clean train\n(real images)", "VAE recon-\nstructions", prior_name, "ex-post\nGMM",
+             "class-\nconditional", "noisy test\n(worst case)"]
     keys = ["fd_clean_train", "fd_vae_reconstruction", "fd_prior_samples", "fd_expost_samples",
             "fd_conditional_samples", "fd_noisy_input"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]}, layout="constrained")
@@ -1667,7 +1503,7 @@ def plot_noise_robustness(table: pd.DataFrame, trained_sigma: float, path, show=
     save_figure(fig, Path(path), show)
 
 
-TITLE_PANELS = [
+TITLE_PANELS = [  # the seed's title cards: file, title, subtitle
     ("A_title_denoising.png", "Denoising", "Gürültülü görüntü → temiz görüntü"),
     ("B_title_representation_learning.png", "Representation Learning", "Latent uzayda sınıf ayrışması (PCA / UMAP / t-SNE)"),
     ("C_title_generation.png", "Generation", "Prior, ex-post GMM ve sınıf-koşullu örnekleme"),
@@ -1689,76 +1525,158 @@ def plot_title_panel(title: str, subtitle: str, path, show=False):
     save_figure(fig, Path(path), show, tight=False)
 
 
-PRIOR_NAMES = {"normal": "N(0, I)", "mixture": "the learned mixture prior"}
-
-
-def render_training(history: pd.DataFrame, config: Config, out: Path, show=False) -> None:
+def draw_training_curves(results: Results, history: pd.DataFrame, paths, show=False) -> None:
+    config = results.config
+    kl_title = f"KL divergence to the prior, {prior_label(config)}" + (
+        " (Monte-Carlo estimate)" if config.prior == "mixture" else "")
     curves = [
-        ("total_loss", "01_train_total_loss.png", "Training loss: total = recon + beta*KL + gamma_sc*w*SupCon", "nats per image"),
-        ("recon_loss", "02_train_recon_loss.png", "Reconstruction loss (BCE, clean vs recon, summed over pixels)", "nats per image"),
-        ("kl_loss", "03_train_kl_loss.png", f"KL divergence to the prior, {PRIOR_NAMES[config.prior]}"
-         + (" (Monte-Carlo estimate)" if config.prior == "mixture" else ""), "nats per image"),
-        ("supcon_loss", "03B_train_supcon_loss.png", "Supervised contrastive loss on z_mean", "loss"),
-        ("beta", "04_beta_warmup.png", f"KL weight beta: linear warm-up over {config.warmup_epochs} epochs", "beta"),
+        ("total_loss", "Training loss: total = recon + beta*KL + gamma_sc*w*SupCon", "nats per image"),
+        ("recon_loss", "Reconstruction loss (BCE, clean vs recon, summed over pixels)", "nats per image"),
+        ("kl_loss", kl_title, "nats per image"),
+        ("supcon_loss", "Supervised contrastive loss on z_mean", "loss"),
+        ("beta", f"KL weight beta: linear warm-up over {config.warmup_epochs} epochs", "beta"),
     ]
-    for column, name, title, ylabel in curves:
-        plot_training_curve(history, column, title, ylabel, out / name, show)
+    for (column, title, ylabel), path in zip(curves, paths, strict=True):
+        plot_training_curve(history, column, title, ylabel, path, show)
 
 
-def render_latent_space(results: Results, out: Path, show=False) -> None:
-    """PCA of every test z_mean (digits and names), t-SNE and UMAP of the seeded subset."""
+def draw_denoising_grid(results: Results, history, paths, show=False) -> None:
+    plot_denoising_grid(results.x_test, results.x_test_noisy, results.denoised, results.y_test, paths[0], show=show)
+
+
+def draw_per_class_psnr(results: Results, history, paths, show=False) -> None:
+    plot_per_class_psnr(results.quality["noisy"], results.quality["vae"], results.y_test, paths[0], show)
+
+
+def draw_pca(results: Results, history, paths, show=False) -> None:
+    """PCA of every test z_mean, with digits and with Turkish class names."""
     order_seed = seed_for(results.config, "scatter_order")
     ratios, labels, n = results.pca_ratios, results.y_test, len(results.pca_coords)
     axes = (f"PC1 ({100 * ratios[0]:.1f} %)", f"PC2 ({100 * ratios[1]:.1f} %)")
-    plot_latent_scatter(results.pca_coords, labels, f"PCA of test z_mean (n={n}), labels 0-9",
-                        out / "06A_latent_pca_numbers.png", axis_names=axes, show=show, seed=order_seed)
-    plot_latent_scatter(results.pca_coords, labels, f"Latent uzay PCA (test z_mean, n={n})",
-                        out / "06B_latent_pca_text_tr.png", CLASS_NAMES_TR, axes, show, order_seed)
-    subset = results.embeddings["subset"]
-    for method, name in (("t-SNE", "06D_latent_tsne_text_tr.png"), ("UMAP", "06C_latent_umap_text_tr.png")):
-        if method in results.embeddings:  # UMAP is absent when umap-learn could not be had (a warning says so)
+    plot_latent_scatter(results.pca_coords, labels, f"PCA of test z_mean (n={n}), labels 0-9", paths[0],
+                        axis_names=axes, show=show, seed=order_seed)
+    plot_latent_scatter(results.pca_coords, labels, f"Latent uzay PCA (test z_mean, n={n})", paths[1],
+                        CLASS_NAMES_TR, axes, show, order_seed)
+
+
+def draw_embeddings(results: Results, history, paths, show=False) -> None:
+    """UMAP and t-SNE of the seeded subset; UMAP is absent when umap-learn could not be had (a warning says so)."""
+    subset, labels = results.embeddings["subset"], results.y_test
+    for method, path in (("t-SNE", paths[1]), ("UMAP", paths[0])):
+        if method in results.embeddings:
             plot_latent_scatter(results.embeddings[method], labels[subset],
-                                f"Latent uzay {method} (test z_mean, seeded subset n={len(subset)})", out / name,
-                                CLASS_NAMES_TR, (f"{method} 1", f"{method} 2"), show, order_seed)
+                                f"Latent uzay {method} (test z_mean, seeded subset n={len(subset)})", path,
+                                CLASS_NAMES_TR, (f"{method} 1", f"{method} 2"), show,
+                                seed_for(results.config, "scatter_order"))
 
 
-def render_generation(results: Results, out: Path, show=False) -> None:
-    """The sample grids, interpolations and traversals, and the generation-quality figure."""
-    plot_images(results.prior_grid, f"Samples from the prior: decoder(z), z ~ {PRIOR_NAMES[results.config.prior]}",
-                out / "07_generated_prior.png", show=show)
+def draw_prior_samples(results: Results, history, paths, show=False) -> None:
+    plot_images(results.prior_grid, f"Samples from the prior: decoder(z), z ~ {prior_label(results.config)}",
+                paths[0], show=show)
+
+
+def draw_expost_samples(results: Results, history, paths, show=False) -> None:
     plot_images(results.expost_grid, "Samples from the ex-post density: decoder(z), z ~ 10-component GMM fitted to "
-                "training z_mean", out / "07B_generated_expost.png", show=show)
+                "training z_mean", paths[0], show=show)
+
+
+def draw_class_conditional(results: Results, history, paths, show=False) -> None:
     classes = results.conditional_classes
     plot_images(results.conditional_grid, "Class-conditional samples: decoder(z), z ~ N(mean, cov) of each class's "
-                "training z_mean", out / "12_class_conditional.png",
-                [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes],
+                "training z_mean", paths[0], [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes],
                 [str(k + 1) for k in range(results.conditional_grid.shape[1])], show)
+
+
+def draw_interpolation(results: Results, history, paths, show=False) -> None:
     steps = results.interpolation.shape[1]
     plot_images(results.interpolation, "Latent interpolation: decoder((1-t) z_a + t z_b), z = z_mean of noisy test "
-                "images", out / "08_latent_interpolation.png", results.interpolation_labels,
-                [f"t={s / (steps - 1):.2f}" for s in range(steps)], show)
+                "images", paths[0], results.interpolation_labels, [f"t={s / (steps - 1):.2f}" for s in range(steps)],
+                show)
+
+
+def draw_traversal(results: Results, history, paths, show=False) -> None:
     steps, span = results.traversal.shape[1], TRAVERSAL_SPAN
     plot_images(results.traversal, "Latent traversal: decoder(mean + t·sd·PC_k) along the top principal directions "
-                "of z_mean", out / "11_latent_traversal.png",
+                "of z_mean", paths[0],
                 [f"PC{r + 1}\n({100 * ratio:.0f} %)" for r, ratio in enumerate(results.traversal_ratios)],
                 [f"{-span + 2 * span * c / (steps - 1):+.1f} sd" for c in range(steps)], show)
-    if results.generation is not None:
-        plot_generation_quality(results.generation, out / "09_generation_quality.png",
-                                "prior\nN(0, I)" if results.config.prior == "normal" else "learned\nprior", show)
+
+
+def draw_generation_quality(results: Results, history, paths, show=False) -> None:
+    if results.generation is not None:  # None with gen_metrics=0
+        plot_generation_quality(results.generation, paths[0], prior_label(results.config, short=True), show)
+
+
+def draw_noise_robustness(results: Results, history, paths, show=False) -> None:
+    plot_noise_robustness(results.robustness, results.config.noise_factor, paths[0], show)
+
+
+def draw_title_cards(results: Results, history, paths, show=False) -> None:
+    for path, (_name, title, subtitle) in zip(paths, TITLE_PANELS, strict=True):
+        plot_title_panel(title, subtitle, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    files: tuple  # names in the output folder
+    shows: str
+    by: object  # the drawing function, called as by(results, history, paths, show), or the name of the writer
+
+
+# Every file a run writes, in the order the notebook shows the figures. render() draws the figures from here;
+# the outputs tables of the notebook and README are made from it (outputs_table()), and the tests read it.
+OUTPUTS = [
+    Output(("01_train_total_loss.png", "02_train_recon_loss.png", "03_train_kl_loss.png", "03B_train_supcon_loss.png",
+            "04_beta_warmup.png"), "training curves per epoch: total loss, BCE, KL, SupCon, beta",
+           draw_training_curves),
+    Output(("05_denoising_grid.png",), "clean / noisy / denoised test images, one column per class",
+           draw_denoising_grid),
+    Output(("10_per_class_denoising.png",), "mean PSNR per class of the noisy input and the VAE", draw_per_class_psnr),
+    Output(("06A_latent_pca_numbers.png", "06B_latent_pca_text_tr.png"),
+           "PCA of every test `z_mean`, labelled 0-9 and with Turkish class names", draw_pca),
+    Output(("06C_latent_umap_text_tr.png", "06D_latent_tsne_text_tr.png"),
+           "UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had)", draw_embeddings),
+    Output(("07_generated_prior.png",), "10x10 samples `decoder(z)`, `z` from the prior the model was trained with",
+           draw_prior_samples),
+    Output(("07B_generated_expost.png",), "10x10 samples of a 10-component GMM fitted to the training `z_mean` after "
+           "training (the ex-post density)", draw_expost_samples),
+    Output(("12_class_conditional.png",), "one row per class: samples of a Gaussian fitted to that class's training "
+           "`z_mean`", draw_class_conditional),
+    Output(("08_latent_interpolation.png",), "8 straight lines between the `z_mean` of test images of two classes",
+           draw_interpolation),
+    Output(("11_latent_traversal.png",), "steps along the top 5 principal directions of `z_mean`", draw_traversal),
+    Output(("09_generation_quality.png",), "Fréchet distances of reconstructions and of each kind of sample; their "
+           "classes (not with `gen_metrics` 0)", draw_generation_quality),
+    Output(("13_noise_robustness.png",), "PSNR / SSIM of the noisy input, TV and the VAE for sigma 0.1-0.8",
+           draw_noise_robustness),
+    Output(tuple(name for name, _title, _subtitle in TITLE_PANELS), "framed 16:9 title cards of the four parts",
+           draw_title_cards),
+    Output(("history.csv", "noise_robustness.csv", "pca_explained_variance.txt"),
+           "losses per epoch; the noise-robustness table; PCA variance per component", "write_reports"),
+    Output(("metrics.csv", "metrics.txt"), "every figure with its unit, image count and definition; the readable "
+           "report (written last: their presence means a finished run)", "write_reports"),
+    Output(("encoder.keras", "decoder.keras", "prior.npz"), "the trained models (plain Keras layers: image -> "
+           "`z_mean, z_log_var`; `z` -> image); the learned prior's parameters (`prior` mixture only)", "save_models"),
+    Output(("config.json", "run_status.json", "timings.csv"), "the settings, variables, precision, CPU and versions "
+           "that ran; `running` / `finished` / `failed`; seconds per stage", "run"),
+    Output(("checkpoint/",), "the training state, for resuming an interrupted run", "Checkpoint"),
+]
+
+
+def outputs_table() -> str:
+    """The outputs table of the notebook's last cell and of README (tools/sync_docs.py writes both)."""
+    rows = ["| file | what it shows | written by |", "|---|---|---|"]
+    for output in OUTPUTS:
+        by = getattr(output.by, "__name__", output.by)
+        rows.append(f"| {', '.join(f'`{name}`' for name in output.files)} | {output.shows} | `{by}` |")
+    return "\n".join(rows)
 
 
 def render(results: Results, history: pd.DataFrame, out: Path, show: bool = False) -> None:
-    """Draw every figure of the run from Results and the training history."""
-    render_training(history, results.config, out, show)
-    plot_denoising_grid(results.x_test, results.x_test_noisy, results.denoised, results.y_test,
-                        out / "05_denoising_grid.png", show=show)
-    plot_per_class_psnr(results.quality["noisy"], results.quality["vae"], results.y_test,
-                        out / "10_per_class_denoising.png", show)
-    render_latent_space(results, out, show)
-    render_generation(results, out, show)
-    plot_noise_robustness(results.robustness, results.config.noise_factor, out / "13_noise_robustness.png", show)
-    for name, title, subtitle in TITLE_PANELS:
-        plot_title_panel(title, subtitle, out / name)
+    """Draw every figure of OUTPUTS from Results and the training history."""
+    for output in OUTPUTS:
+        if callable(output.by):
+            output.by(results, history, [out / name for name in output.files], show)
 
 
 # =============================================================================
@@ -1769,8 +1687,8 @@ def render(results: Results, history: pd.DataFrame, out: Path, show: bool = Fals
 QUALITY_ROWS = {
     "noisy": ("denoising", "test", "the noisy input"),
     "vae": ("denoising", "test", "the VAE output decoder(z_mean(noisy))"),
-    "ceiling": ("ceiling", "ceiling", "decoder(z_mean(clean test image)): the clean-input ceiling, what the model "
-                "reconstructs without noise at this latent size"),
+    "clean_input": ("reference", "test", "decoder(z_mean(clean test image)): the same model given clean inputs, a "
+                    "reference (no bound: the encoder was trained on noisy inputs)"),
     "tv_chambolle": ("classical", "classical", CLASSICAL_DENOISERS["tv_chambolle"]),
     "nl_means": ("classical", "classical", CLASSICAL_DENOISERS["nl_means"]),
     "vae_subset": ("classical", "classical", "the VAE output decoder(z_mean)"),
@@ -1783,7 +1701,7 @@ QUALITY_DEFINITIONS = {
     "psnr_pooled": "10*log10(1 / MSE) with the MSE pooled over every pixel of every image (the PSNR most papers "
                    "report)",
 }
-SUBSET_NOTE = {"test": "the test images", "ceiling": "the test images",
+SUBSET_NOTE = {"test": "the test images",
                "classical": "the seeded classical-reference test subset"}
 
 
@@ -1802,7 +1720,7 @@ METRICS = {
     "mse_improvement_pct": ("gain", "%", "test", "100 * (1 - vae_mse / noisy_mse)"),
     "psnr_gain_db": ("gain", "dB", "test", "vae_psnr - noisy_psnr"),
     "ssim_gain": ("gain", "", "test", "vae_ssim - noisy_ssim"),
-    **quality_rows(("ceiling",)),
+    **quality_rows(("clean_input",)),
     "linear_probe_accuracy": (
         "representation", "", "test",
         "test accuracy of StandardScaler+LogisticRegression fitted on z_mean of the noisy training images",
@@ -1811,10 +1729,10 @@ METRICS = {
     "silhouette": ("representation", "", "silhouette", "sklearn silhouette_score of test z_mean against the class labels (seeded subset)"),
     **quality_rows(("tv_chambolle", "nl_means", "vae_subset", "noisy_subset")),
     "classifier_test_accuracy": ("generation", "", "generation", "test accuracy of the small CNN (3 epochs on clean training images) whose 64-d penultimate features define the Fréchet distances"),
-    "fd_clean_train": ("generation", "", "generation", "Fréchet distance between classifier features of clean training images and of clean test images (the floor)"),
+    "fd_clean_train": ("generation", "", "generation", "Fréchet distance between classifier features of clean training images and of clean test images (a real-image reference: what a perfect generator scores, up to sampling error)"),
     "fd_vae_reconstruction": ("generation", "", "generation", "Fréchet distance of VAE outputs decoder(z_mean(noisy test)) to clean test images"),
     "fd_prior_samples": ("generation", "", "generation", "Fréchet distance of decoder(z), z ~ the prior in use (N(0, I), or the learned mixture with prior=mixture), to clean test images"),
-    "fd_noisy_input": ("generation", "", "generation", "Fréchet distance of the noisy test images to clean test images (a ceiling)"),
+    "fd_noisy_input": ("generation", "", "generation", "Fréchet distance of the noisy test images to clean test images (a worst-case reference)"),
     "prior_class_entropy": ("generation", "", "generation", "entropy of the classifier's labels for the prior samples / log(10); 1 = every class equally often"),
     "prior_mean_confidence": ("generation", "", "generation", "mean max-softmax probability of the classifier on the prior samples"),
     "fd_expost_samples": ("generation", "", "generation", "Fréchet distance of decoder(z), z ~ the ex-post density (a 10-component full-covariance Gaussian mixture fitted to the training z_mean), to clean test images"),
@@ -1838,7 +1756,7 @@ def metrics_table(summary: dict, representation: dict, n_test: int, classical: d
                   generation: dict | None) -> pd.DataFrame:
     """One row per metric of METRICS whose stage ran: value, unit, images counted, definition."""
     values = {**summary, **representation, **classical, **(generation or {})}
-    counts = {"test": n_test, "ceiling": n_test, "silhouette": representation["silhouette_samples"],
+    counts = {"test": n_test, "silhouette": representation["silhouette_samples"],
               "classical": classical["classical_samples"]}
     if generation:
         counts["generation"], counts["conditional"] = generation["fd_samples"], generation["conditional_per_class"]
@@ -1868,12 +1786,7 @@ def metrics_report(results: Results) -> str:
     if "fd_prior_samples" in values:
         lines += generation_report(values)
     lines += robustness_report(results.robustness, config.noise_factor)
-    lines += [
-        "Definitions",
-        "PSNR and SSIM are per-image means over the test set, computed with skimage.metrics "
-        "(peak_signal_noise_ratio, structural_similarity) with data_range=1; MSE is the per-image "
-        "mean squared error averaged over images.",
-    ]
+    lines += ["Definitions"] + [f"- {column}: {definition}" for column, definition in QUALITY_DEFINITIONS.items()]
     lines += [f"- {name}: {definition}" for name, definition in zip(table["name"], table["definition"])]
     lines += ["", "Warnings"] + ([f"- {w}" for w in results.warnings] if results.warnings else ["- none"])
     return "\n".join(lines) + "\n"
@@ -1895,9 +1808,9 @@ def report_head(values: dict, n_images: dict, results: Results) -> list[str]:
         + ("new every epoch" if config.fresh_noise else "one fixed noisy copy"),
         "",
         "Denoising (the VAE output is decoder(z_mean), the deterministic mean of the posterior)",
-        *quality_lines(values, [("noisy", "noisy input"), ("vae", "VAE"), ("ceiling", "VAE on clean input")]),
-        "(PSNR is the mean of per-image PSNRs; pooled PSNR is 10*log10(1/MSE) over all pixels, as papers report it."
-        " 'VAE on clean input' is the ceiling: decoder(z_mean) of the clean image.)",
+        *quality_lines(values, [("noisy", "noisy input"), ("vae", "VAE"), ("clean_input", "VAE on clean input")]),
+        "('VAE on clean input': decoder(z_mean) of the clean image, a reference, not a bound; the PSNR columns are "
+        "defined under Definitions.)",
         "",
         f"MSE improvement: {values['mse_improvement_pct']:.1f} %",
         f"PSNR gain:       {values['psnr_gain_db']:+.2f} dB",
@@ -1922,10 +1835,10 @@ def generation_report(values: dict) -> list[str]:
     return [
         "Generation quality (Fréchet distance to clean test images, classifier features; lower is better)",
         f"classifier test accuracy:     {values['classifier_test_accuracy']:.4f}",
-        f"clean training images:        {values['fd_clean_train']:.3f}   (floor)",
+        f"clean training images:        {values['fd_clean_train']:.3f}   (real-image reference)",
         f"VAE reconstructions:          {values['fd_vae_reconstruction']:.3f}",
         f"prior samples:                {values['fd_prior_samples']:.3f}",
-        f"noisy test images:            {values['fd_noisy_input']:.3f}   (ceiling)",
+        f"noisy test images:            {values['fd_noisy_input']:.3f}   (worst-case reference)",
         f"prior samples' class entropy: {values['prior_class_entropy']:.3f} (1 = uniform), "
         f"mean confidence {values['prior_mean_confidence']:.3f}",
         f"ex-post samples (GMM on z):   {values['fd_expost_samples']:.3f}   = "
@@ -2027,8 +1940,8 @@ def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
         with timer.stage("build"):
             vae = build_vae(config, len(data.x_train), strategy)
         with timer.stage("train"):
-            verbose = 1 if sys.stdout.isatty() else 2
-            history = train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, checkpoint, verbose)
+            history = train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, checkpoint,
+                                progress_verbosity())
         results = analyse(vae, data, config, timer)
         with timer.stage("save models"):
             save_models(vae, out)
@@ -2100,8 +2013,8 @@ KAGGLE_WORKING = Path("/kaggle/working")
 
 def default_out_dir() -> Path:
     if KAGGLE_WORKING.is_dir():
-        return KAGGLE_WORKING / "vae_outputs_v3"
-    return Path("vae_outputs_v3")
+        return KAGGLE_WORKING / OUT_FOLDER
+    return Path(OUT_FOLDER)
 
 
 def parse_setting(field: str, raw: str, source: str, hint: str):
@@ -2137,12 +2050,14 @@ def parse_value(field: str, value, source: str, hint: str):
     return parse_setting(field, str(int(value)) if isinstance(value, bool) else str(value), source, hint)
 
 
-def refuse_unknown(names, known, where: str) -> None:
-    """An unknown setting stops the run before any work, naming the setting it probably meant."""
+def refuse_unknown(names, known, where: str, aliases: dict | None = None) -> None:
+    """An unknown setting stops the run before any work, naming the setting it probably meant: a close
+    spelling, or the setting that `aliases` maps the name to (a VAE_* name written in OVERRIDES)."""
     unknown = sorted(set(names) - set(known))
+    aliases = aliases or {}
     if unknown:
-        guesses = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, 1, 0.75)) else name
-                   for name in unknown]
+        guesses = [f"{name} (did you mean {close[0]}?)" if (close := [aliases[name]] if name in aliases else
+                   difflib.get_close_matches(name, known, 1, 0.75)) else name for name in unknown]
         raise ConfigError(f"{where} names unknown setting(s) {', '.join(guesses)}; the settings are: {', '.join(known)}")
 
 
@@ -2158,7 +2073,7 @@ def config_from_env(environ=None, overrides: dict | None = None) -> Config:
     overrides = OVERRIDES if overrides is None else overrides
     variables = {rule["env"]: field for field, rule in SETTINGS.items()}
     refuse_unknown([name for name in environ if name.startswith("VAE_")], list(variables), "the environment")
-    refuse_unknown(overrides, list(SETTINGS), "OVERRIDES")
+    refuse_unknown(overrides, list(SETTINGS), "OVERRIDES", {rule["env"]: field for field, rule in SETTINGS.items()})
     values = {}
     for name, field in variables.items():
         if environ.get(name, "").strip():
@@ -2172,7 +2087,175 @@ def config_from_env(environ=None, overrides: dict | None = None) -> Config:
                  for field, value in PRESETS[preset].items()}, **values}
     if not values.get("out_dir"):
         values["out_dir"] = str(default_out_dir())
-    return Config(**values)
+    config = Config(**values)
+    if config.prior == "mixture" and config.prior_fit == "classes" and config.prior_components != NUM_CLASSES:
+        raise ConfigError(f"VAE_PRIOR_FIT=classes fits one component per class: it needs VAE_PRIOR_COMPONENTS="
+                          f"{NUM_CLASSES}, not {config.prior_components}")
+    return config
+
+
+# --- Several devices and precisions: MirroredStrategy, mixed precision, what this machine is ----------
+# The story reaches this section through setup_devices() and device_summary() (run), steps_per_epoch()
+# (training), keyed_normal() (Sampling), gather_global_batch() / mean_over_replicas() (the loss terms) and
+# replica_share() / skip_together_on_overflow() (train_step). On one device each of these is the identity.
+
+
+def setup_devices(config: Config) -> tf.distribute.Strategy:
+    """Sets the Keras dtype policy and returns the strategy to build and train in. Call before building.
+
+    "one": the default strategy (TensorFlow places the work on the first GPU, else the CPU). "all":
+    MirroredStrategy over every GPU, or, with no GPU, over the logical CPU devices the CPU was split
+    into (how the tests exercise it); with a single device it is the default strategy again."""
+    keras.mixed_precision.set_global_policy(resolve_precision(config))
+    if config.devices == "all":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        if len(devices) > 1:
+            return tf.distribute.MirroredStrategy([device.name for device in devices])
+    return tf.distribute.get_strategy()
+
+
+def resolve_precision(config: Config, compute_capability=None, cpuinfo: str | None = None) -> str:
+    """The Keras dtype policy that VAE_PRECISION names; "auto" picks it for this machine.
+
+    GPUs: bfloat16 from compute capability 8.0 (Ampere), float16 on 7.x (Tensor Cores: V100, T4), and
+    float32 below 7.0 (P100): the TensorFlow mixed-precision guide says older GPUs gain no math speed from
+    float16, and float32 needs no loss scaling."""
+    if config.precision != "auto":
+        return config.precision
+    capability = gpu_compute_capability() if compute_capability is None else compute_capability
+    if capability:
+        major = capability[0]
+        return "mixed_bfloat16" if major >= 8 else "mixed_float16" if major >= 7 else "float32"
+    return "mixed_bfloat16" if cpu_prefers_bfloat16(cpuinfo) else "float32"
+
+
+def cpu_prefers_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether bfloat16 layers train faster than float32 on this CPU, by measurement: with AMX, or on an
+    AMD CPU with AVX512_BF16 (1.25-1.6x faster per step). An Intel CPU with AVX512_BF16 but no AMX ran the
+    step 1.6x slower in bfloat16 (docs/RESULTS.md), so it gets float32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in flags)
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    return tuple(tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0)))
+
+
+def device_summary(strategy: tf.distribute.Strategy) -> str:
+    """One line: where the run trains, in how many replicas, in which precision, on which CPU."""
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = (strategy.extended.worker_devices if strategy.num_replicas_in_sync > 1
+               else [gpus[0].name if gpus else "CPU:0"])
+    devices = [name.split("device:")[-1] for name in devices]
+    line = (f"devices: {', '.join(devices)}; {strategy.num_replicas_in_sync} replica(s); precision "
+            f"{keras.mixed_precision.global_policy().name}; CPU {cpu_model_name()}")
+    tpu = tpu_runtime()
+    if tpu:
+        line += (f"\n  NOTE: this is a TPU runtime ({tpu}), but the notebook has no TPUStrategy: it trains on the "
+                 "host CPU, which takes 20 minutes or more. A GPU runtime (T4) is the fast choice.")
+    return line
+
+
+def tpu_runtime() -> str | None:
+    """The TPU runtime's name when this is a TPU VM (Kaggle, Colab), else None."""
+    for name in ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR"):
+        if os.environ.get(name):
+            return f"{name}={os.environ[name]}"
+    return "/dev/accel0" if Path("/dev/accel0").exists() else None
+
+
+def cpu_model_name() -> str:
+    """The CPU's name and model number, recorded with every run: timings depend on it."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
+def several_replicas():
+    """The replica context when several replicas train in sync (MirroredStrategy), else None."""
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
+def replica_position() -> tuple[int, tf.Tensor]:
+    """(replicas in sync, this replica's index); (1, 0) on one device."""
+    context = several_replicas()
+    return (1, tf.constant(0)) if context is None else (context.num_replicas_in_sync, context.replica_id_in_sync_group)
+
+
+def steps_per_epoch(n_train: int, config: Config, replicas: int = 1) -> int:
+    """Batches per epoch: every image on one device; on several, only full batches, so that every
+    replica gets the same number of images (the last partial batch of each epoch's order is dropped)."""
+    if replicas == 1:
+        return math.ceil(n_train / config.batch_size)
+    if config.batch_size % replicas:
+        raise ConfigError(f"VAE_BATCH_SIZE={config.batch_size} does not split evenly over {replicas} replicas "
+                          f"(VAE_DEVICES=all); use a multiple of {replicas}, or VAE_DEVICES=one")
+    if n_train < config.batch_size:
+        raise ConfigError(f"VAE_TRAIN_SAMPLES={n_train} is less than one batch (VAE_BATCH_SIZE={config.batch_size}), "
+                          "and VAE_DEVICES=all trains on full batches only; use more images or a smaller batch")
+    return n_train // config.batch_size
+
+
+def keyed_normal(like, seed: int, step_key):
+    """Standard normal noise shaped like `like` (this replica's rows), a function of (seed, step_key) alone.
+    It is drawn for the whole global batch and each replica takes its rows (global batches split evenly:
+    make_train_dataset), so an image gets the same noise on one device or on several."""
+    stream = tf.stack([tf.constant(seed, tf.int64), tf.cast(step_key, tf.int64)])
+    stream = tf.random.experimental.stateless_fold_in(stream, 0)  # the stream one device always used
+    replicas, replica = replica_position()
+    rows = tf.shape(like)[0]
+    global_shape = tf.stack([rows * replicas, tf.shape(like)[1]])
+    epsilon = tf.random.stateless_normal(global_shape, seed=stream, dtype=like.dtype)
+    return epsilon[replica * rows:(replica + 1) * rows]
+
+
+def across_replicas(value, op: str):
+    """value "gather"ed along axis 0, or "mean"- or "sum"-reduced over the replicas; value itself on one
+    device. all_gather passes gradients back to the replica each row came from."""
+    context = several_replicas()
+    if context is None:
+        return value
+    if op == "gather":
+        return context.all_gather(value, axis=0)
+    return context.all_reduce(tf.distribute.ReduceOp.MEAN if op == "mean" else tf.distribute.ReduceOp.SUM, value)
+
+
+def gather_global_batch(value):
+    """value with the rows of every replica, in replica order; gradients flow back to each row's replica."""
+    return across_replicas(value, "gather")
+
+
+def mean_over_replicas(value):
+    return across_replicas(value, "mean")
+
+
+def replica_share(loss):
+    """Replica gradients are summed: each replica contributes its batch mean / replicas."""
+    return loss / tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def skip_together_on_overflow(optimizer, grads):
+    """The loss-scale optimizer (float16) decides "apply, or skip and halve the scale" from replica 0's
+    gradients, before they are summed: an overflow elsewhere would reach the weights. Make every replica's
+    gradients non-finite when any replica's are, so that all skip together."""
+    if several_replicas() is None or not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return grads
+    overflows = across_replicas(1.0 - tf.cast(optimizer.check_finite(grads), tf.float32), "sum")
+    return [ops.where(overflows > 0, ops.full_like(g, float("nan")), g) for g in grads]
 
 
 # --- Data: IDX files (raw or .gz) or the Kaggle CSVs, searched in a fixed order -----------
@@ -2481,6 +2564,25 @@ class Checkpoint:
         return []
 
 
+class EpochHistoryLog(keras.callbacks.Callback):
+    """Collects one history row per epoch and, with a checkpoint, backs up the
+    training state after every epoch (see Checkpoint.save_epoch)."""
+
+    def __init__(self, checkpoint: Checkpoint | None, rows: list[dict]):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.rows = rows
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.rows.append({"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_COLUMNS[1:] if k in logs}})
+        if self.checkpoint is not None:
+            self.checkpoint.save_epoch(self.model, self.rows)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
+
+
 def open_checkpoint(out: Path, config: Config, replicas: int = 1) -> Checkpoint:
     """Use <out>/checkpoint if it was made with the same settings, precision and replica count;
     refuse to mix them unless VAE_FRESH=1, which discards the old checkpoint."""
@@ -2492,14 +2594,14 @@ def open_checkpoint(out: Path, config: Config, replicas: int = 1) -> Checkpoint:
         except (OSError, ValueError):
             stored = {}
         differences = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
-        if differences and not config.discard_checkpoint:
+        if differences and not config.fresh:
             listed = ", ".join(f"{k}: stored {a!r} vs now {b!r}" for k, (a, b) in differences.items())
             raise CheckpointMismatchError(
                 f"{checkpoint.root} holds a training checkpoint made with other settings ({listed}). "
                 "Rerun with the same settings to resume, set VAE_FRESH=1 to discard it and start fresh, "
                 "or choose another VAE_OUT_DIR."
             )
-        if differences or config.discard_checkpoint:
+        if differences or config.fresh:
             shutil.rmtree(checkpoint.root)
     checkpoint.root.mkdir(parents=True, exist_ok=True)
     write_text(checkpoint.fingerprint, json.dumps(wanted, indent=2) + "\n")
@@ -2563,6 +2665,53 @@ class StageTimer:
         return pd.concat([frame, total], ignore_index=True)
 
 
+class TrainingTimeEstimate(keras.callbacks.Callback):
+    """After the first epoch of this fit, prints how long all the epochs will take on this machine,
+    from the steps after the first (which includes building the graph)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.first_epoch = None
+        self.after_first_step = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0 and self.after_first_step is None:
+            self.after_first_step = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        steps = self.params.get("steps") or 0
+        if epoch != self.first_epoch or steps < 2:
+            return
+        per_step = (time.perf_counter() - self.after_first_step) / (steps - 1)
+        left = self.epochs - epoch - 1
+
+        def duration(seconds):
+            return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+        print(f"  {1000 * per_step:.0f} ms per step: the {self.epochs} epochs take about "
+              f"{duration(per_step * steps * self.epochs)} on this machine, {duration(per_step * steps * left)} "
+              f"from now ({cpu_model_name()})", flush=True)
+
+
+def progress_verbosity(parent_command: str | None = None) -> int:
+    """Keras' verbose for fit(): 1 (the live progress bar) in a terminal and in an interactive notebook
+    (Kaggle, Jupyter), 2 (one line per epoch) in logs, and where a notebook is executed headless (Kaggle's
+    "Save & Run All", nbconvert, papermill), whose stored output would otherwise hold every bar update."""
+    if sys.stdout.isatty():
+        return 1
+    if "ipykernel" not in sys.modules or os.environ.get("KAGGLE_KERNEL_RUN_TYPE") == "Batch":
+        return 2
+    if parent_command is None:  # the process that started this kernel
+        with contextlib.suppress(OSError):
+            parent_command = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    headless = any(word in (parent_command or "") for word in ("nbconvert", "nbclient", "papermill"))
+    return 2 if headless else 1
+
+
 def list_output_dir(out: Path) -> str:
     lines = [f"Contents of {out}:"]
     for path in sorted(out.iterdir()):
@@ -2606,22 +2755,27 @@ if __name__ == "__main__":
 # %% [markdown]
 # ## What the run wrote
 #
-# Everything is in `vae_outputs_v3/` (`/kaggle/working/vae_outputs_v3` on Kaggle):
+# Everything is in `vae_outputs_v3/` (`/kaggle/working/vae_outputs_v3` on Kaggle); the table is made
+# from `OUTPUTS` by `outputs_table()`:
 #
-# | file | content |
-# |---|---|
-# | `01_train_total_loss.png` … `04_beta_warmup.png`, `03B_train_supcon_loss.png` | training curves per epoch |
-# | `05_denoising_grid.png`, `10_per_class_denoising.png` | clean / noisy / denoised images; PSNR per class |
-# | `06A_latent_pca_numbers.png`, `06B_latent_pca_text_tr.png` | PCA of the test `z_mean` (labels 0-9, Turkish names) |
-# | `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png` | UMAP and t-SNE of a seeded test subset |
-# | `07_generated_prior.png`, `07B_generated_expost.png` | 100 samples `decoder(z)`, `z ~ N(0, I)` and `z ~` a GMM fitted to the training `z_mean` |
-# | `12_class_conditional.png` | 10 samples per class from a Gaussian fitted to that class's training `z_mean` |
-# | `08_latent_interpolation.png`, `11_latent_traversal.png` | straight lines between test images; principal directions |
-# | `09_generation_quality.png` | Fréchet distances of reconstructions and of each kind of sample; their class histograms |
-# | `13_noise_robustness.png`, `noise_robustness.csv` | PSNR / SSIM of the noisy input, TV and the VAE for sigma 0.1-0.8 |
-# | `A_title_denoising.png` … `D_title_interpolation.png` | 16:9 title cards of the four parts |
-# | `metrics.csv`, `metrics.txt` | every metric with its definition (written last: their presence means a finished run) |
-# | `history.csv`, `timings.csv`, `pca_explained_variance.txt` | losses per epoch, seconds per stage, PCA variance |
-# | `config.json`, `run_status.json` | the settings and versions that ran; `running` / `finished` / `failed` |
-# | `encoder.keras`, `decoder.keras` | the trained models, loadable with plain `keras.models.load_model` |
-# | `checkpoint/` | training state for resuming an interrupted run |
+# <!-- outputs table -->
+# | file | what it shows | written by |
+# |---|---|---|
+# | `01_train_total_loss.png`, `02_train_recon_loss.png`, `03_train_kl_loss.png`, `03B_train_supcon_loss.png`, `04_beta_warmup.png` | training curves per epoch: total loss, BCE, KL, SupCon, beta | `draw_training_curves` |
+# | `05_denoising_grid.png` | clean / noisy / denoised test images, one column per class | `draw_denoising_grid` |
+# | `10_per_class_denoising.png` | mean PSNR per class of the noisy input and the VAE | `draw_per_class_psnr` |
+# | `06A_latent_pca_numbers.png`, `06B_latent_pca_text_tr.png` | PCA of every test `z_mean`, labelled 0-9 and with Turkish class names | `draw_pca` |
+# | `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png` | UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had) | `draw_embeddings` |
+# | `07_generated_prior.png` | 10x10 samples `decoder(z)`, `z` from the prior the model was trained with | `draw_prior_samples` |
+# | `07B_generated_expost.png` | 10x10 samples of a 10-component GMM fitted to the training `z_mean` after training (the ex-post density) | `draw_expost_samples` |
+# | `12_class_conditional.png` | one row per class: samples of a Gaussian fitted to that class's training `z_mean` | `draw_class_conditional` |
+# | `08_latent_interpolation.png` | 8 straight lines between the `z_mean` of test images of two classes | `draw_interpolation` |
+# | `11_latent_traversal.png` | steps along the top 5 principal directions of `z_mean` | `draw_traversal` |
+# | `09_generation_quality.png` | Fréchet distances of reconstructions and of each kind of sample; their classes (not with `gen_metrics` 0) | `draw_generation_quality` |
+# | `13_noise_robustness.png` | PSNR / SSIM of the noisy input, TV and the VAE for sigma 0.1-0.8 | `draw_noise_robustness` |
+# | `A_title_denoising.png`, `B_title_representation_learning.png`, `C_title_generation.png`, `D_title_interpolation.png` | framed 16:9 title cards of the four parts | `draw_title_cards` |
+# | `history.csv`, `noise_robustness.csv`, `pca_explained_variance.txt` | losses per epoch; the noise-robustness table; PCA variance per component | `write_reports` |
+# | `metrics.csv`, `metrics.txt` | every figure with its unit, image count and definition; the readable report (written last: their presence means a finished run) | `write_reports` |
+# | `encoder.keras`, `decoder.keras`, `prior.npz` | the trained models (plain Keras layers: image -> `z_mean, z_log_var`; `z` -> image); the learned prior's parameters (`prior` mixture only) | `save_models` |
+# | `config.json`, `run_status.json`, `timings.csv` | the settings, variables, precision, CPU and versions that ran; `running` / `finished` / `failed`; seconds per stage | `run` |
+# | `checkpoint/` | the training state, for resuming an interrupted run | `Checkpoint` |

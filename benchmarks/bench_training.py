@@ -40,11 +40,11 @@ class ReferenceVAE(keras.Model):
     """keras-io examples/generative/vae.py, unchanged but for the data it gets and where the posterior
     sample is drawn: keras-io's encoder ends in a Sampling layer, ours returns (z_mean, z_log_var)."""
 
-    def __init__(self, encoder, decoder, **kwargs):
+    def __init__(self, encoder, decoder, seed: int, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.decoder = decoder
-        self.sampling = vf.Sampling(name="z")
+        self.sampling = vf.Sampling(seed=seed, name="z")
         self.total_loss_tracker = keras.metrics.Mean(name="total_loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
@@ -97,7 +97,7 @@ def main():
     print(f"data: {source}, {len(x)} images per round, batch {config.batch_size}, {os.cpu_count()} CPUs, {policy}")
 
     ours = vf.build_vae(config)
-    reference = ReferenceVAE(vf.build_encoder(config), vf.build_decoder(config))
+    reference = ReferenceVAE(vf.build_encoder(config), vf.build_decoder(config), config.seed)
     reference.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate))
     steps = -(-len(x) // config.batch_size)
 

@@ -1,6 +1,6 @@
 """Where does one training step's time go? Times parts of the step on one fixed batch.
 
-    python benchmarks/profile_step.py [float32|mixed_bfloat16] [batch]
+    VAE_PRECISION=mixed_bfloat16 VAE_BATCH_SIZE=256 python3 benchmarks/profile_step.py
 
 Each line is the median milliseconds per call of a tf.function over 30 calls (after 5 warm-up calls):
 the whole train_step, the forward pass with every loss term, forward + backward without the optimizer,
@@ -21,9 +21,8 @@ from profiling import fixed_batch, layer_macs, median_ms  # noqa: E402
 
 import vae_fashion as vf  # noqa: E402
 
-precision = sys.argv[1] if len(sys.argv) > 1 else "float32"
-batch = int(sys.argv[2]) if len(sys.argv) > 2 else 256
-config = vf.Config(precision=precision, batch_size=batch)
+config = vf.config_from_env()  # the model and batch of the VAE_* settings (the default's unless set)
+batch = config.batch_size
 vf.setup_devices(config)
 vae = vf.build_vae(config)
 data = fixed_batch(batch)
@@ -58,5 +57,5 @@ for name, fn in parts.items():
     print(f"{name:40s} {1000 * medians[name]:8.1f} ms", flush=True)
 macs = sum(layer_macs(layer) for model in (vae.encoder, vae.decoder) for layer in model.layers)
 step = medians["train_step (forward, backward, Adam)"]
-print(f"precision {precision}, batch {batch}: {macs / 1e6:.1f} M multiply-adds per image forward; "
+print(f"precision {vf.resolve_precision(config)}, batch {batch}: {macs / 1e6:.1f} M multiply-adds per image forward; "
       f"train_step at {3 * 2 * macs * batch / step / 1e9:.0f} GFLOP/s (forward x 3)")

@@ -1,14 +1,15 @@
-"""The bottleneck's ceiling: a denoiser with no bottleneck, trained as the VAE is trained.
+"""A no-bottleneck reference: a denoiser with no latent bottleneck, trained as the VAE is trained.
 
 A small U-Net (28x28 -> 14x14 -> 7x7 and back, with skip connections at 28x28 and 14x14, so no
 latent bottleneck; 0.47 M parameters) learns clean from noisy by BCE on logits, on the same
 data, noise (a new draw every epoch, keyed as the VAE's), batch size, learning-rate schedule,
 precision and epochs as the VAE (the VAE_* settings, the default's unless set). It is scored on the
 VAE's fixed noisy test copy: PSNR (mean of per-image), pooled PSNR and SSIM, as metrics.csv defines
-them. A reference for what this noise allows, not a VAE: it has no latent space and cannot generate.
+them. A reference for what this noise allows at this training budget, not a VAE (it has no latent space and
+cannot generate) and not a bound (bigger or longer-trained denoisers do better).
 
-    python benchmarks/ceiling.py    # 2-core AMD EPYC (family 26): 803 s; PSNR 20.35, pooled 19.86, SSIM 0.760
-    VAE_EPOCHS=5 VAE_TRAIN_SAMPLES=20000 python benchmarks/ceiling.py   # a quick proxy
+    python3 benchmarks/unet_reference.py    # 2-core AMD EPYC (family 26): 803 s; PSNR 20.35, pooled 19.86, SSIM 0.760
+    VAE_EPOCHS=5 VAE_TRAIN_SAMPLES=20000 python3 benchmarks/unet_reference.py   # a quick proxy
 
 The last line: RESULT {"psnr": ..., "psnr_pooled": ..., "ssim": ..., ...}
 """

@@ -1,0 +1,47 @@
+"""Write the tables that are made from the code: the settings table (from Config) and the outputs table
+(from OUTPUTS) into the notebook's markdown cells in vae_fashion.py and into README.md, then regenerate
+vae_fashion.ipynb with jupytext. The tests fail, naming this script, when a table is stale.
+
+    python3 tools/sync_docs.py
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import vae_fashion as vf  # noqa: E402
+
+TABLES = {"settings": vf.settings_table, "outputs": vf.outputs_table}
+
+
+def replace_table(text: str, name: str, table: str, prefix: str) -> str:
+    """The markdown table after the marker line `<prefix><!-- <name> table -->` is replaced by `table`."""
+    marker = f"{prefix}<!-- {name} table -->\n"
+    if marker not in text:
+        raise SystemExit(f"no '{marker.strip()}' line to put the {name} table after")
+    head, rest = text.split(marker, 1)
+    old = re.match(rf"(?:{re.escape(prefix.rstrip())}.*\|\n)*", rest).group(0)  # the table's lines
+    new = "".join(f"{prefix}{line}".rstrip() + "\n" for line in table.splitlines())
+    return head + marker + new + rest[len(old):]
+
+
+def main() -> None:
+    script = ROOT / "vae_fashion.py"
+    text = script.read_text(encoding="utf-8")
+    for name, make in TABLES.items():
+        text = replace_table(text, name, make(), "# ")
+    script.write_text(text, encoding="utf-8")
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    for name, make in TABLES.items():
+        text = replace_table(text, name, make(), "")
+    readme.write_text(text, encoding="utf-8")
+    subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", str(script)], check=True, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    main()
