@@ -1,13 +1,17 @@
-"""Shared helpers: tiny IDX datasets written by the tests themselves."""
+"""Shared helpers: tiny IDX datasets written by the tests themselves, and whole runs of the script:
+one tiny-run environment, one way to run to the end, one way to kill at a line, one same-run comparison."""
 
 import gzip
+import json
 import os
+import signal
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +90,68 @@ def start_run(env: dict, code: str | None = None, **popen) -> subprocess.Popen:
     command = [sys.executable, "-u", str(ROOT / "vae_fashion.py")] if code is None else [sys.executable, "-c", code]
     return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
+
+
+# A run of the whole script that takes seconds: 4 epochs of 512 images at batch 64 (8 steps, the last
+# partial), every analysis on 100 test images, no generation classifier, tiny classical subsets.
+TINY_RUN = {"VAE_EPOCHS": "4", "VAE_WARMUP_EPOCHS": "2", "VAE_BATCH_SIZE": "64", "VAE_TRAIN_SAMPLES": "512",
+            "VAE_TEST_SAMPLES": "100", "VAE_EMBED_SAMPLES": "60", "VAE_CLASSICAL_SAMPLES": "20",
+            "VAE_GEN_METRICS": "0", "VAE_SEED": "5"}
+
+
+def finish_run(env: dict, code: str | None = None, **popen) -> str:
+    """Run to the end (exit 0) and return the log."""
+    process = start_run(env, code, **popen)
+    log = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, log[-4000:]
+    return log
+
+
+def kill_at(env: dict, line_start: str, code: str | None = None, **popen) -> str:
+    """Start a run and SIGKILL it as soon as it prints a line starting with `line_start`; the log so far.
+    The folder it leaves must never pass for a finished run."""
+    victim = start_run(env, code, **popen)
+    seen = []
+    for line in victim.stdout:
+        seen.append(line)
+        if line.startswith(line_start):
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait(timeout=60)
+    log = "".join(seen)
+    assert victim.returncode == -signal.SIGKILL, f"never printed {line_start!r}:\n" + log[-3000:]
+    out = Path(env["VAE_OUT_DIR"])
+    assert json.loads((out / "run_status.json").read_text())["status"] == "running"  # never 'finished'
+    assert not (out / "metrics.csv").exists() and not (out / "metrics.txt").exists()
+    return log
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Exactly equal: every printed digit of metrics.csv and history.csv, every saved weight, the prior."""
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"), pd.read_csv(reference / "metrics.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "history.csv"), pd.read_csv(reference / "history.csv"))
+    ours, theirs = (saved_weights(folder / "checkpoint" / "vae.weights.h5") for folder in (out, reference))
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    for name in theirs:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    assert (out / "prior.npz").exists() == (reference / "prior.npz").exists()
+    if (reference / "prior.npz").exists():
+        ours, theirs = np.load(out / "prior.npz"), np.load(reference / "prior.npz")
+        assert ours.files == theirs.files
+        for name in theirs.files:
+            np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    assert json.loads((out / "run_status.json").read_text())["status"] == "finished"
+
+
+@pytest.fixture(autouse=True)
+def keras_global_state():
+    """Every test starts in float32 and leaves the process as it found it: run() and setup_devices() set
+    Keras' global dtype policy, which would otherwise leak into the next test."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
 
 
 @pytest.fixture

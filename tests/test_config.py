@@ -16,12 +16,19 @@ def test_defaults_are_the_seed_hyper_parameters(tmp_path, monkeypatch):
     assert (config.epochs, config.encoder_depth, config.decoder_depth, config.output_layer) == (17, 2, 2, "subpixel")
     assert config.noise_factor == 0.45
     # The seed's GAMMA_SC = 1.0 is in raw nats; scaled to the BCE term, 0.25 is the measured choice (README).
-    assert (config.gamma_sc, config.supcon_scale, config.fresh_noise) == (0.25, "recon", 1)
+    assert (config.gamma_sc, config.supcon_scale, config.fresh_noise) == (0.25, "recon", True)
     assert (config.beta_max, config.warmup_epochs) == (1.0, 8)
     assert config.train_samples is None and config.test_samples is None
     assert config.data_dir is None
-    expected = vf.KAGGLE_WORKING / "vae_outputs_v3" if vf.KAGGLE_WORKING.is_dir() else "vae_outputs_v3"
-    assert config.out_dir == str(expected)
+
+
+def test_outputs_go_to_kaggle_working_on_kaggle_and_to_the_working_folder_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.setattr(vf, "KAGGLE_WORKING", tmp_path / "no-kaggle-here")
+    assert vf.config_from_env({}).out_dir == "vae_outputs_v3"
+    (tmp_path / "kaggle" / "working").mkdir(parents=True)
+    monkeypatch.setattr(vf, "KAGGLE_WORKING", tmp_path / "kaggle" / "working")
+    assert vf.config_from_env({}).out_dir == str(tmp_path / "kaggle" / "working" / "vae_outputs_v3")
+    assert vf.config_from_env({"VAE_OUT_DIR": "/elsewhere"}).out_dir == "/elsewhere"
 
 
 def test_every_documented_variable_overrides_its_setting():
@@ -83,7 +90,7 @@ def test_config_errors_stop_the_script_before_any_work(tmp_path, monkeypatch, ca
     assert not made_output
 
 
-def test_effective_config_record_is_json(monkeypatch):
+def test_effective_config_record_is_json_and_names_the_precision_the_run_trains_in(monkeypatch):
     monkeypatch.setenv("VAE_EPOCHS", "4")
     record = json.loads(json.dumps(vf.effective_config_record(vf.config_from_env())))
     assert record["config"]["epochs"] == 4
@@ -93,13 +100,18 @@ def test_effective_config_record_is_json(monkeypatch):
     # the policy the run will train in, not whatever Keras holds when config.json is written (before setup)
     keras.mixed_precision.set_global_policy("float32")
     assert vf.effective_config_record(vf.Config(precision="mixed_bfloat16"))["dtype_policy"] == "mixed_bfloat16"
-    assert vf.effective_config_record(vf.Config())["dtype_policy"] == vf.resolve_precision(vf.Config())
+    monkeypatch.setattr(vf, "gpu_compute_capability", lambda: None)
+    for prefers_bfloat16, policy in ((True, "mixed_bfloat16"), (False, "float32")):  # "auto" on a CPU
+        monkeypatch.setattr(vf, "cpu_prefers_bfloat16", lambda cpuinfo=None, answer=prefers_bfloat16: answer)
+        assert vf.effective_config_record(vf.Config())["dtype_policy"] == policy
+    monkeypatch.setattr(vf, "gpu_compute_capability", lambda: (7, 5))  # a T4
+    assert vf.effective_config_record(vf.Config())["dtype_policy"] == "mixed_float16"
 
 
 def test_overrides_win_over_defaults_and_lose_to_the_environment():
-    overrides = {"epochs": 5, "latent_dim": 8, "discard_checkpoint": True, "train_samples": None}
+    overrides = {"epochs": 5, "latent_dim": 8, "fresh": True, "train_samples": None}
     config = vf.config_from_env({"VAE_LATENT_DIM": "32"}, overrides)
-    assert (config.epochs, config.latent_dim, config.discard_checkpoint) == (5, 32, True)
+    assert (config.epochs, config.latent_dim, config.fresh) == (5, 32, True)
     assert config.train_samples is None
     assert vf.config_from_env({}, {}).epochs == 17
 
@@ -112,16 +124,18 @@ def test_bad_overrides_name_the_entry_and_the_known_settings():
         vf.config_from_env({}, {"epoch": 5})
     with pytest.raises(vf.ConfigError, match="OVERRIDES\\['lr_schedule'\\]='linear' must be cosine or constant"):
         vf.config_from_env({}, {"lr_schedule": "linear"})
+    # the variable's name as a key, or a near miss, gets the key meant
+    with pytest.raises(vf.ConfigError, match="VAE_FRESH \\(did you mean fresh\\?\\)"):
+        vf.config_from_env({}, {"VAE_FRESH": 1})
+    with pytest.raises(vf.ConfigError, match="frsh \\(did you mean fresh\\?\\)"):
+        vf.config_from_env({}, {"frsh": 1})
+    assert vf.config_from_env({}, {"fresh": 1}).fresh is True
 
 
 def test_each_preset_resolves_to_its_documented_values():
-    for name, values in vf.PRESETS.items():
-        config = vf.config_from_env({"VAE_PRESET": name})
-        assert config.preset == name
-        for field, value in values.items():
-            assert getattr(config, field) == value, (name, field)
+    assert vf.config_from_env({"VAE_PRESET": "default"}) == vf.Config()
     faithful = vf.config_from_env({"VAE_PRESET": "faithful"})
-    assert (faithful.supcon_scale, faithful.gamma_sc, faithful.fresh_noise, faithful.hidden_units) == ("none", 1.0, 0, 128)
+    assert (faithful.supcon_scale, faithful.gamma_sc, faithful.fresh_noise, faithful.hidden_units) == ("none", 1.0, False, 128)
     assert (faithful.learning_rate, faithful.lr_schedule, faithful.precision) == (0.001, "constant", "float32")
     assert (faithful.encoder_depth, faithful.decoder_depth, faithful.output_layer, faithful.epochs) == (1, 1, "conv", 20)
     quality = vf.config_from_env({}, {"preset": "quality"})
@@ -168,11 +182,10 @@ def test_every_setting_is_declared_once_with_its_variable_group_and_meaning():
     assert [rule["group"] for rule in vf.SETTINGS.values()] == sorted(
         (rule["group"] for rule in vf.SETTINGS.values()), key=groups.index)  # fields in group order
     for field, rule in vf.SETTINGS.items():
-        assert rule["env"] == ("VAE_FRESH" if field == "discard_checkpoint" else f"VAE_{field.upper()}")
+        assert rule["env"] == f"VAE_{field.upper()}"
         assert rule["meaning"] and "\n" not in rule["meaning"] and "(the original" not in rule["meaning"], field
-        assert getattr(vf.Config(), field) == rule["default"]
     # every variable reaches its field, and the fingerprint holds exactly the settings that train
-    assert vf.config_from_env({"VAE_FRESH": "1", "VAE_DEVICES": "all"}).discard_checkpoint is True
+    assert vf.config_from_env({"VAE_FRESH": "1", "VAE_DEVICES": "all"}).fresh is True
     trained = {field for field, rule in vf.SETTINGS.items() if rule["trains"]}
     assert set(vf.training_fingerprint(vf.Config())) == trained | {"replicas"}
     assert {"epochs", "latent_dim", "seed", "precision"} <= trained and not {"out_dir", "devices", "preset"} & trained

@@ -228,3 +228,41 @@ def test_parse_idx_rejects_an_empty_array_with_huge_dimensions():
     data = struct.pack(">HBB", 0, 8, 4) + struct.pack(">4I", 0, 9407, 1547151, 633732355)
     with pytest.raises(vf.DatasetError, match="describes an empty array"):
         vf.parse_idx(data, "f")
+
+
+def _epoch_batches(config, noisy, clean, labels, epochs):
+    """{epoch: {image index: the noisy image it trained on}} over `epochs` epochs of make_train_dataset."""
+    seen, steps = {}, vf.steps_per_epoch(len(clean), config)
+    batches = iter(vf.make_train_dataset(noisy, clean, labels, config, 0, epochs))
+    for epoch in range(epochs):
+        seen[epoch] = {}
+        for _ in range(steps):
+            batch = next(batches)
+            for image, label in zip(batch["noisy"].numpy(), batch["label"].numpy()):
+                seen[epoch][int(label)] = image  # labels are the image indices here
+    return seen
+
+
+@pytest.mark.parametrize("fresh_noise", [True, False])
+def test_fresh_noise_draws_new_noise_every_epoch_and_fixed_noise_reuses_one_copy(fresh_noise):
+    """fresh_noise=1: every epoch a new noisy version of each image, noise_factor-sized around the clean image;
+    0: the one fixed noisy copy, every epoch. Every image is seen once per epoch, in an order new each epoch."""
+    config = vf.Config(batch_size=16, fresh_noise=fresh_noise, seed=4)
+    clean = np.random.default_rng(0).random((40, 28, 28, 1), dtype=np.float32) * 0.5 + 0.25
+    labels = np.arange(40, dtype=np.int32)  # each image's own index, to follow it through the batches
+    fixed = vf.add_noise(clean, config.noise_factor, 99)
+    seen = _epoch_batches(config, fixed, clean, labels, epochs=3)
+    assert all(sorted(seen[e]) == list(range(40)) for e in seen)
+    for i in (0, 17, 39):
+        versions = [seen[e][i] for e in seen]
+        if fresh_noise:
+            assert not np.array_equal(versions[0], versions[1]) and not np.array_equal(versions[1], versions[2])
+            assert not np.array_equal(versions[0], fixed[i])
+            # the same law as the fixed copy's clip(x + 0.45 N(0, 1), 0, 1), a new draw
+            assert abs(np.std(versions[0] - clean[i]) - np.std(fixed[i] - clean[i])) < 0.03
+        else:
+            for version in versions:
+                np.testing.assert_array_equal(version, fixed[i])
+    orders = [list(vf.make_train_dataset(fixed, clean, labels, config, e, e + 1).take(1))[0]["label"].numpy()
+              for e in range(2)]
+    assert not np.array_equal(orders[0], orders[1])

@@ -120,7 +120,7 @@ def test_noise_robustness_has_one_row_per_method_and_sigma_and_direct_noisy_psnr
     table = vf.noise_robustness(lambda noisy: noisy, clean, config, sigmas=(0.1, 0.45), size=25)
     assert len(table) == 6 and set(table["method"]) == {"noisy input", "TV (Chambolle)", "VAE"}
     assert table.groupby(["sigma", "method"]).size().eq(1).all() and (table["n_images"] == 25).all()
-    subset = clean[vf.embedding_subset(40, 25, vf.seed_for(config, "robustness_subset"))]
+    subset = clean[vf.seeded_subset(40, 25, vf.seed_for(config, "robustness_subset"))]
     for i, sigma in enumerate((0.1, 0.45)):
         noisy = np.clip(subset + sigma * np.random.default_rng(vf.seed_for(config, "robustness_noise") + i)
                         .standard_normal(subset.shape, dtype=np.float32), 0, 1)
@@ -202,3 +202,61 @@ def test_the_learned_prior_generates_from_the_saved_files_alone(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=tmp_path, env=env, timeout=300)
     images = np.load(tmp_path / "images.npy")
     assert images.shape[1:] == (28, 28, 1) and len(images) > 1 and 0 <= images.min() and images.max() <= 1
+
+
+def test_gaussian_samples_have_the_given_full_covariance():
+    """Correlated components (the ex-post GMM, the class-conditional Gaussians, a full-covariance prior): the
+    sample covariance is the given one. A transposed Cholesky factor would give L^T L, far from L L^T here."""
+    cov = np.array([[2.0, 1.2, -0.6], [1.2, 1.5, 0.3], [-0.6, 0.3, 0.8]])
+    factor = np.linalg.cholesky(cov)
+    assert np.abs(factor.T @ factor - cov).max() > 0.5  # the bug this test catches would be visible
+    n = 200_000
+    z = vf.gaussian_samples(np.random.default_rng(1), np.tile([1.0, -2.0, 0.5], (n, 1)), np.broadcast_to(cov, (n, 3, 3)))
+    np.testing.assert_allclose(np.cov(z, rowvar=False), cov, atol=0.03)
+    np.testing.assert_allclose(z.mean(axis=0), [1.0, -2.0, 0.5], atol=0.01)
+    mixture = vf.sample_mixture({"weights": np.array([1.0]), "means": np.zeros((1, 3)), "covariances": cov[None]}, n,
+                                np.random.default_rng(2))
+    np.testing.assert_allclose(np.cov(mixture, rowvar=False), cov, atol=0.03)
+
+
+@pytest.mark.parametrize("learning_rate_scale", [1.0, 0.1, 0.0])
+def test_a_full_covariance_mixture_prior_has_scipy_s_density_and_returns_its_parameters(learning_rate_scale):
+    from scipy.stats import multivariate_normal
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 4, 4))
+    covariances = a @ np.transpose(a, (0, 2, 1)) + 0.3 * np.eye(4)
+    weights, means = np.array([0.5, 0.3, 0.2]), rng.normal(size=(3, 4))
+    prior = vf.MixturePrior(4, 3, "full", learning_rate_scale)
+    np.testing.assert_allclose(vf.MixturePrior(4, 3, "full").log_prob(means.astype(np.float32)).numpy(),
+                               multivariate_normal(np.zeros(4), np.eye(4)).logpdf(means), rtol=1e-5)  # starts as N(0, I)
+    prior.set_parameters(weights, means, covariances)
+    z = rng.normal(0, 2, (50, 4)).astype(np.float32)
+    expected = np.log(sum(w * multivariate_normal(m, c).pdf(z) for w, m, c in zip(weights, means, covariances)))
+    np.testing.assert_allclose(prior.log_prob(z).numpy(), expected, rtol=1e-4, atol=1e-4)
+    saved = prior.parameters()
+    np.testing.assert_allclose(saved["covariances"], covariances, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(saved["weights"], weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize("learning_rate_scale", [1.0, 0.1, 0.0])
+def test_the_prior_learns_at_its_scale_of_the_learning_rate(learning_rate_scale):
+    """Adam's first step moves every parameter by the learning rate (m / sqrt(v) = sign of the gradient): the
+    prior's means move by scale x the rate; at scale 0 they get no gradient."""
+    import keras
+    import tensorflow as tf
+
+    prior = vf.MixturePrior(3, 2, "diagonal", learning_rate_scale)
+    prior.set_parameters(np.array([0.5, 0.5]), np.array([[1.0, 0.0, -1.0], [-2.0, 1.0, 0.5]]), np.ones((2, 3)))
+    before = prior.parameters()["means"].copy()
+    z = np.random.default_rng(0).normal(0, 1, (64, 3)).astype(np.float32)
+    optimizer = keras.optimizers.Adam(learning_rate=0.01)
+    with tf.GradientTape() as tape:
+        loss = -tf.reduce_mean(prior.log_prob(z))
+    grads = tape.gradient(loss, prior.trainable_weights)
+    if learning_rate_scale == 0:
+        assert all(g is None for g in grads)  # held fixed: the optimizer gets nothing to apply
+        return
+    optimizer.apply(grads, prior.trainable_weights)
+    moved = np.abs(prior.parameters()["means"] - before)
+    np.testing.assert_allclose(moved, 0.01 * learning_rate_scale, rtol=0.02, atol=1e-7)

@@ -181,7 +181,7 @@ def test_classical_references_score_the_same_seeded_subset():
     noisy = vf.add_noise(clean, 0.45, seed=1)
     config = vf.Config(classical_samples=25, seed=3)
     result = vf.classical_references(clean, noisy, clean * 0.9 + 0.05, config)
-    subset = vf.embedding_subset(60, 25, config.seed + 4)
+    subset = vf.seeded_subset(60, 25, config.seed + 4)
     assert result["classical_samples"] == 25
     assert result["noisy_subset_psnr"] == pytest.approx(vf.image_quality(clean[subset], noisy[subset])["psnr"].mean())
     for method in ("tv_chambolle", "nl_means"):
@@ -316,8 +316,8 @@ def test_pooled_psnr_is_ten_log_one_over_the_pooled_mse():
     assert means["x_psnr"] > means["x_psnr_pooled"] + 0.5
 
 
-def test_the_ceiling_is_measured_on_clean_inputs():
-    """An encoder that passes the pixels through and a decoder that halves them: the ceiling's error
+def test_the_clean_input_reference_is_measured_on_clean_inputs():
+    """An encoder that passes the pixels through and a decoder that halves them: the clean-input figure's error
     is that of clean vs clean/2, whatever the noise."""
     model = types.SimpleNamespace(encode=lambda x: (x.reshape(len(x), -1),) * 2,
                                   generate=lambda z: z.reshape(-1, 28, 28, 1) * 0.5)
@@ -327,12 +327,12 @@ def test_the_ceiling_is_measured_on_clean_inputs():
     noisy = [vf.add_noise(x, 0.45, seed) for seed, x in enumerate(clean)]
     data = vf.FashionMNIST(clean[0], labels[0], clean[1], labels[1], "test", noisy[0], noisy[1])
     evaluated = vf.evaluate(model, data, vf.Config())
-    np.testing.assert_allclose(evaluated["quality"]["ceiling"]["mse"], np.mean((clean[1] / 2) ** 2, axis=(1, 2, 3)),
+    np.testing.assert_allclose(evaluated["quality"]["clean_input"]["mse"], np.mean((clean[1] / 2) ** 2, axis=(1, 2, 3)),
                                rtol=1e-5)
     np.testing.assert_allclose(evaluated["quality"]["vae"]["mse"],
                                np.mean((clean[1] - noisy[1] / 2) ** 2, axis=(1, 2, 3)), rtol=1e-5)
     summary = vf.denoising_summary(evaluated["quality"])
-    assert summary["ceiling_mse"] == pytest.approx(float(np.mean((clean[1] / 2) ** 2)), rel=1e-5)
+    assert summary["clean_input_mse"] == pytest.approx(float(np.mean((clean[1] / 2) ** 2)), rel=1e-5)
 
 
 def test_the_faithful_preset_builds_the_original_layers():
@@ -347,3 +347,34 @@ def test_the_faithful_preset_builds_the_original_layers():
                                 ("Dense", 16, None), ("Dense", 16, None)]
     assert summary(decoder) == [("Dense", 128, None), ("Dense", 3136, None), ("Conv2DTranspose", 64, (2, 2)),
                                 ("Conv2DTranspose", 32, (2, 2)), ("Conv2D", 1, (1, 1))]
+
+
+def _bars(n: int, seed: int):
+    """Clean structured images: a bar at a row set by the class, of random brightness, and a vertical bar for
+    odd classes, on black. (The conftest images carry a noisy background that no denoiser can predict.)"""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    x = np.zeros((n, 28, 28), np.float32)
+    for i, c in enumerate(labels):
+        x[i, 2 + 2 * c:6 + 2 * c, 4:24] = 0.6 + 0.4 * rng.random()
+        if c % 2:
+            x[i, 4:24, 12:16] = 0.8
+    return x[..., None], labels.astype(np.int32)
+
+
+def test_a_short_training_denoises_beyond_the_noisy_input_and_any_constant_image():
+    """8 epochs of 1024 images: measured 16.4 dB against 10.1 for the noisy input and 12.4 for the mean training
+    image, the best image a model that ignores its input can give. A model that copies its input, outputs a
+    constant, or whose latent carries nothing stays at or below those."""
+    x, y = _bars(1024, 0)
+    x_test, _ = _bars(200, 1)
+    config = vf.Config(epochs=8, warmup_epochs=2, batch_size=64, latent_dim=8, seed=0)
+    vae = vf.build_vae(config, len(x))
+    vf.train_vae(vae, vf.add_noise(x, 0.45, 1), x, y, config, verbose=0)
+    noisy = vf.add_noise(x_test, 0.45, 2)
+
+    def psnr(images):
+        return float(vf.image_quality(x_test, images)["psnr"].mean())
+
+    denoised, constant = psnr(vae.denoise(noisy)), psnr(np.broadcast_to(x.mean(axis=0), x_test.shape))
+    assert denoised > psnr(noisy) + 4.0 and denoised > constant + 2.0, (denoised, psnr(noisy), constant)

@@ -1,4 +1,6 @@
-"""A reduced run on the real Fashion-MNIST (Debian package dataset-fashion-mnist)."""
+"""A reduced run on the real Fashion-MNIST (Debian package dataset-fashion-mnist), in the precision a user's
+run on this machine trains in. Thresholds sit just below the figures measured at this size (stated beside
+each), so that a regression of a dB, or a few points of accuracy, fails."""
 
 import pytest
 
@@ -10,31 +12,47 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_reduced_run_on_real_data_clearly_beats_the_noisy_input():
+@pytest.fixture(scope="module")
+def reduced_run():
     config = vf.Config(epochs=4, warmup_epochs=2, train_samples=20000, test_samples=2000,
                        data_dir=str(vf.DEBIAN_DATA_DIR))
-    data = vf.load_fashion_mnist(config)
-    assert data.x_train.shape == (20000, 28, 28, 1) and sorted(set(data.y_test.tolist())) == list(range(10))
-    data = vf.with_noise(data, config)
+    vf.setup_devices(config)  # "auto": bfloat16 where it is faster, as a run here would train
+    data = vf.with_noise(vf.load_fashion_mnist(config), config)
     vae = vf.build_vae(config, len(data.x_train))
     history = vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
-    assert history["total_loss"].iloc[-1] < history["total_loss"].iloc[0]
     evaluated = vf.evaluate(vae, data, config)
-    s = vf.denoising_summary(evaluated["quality"])
-    # The noisy input is about 9.95 dB / 0.33 SSIM on the real test set.
-    assert 9.5 < s["noisy_psnr"] < 10.5 and 0.28 < s["noisy_ssim"] < 0.38
-    assert s["psnr_gain_db"] > 5.0, s
-    assert s["ssim_gain"] > 0.15, s
-    assert s["mse_improvement_pct"] > 60, s
-    assert evaluated["representation"]["linear_probe_accuracy"] > 0.6
-
     density = vf.fit_expost_density(evaluated["z_mean_train"], config.seed)
     generation = vf.generation_quality(vae, data, config, evaluated["z_mean_train"], evaluated["denoised"], density)
+    return data, history, evaluated, vf.denoising_summary(evaluated["quality"]), generation
+
+
+def test_the_real_data_loads_as_fashion_mnist(reduced_run):
+    data = reduced_run[0]
+    assert data.x_train.shape == (20000, 28, 28, 1) and sorted(set(data.y_test.tolist())) == list(range(10))
+
+
+def test_a_reduced_run_denoises_and_separates_the_classes_near_the_measured_figures(reduced_run):
+    _data, history, evaluated, s, _generation = reduced_run
+    assert history["total_loss"].iloc[-1] < history["total_loss"].iloc[0]
+    # The noisy input is 9.95 dB / 0.33 SSIM on the real test set.
+    assert 9.5 < s["noisy_psnr"] < 10.5 and 0.28 < s["noisy_ssim"] < 0.38
+    assert s["vae_psnr"] > MEASURED["vae_psnr"] - 0.5, s
+    assert s["vae_ssim"] > MEASURED["vae_ssim"] - 0.02, s
+    assert evaluated["representation"]["linear_probe_accuracy"] > MEASURED["probe"] - 0.03
+    assert evaluated["representation"]["silhouette"] > MEASURED["silhouette"] - 0.04
+
+
+def test_generation_from_a_fitted_density_beats_the_prior_and_stays_near_the_reconstructions(reduced_run):
+    generation = reduced_run[4]
     assert generation["classifier_test_accuracy"] > 0.8, generation
     assert generation["fd_samples"] == 2000
-    # floor < reconstructions < noisy input; prior samples are reported, and lie above the floor
+    # the ex-post GMM fits where the codes are; N(0, I) also covers the gaps between classes
+    assert generation["fd_expost_samples"] < generation["fd_prior_samples"], generation
     assert generation["fd_clean_train"] < generation["fd_vae_reconstruction"] < generation["fd_noisy_input"], generation
-    assert generation["fd_prior_samples"] > generation["fd_clean_train"], generation
-    assert 0 < generation["prior_class_entropy"] <= 1 and 0.1 < generation["prior_mean_confidence"] <= 1
-    assert generation["fd_expost_samples"] > generation["fd_clean_train"] and 0 < generation["expost_class_entropy"] <= 1
-    assert 0.3 < generation["conditional_agreement"] <= 1 and 0.3 < generation["reconstruction_agreement"] <= 1
+    assert generation["fd_vae_reconstruction"] < MEASURED["fd_reconstruction"] * 1.3, generation
+    assert generation["conditional_agreement"] > MEASURED["conditional_agreement"] - 0.08, generation
+
+
+# Measured with this test's settings on a 2-core AMD EPYC (family 25, model 17), bfloat16.
+MEASURED = {"vae_psnr": 16.50, "vae_ssim": 0.544, "probe": 0.765, "silhouette": 0.179, "fd_reconstruction": 50.3,
+            "conditional_agreement": 0.653}

@@ -1,0 +1,174 @@
+"""Interruption and reruns: a run killed at any point and rerun equals an uninterrupted run, bit for bit."""
+
+import json
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import vae_fashion as vf
+from conftest import ROOT, TINY_RUN, assert_same_run, finish_run, kill_at, start_run, write_dataset
+
+# The script, killed by itself half-way through writing the epoch-2 backup (after the weights of epoch 2
+# are half on disk under their temporary name, before state.json says epoch 2 is done).
+DIES_WRITING_EPOCH_2 = """
+import contextlib, os, signal, sys
+from pathlib import Path
+import vae_fashion as vf
+real = vf.atomic_path
+
+@contextlib.contextmanager
+def dying(path):
+    with real(path) as tmp:
+        yield tmp
+        if Path(path).name == "epoch-0002.weights.h5":
+            tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+vf.atomic_path = dying
+sys.exit(vf.cli())
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted run that the interrupted ones are compared with."""
+    root = tmp_path_factory.mktemp("resume")
+    env = {**TINY_RUN, "VAE_DATA_DIR": str(write_dataset(root / "data"))}
+    log = finish_run({**env, "VAE_OUT_DIR": str(root / "ref")}, cwd=root)
+    assert "[generation quality]" not in log  # gen_metrics 0: no classifier
+    return env, root
+
+
+def test_a_finished_run_keeps_the_last_two_epoch_backups_and_no_classifier_figures(uninterrupted):
+    env, root = uninterrupted
+    checkpoint = root / "ref" / "checkpoint"
+    assert sorted(p.name for p in checkpoint.glob("epoch-*.weights.h5")) == ["epoch-0003.weights.h5",
+                                                                             "epoch-0004.weights.h5"]
+    assert json.loads((checkpoint / "state.json").read_text())["epochs_done"] == 4
+    assert not (root / "ref" / "09_generation_quality.png").exists()
+    assert "fd_prior_samples" not in set(pd.read_csv(root / "ref" / "metrics.csv")["name"])
+
+
+def test_kill_mid_training_then_resume_equals_an_uninterrupted_run(uninterrupted):
+    env, root = uninterrupted
+    out = root / "killed"
+    env = {**env, "VAE_OUT_DIR": str(out)}
+    kill_at(env, "Epoch 3/4", cwd=root)  # epochs 1-2 are done and backed up
+
+    log = finish_run(env, cwd=root)
+    assert "resuming after epoch 2" in log
+    assert "Epoch 1/4" not in log and "Epoch 3/4" in log
+    assert_same_run(out, root / "ref")
+
+    # A finished run is not trained again, and reports the same figures.
+    log = finish_run(env, cwd=root)
+    assert "training already finished" in log and "Epoch 1/4" not in log
+    assert_same_run(out, root / "ref")
+
+
+def test_a_kill_while_a_backup_is_written_resumes_from_the_epoch_before(uninterrupted):
+    env, root = uninterrupted
+    out = root / "killed-writing"
+    env = {**env, "VAE_OUT_DIR": str(out)}
+    victim = start_run(env, DIES_WRITING_EPOCH_2, cwd=ROOT)
+    log = victim.communicate(timeout=600)[0]
+    assert victim.returncode == -signal.SIGKILL, log[-3000:]
+    assert (out / "checkpoint" / ".tmp-epoch-0002.weights.h5").exists()  # the half-written file
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["epochs_done"] == 1
+    log = finish_run(env, cwd=root)
+    assert "resuming after epoch 1" in log and "Epoch 2/4" in log
+    assert_same_run(out, root / "ref")
+
+
+def test_a_kill_during_the_analysis_reruns_it_from_the_finished_training(uninterrupted):
+    env, root = uninterrupted
+    out = root / "killed-analysing"
+    env = {**env, "VAE_OUT_DIR": str(out)}
+    kill_at(env, "[t-SNE] started", cwd=root)
+    log = finish_run(env, cwd=root)
+    assert "training already finished" in log and "Epoch 1/4" not in log
+    assert_same_run(out, root / "ref")
+
+
+def test_damaged_newest_backup_resumes_from_the_previous_copy(uninterrupted):
+    env, root = uninterrupted
+    out = root / "damaged"
+    env = {**env, "VAE_OUT_DIR": str(out)}
+    kill_at(env, "Epoch 4/4", cwd=root)  # epochs 1-3 are done; the copies of epochs 2 and 3 are kept
+    newest = out / "checkpoint" / "epoch-0003.weights.h5"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    log = finish_run(env, cwd=root)
+    assert f"cannot read the backup {newest}" in log
+    assert "resuming after epoch 2" in log and "Epoch 3/4" in log
+    assert_same_run(out, root / "ref")
+
+
+def test_no_readable_backup_restarts_training_from_the_first_epoch(tmp_path, dataset_dir, capsys):
+    config = vf.Config(epochs=2, warmup_epochs=1, batch_size=64, latent_dim=4, train_samples=256,
+                       data_dir=str(dataset_dir), seed=3)
+    data = vf.load_fashion_mnist(config)
+    noisy = vf.add_noise(data.x_train, config.noise_factor, config.seed)
+
+    def train(out):
+        vae = vf.build_vae(config, len(data.x_train))
+        history = vf.train_vae(vae, noisy, data.x_train, data.y_train, config, vf.open_checkpoint(out, config), 0)
+        return history, [w.numpy() for w in vae.weights]
+
+    reference_history, reference_weights = train(tmp_path / "ref")
+    checkpoint = vf.Checkpoint(tmp_path / "ref" / "checkpoint")
+    checkpoint.weights.unlink()  # as if killed before the end
+    for epoch in (1, 2):
+        checkpoint.epoch_weights(epoch).write_bytes(b"not an HDF5 file")
+    capsys.readouterr()
+    history, weights = train(tmp_path / "ref")
+    assert "no readable backup" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(history, reference_history)
+    for ours, theirs in zip(weights, reference_weights):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_checkpoint_with_other_settings_is_refused_unless_fresh(tmp_path, dataset_dir):
+    config = vf.Config(epochs=1, batch_size=64, latent_dim=4, train_samples=128, out_dir=str(tmp_path))
+    vf.open_checkpoint(tmp_path, config)
+    changed = vf.Config(epochs=2, batch_size=64, latent_dim=4, train_samples=128, out_dir=str(tmp_path))
+    with pytest.raises(vf.CheckpointMismatchError, match="epochs: stored 1 vs now 2.*VAE_FRESH=1"):
+        vf.open_checkpoint(tmp_path, changed)
+    # settings that do not change the model are no reason to refuse
+    vf.open_checkpoint(tmp_path, vf.Config(epochs=1, batch_size=64, latent_dim=4, train_samples=128,
+                                           test_samples=50, embed_samples=100, out_dir=str(tmp_path)))
+    (tmp_path / "checkpoint" / "vae.weights.h5").write_text("stale")
+    fresh = vf.open_checkpoint(tmp_path, vf.Config(**{**changed.__dict__, "fresh": True}))
+    assert not fresh.weights.exists()
+    assert json.loads(fresh.fingerprint.read_text())["epochs"] == 2
+
+
+def test_two_runs_with_the_same_seed_give_the_same_metrics(dataset_dir):
+    config = vf.Config(epochs=2, batch_size=64, latent_dim=4, train_samples=256, test_samples=64,
+                       data_dir=str(dataset_dir), seed=11)
+
+    def once():
+        data = vf.with_noise(vf.load_fashion_mnist(config), config)
+        vae = vf.build_vae(config, len(data.x_train))
+        vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
+        return vf.denoising_summary(vf.evaluate(vae, data, config)["quality"])
+
+    first, second = once(), once()
+    assert first == second
+
+
+def test_a_run_with_the_learned_prior_resumes_bit_for_bit(tmp_path):
+    """Killed before the prior is fitted (start of epoch 2), resumed: the fit happens in the resumed run,
+    and weights, prior, metrics and history equal an uninterrupted run's."""
+    env = {**TINY_RUN, "VAE_PRIOR": "mixture", "VAE_PRIOR_COMPONENTS": "4",
+           "VAE_DATA_DIR": str(write_dataset(tmp_path / "data"))}
+    finish_run({**env, "VAE_OUT_DIR": str(tmp_path / "ref")}, cwd=tmp_path)
+    out = tmp_path / "killed"
+    env = {**env, "VAE_OUT_DIR": str(out)}
+    kill_at(env, "Epoch 2/4", cwd=tmp_path)
+    log = finish_run(env, cwd=tmp_path)
+    assert "resuming after epoch 1" in log
+    assert_same_run(out, tmp_path / "ref")
+    assert len(np.unique(np.load(out / "prior.npz")["means"][:, 0])) == 4  # fitted: the components no longer all sit at 0

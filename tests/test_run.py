@@ -1,0 +1,76 @@
+"""Whole runs in one process under the settings that change what a run writes: the faithful preset, no
+generation classifier (gen_metrics 0), and no umap-learn."""
+
+import json
+import subprocess
+import sys
+import types
+
+import pandas as pd
+
+import vae_fashion as vf
+from conftest import TINY_RUN
+
+
+def _config(dataset_dir, out, **environ):
+    return vf.config_from_env({**TINY_RUN, "VAE_DATA_DIR": str(dataset_dir), "VAE_OUT_DIR": str(out), **environ}, {})
+
+
+def test_one_epoch_of_the_faithful_preset_runs_the_original_model_to_the_end(tmp_path, dataset_dir):
+    config = _config(dataset_dir, tmp_path / "out", VAE_PRESET="faithful", VAE_EPOCHS="1")
+    metrics = vf.run(config)
+    out = tmp_path / "out"
+    record = json.loads((out / "config.json").read_text())
+    assert record["dtype_policy"] == "float32" and record["config"]["output_layer"] == "conv"
+    assert (record["config"]["fresh_noise"], record["config"]["supcon_scale"], record["config"]["hidden_units"]) == (
+        False, "none", 128)
+    assert json.loads((out / "run_status.json").read_text())["status"] == "finished"
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1]
+    assert "vae_psnr" in set(metrics["name"])
+    decoder = vf.keras.models.load_model(out / "decoder.keras")
+    assert decoder.get_layer("logits").__class__.__name__ == "Conv2D"  # the 28x28 output layer, not the pixel shuffle
+
+
+def test_without_umap_and_the_classifier_every_other_output_is_written(tmp_path, dataset_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "umap", None)  # `import umap` raises ImportError
+
+    def no_pip(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, args[0])
+
+    monkeypatch.setattr(vf.subprocess, "run", no_pip)
+    out = tmp_path / "out"
+    metrics = vf.run(_config(dataset_dir, out, VAE_GEN_METRICS="0"))
+    assert "WARNING: UMAP skipped: import umap failed" in capsys.readouterr().err
+    report = (out / "metrics.txt").read_text()
+    assert "06C_latent_umap_text_tr.png was not written: import umap failed" in report
+    assert "pip install umap-learn failed (CalledProcessError)" in report
+    missing = {"06C_latent_umap_text_tr.png", "09_generation_quality.png"}
+    for output in vf.OUTPUTS:
+        for name in output.files:
+            if name not in missing | {"checkpoint/", "prior.npz"}:
+                assert (out / name).is_file(), name
+    assert not any((out / name).exists() for name in missing)
+    assert not {"classifier_test_accuracy", "fd_prior_samples", "conditional_agreement"} & set(metrics["name"])
+    assert "Generation quality" not in report
+    assert "generation quality" not in set(pd.read_csv(out / "timings.csv")["stage"])
+    assert json.loads((out / "run_status.json").read_text())["warnings"] == [
+        line[2:] for line in report.split("Warnings\n", 1)[1].splitlines()]
+
+
+def test_a_missing_umap_is_installed_once_and_a_failed_install_is_reported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)
+    calls = []
+
+    def pip_installs(command, **kwargs):
+        calls.append(command)
+        sys.modules["umap"] = types.ModuleType("umap")  # what a successful pip install makes importable
+
+    monkeypatch.setattr(vf.subprocess, "run", pip_installs)
+    module, reason = vf.import_umap()
+    assert module is sys.modules["umap"] and reason is None
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "umap-learn"]]
+
+    sys.modules["umap"] = None
+    monkeypatch.setattr(vf.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(subprocess.TimeoutExpired("pip", 600)))
+    module, reason = vf.import_umap()
+    assert module is None and "import umap failed" in reason and "pip install umap-learn failed (TimeoutExpired)" in reason
