@@ -57,12 +57,8 @@
 # | loss | `gamma_sc` | `VAE_GAMMA_SC` | `0.25` | weight of SupCon (0: a plain denoising VAE) |
 # | loss | `supcon_scale` | `VAE_SUPCON_SCALE` | `recon` | recon: gamma_sc is relative to the BCE term; none: raw nats |
 # | loss | `supcon_temperature` | `VAE_SUPCON_TEMPERATURE` | `0.1` | SupCon temperature |
-# | loss | `prior` | `VAE_PRIOR` | `normal` | normal: N(0, I); mixture: a learned Gaussian mixture, fitted to the posteriors after the first epoch and trained with the model |
+# | loss | `prior` | `VAE_PRIOR` | `mixture` | mixture: a learned Gaussian mixture, fitted to the posteriors after the first epoch and trained with the model; normal: N(0, I), the original's |
 # | loss | `prior_components` | `VAE_PRIOR_COMPONENTS` | `10` | components of the mixture prior |
-# | loss | `prior_covariance` | `VAE_PRIOR_COVARIANCE` | `diagonal` | the mixture's components: diagonal or full covariance |
-# | loss | `prior_fit` | `VAE_PRIOR_FIT` | `em` | how the mixture is fitted to the posteriors: em, or classes (one component per class: its share, mean and spread; needs prior_components 10) |
-# | loss | `prior_refit_epoch` | `VAE_PRIOR_REFIT_EPOCH` | `0` | fit the mixture by EM again before this epoch (0: only before epoch 2) |
-# | loss | `prior_learning_rate_scale` | `VAE_PRIOR_LEARNING_RATE_SCALE` | `1.0` | the mixture's learning rate relative to the model's (0: fixed between fits) |
 # | optimisation | `epochs` | `VAE_EPOCHS` | `17` | training epochs |
 # | optimisation | `batch_size` | `VAE_BATCH_SIZE` | `256` | batch size (SupCon needs pairs) |
 # | optimisation | `learning_rate` | `VAE_LEARNING_RATE` | `0.002` | Adam's peak learning rate |
@@ -70,7 +66,7 @@
 # | optimisation | `seed` | `VAE_SEED` | `42` | every random draw follows from it |
 # | optimisation | `precision` | `VAE_PRECISION` | `auto` | auto: bfloat16 or float16 where they are faster, else float32 |
 # | optimisation | `devices` | `VAE_DEVICES` | `one` | one: the first GPU, else the CPU; all: MirroredStrategy over every GPU |
-# | evaluation | `embed_samples` | `VAE_EMBED_SAMPLES` | `3000` | seeded test subset for t-SNE and UMAP |
+# | evaluation | `embed_samples` | `VAE_EMBED_SAMPLES` | `3000` | seeded test subset for t-SNE and UMAP (0: neither, for a quick run) |
 # | evaluation | `classical_samples` | `VAE_CLASSICAL_SAMPLES` | `1000` | seeded test subset for the TV and non-local-means rows |
 # | evaluation | `gen_metrics` | `VAE_GEN_METRICS` | `1` | 0 skips the generation-quality classifier (saves ~20 s) |
 # | output | `out_dir` | `VAE_OUT_DIR` | `vae_outputs_v3` | where every output goes (/kaggle/working/... on Kaggle) |
@@ -181,17 +177,10 @@ class Config:
     supcon_scale: str = setting("recon", "loss", "recon: gamma_sc is relative to the BCE term; none: raw nats",
                                 ("recon", "none"))
     supcon_temperature: float = setting(0.1, "loss", "SupCon temperature", low=0.0, high=100.0, open_low=True)
-    prior: str = setting("normal", "loss", "normal: N(0, I); mixture: a learned Gaussian mixture, fitted to the "
-                         "posteriors after the first epoch and trained with the model", ("normal", "mixture"))
+    prior: str = setting("mixture", "loss", "mixture: a learned Gaussian mixture, fitted to the posteriors after "
+                         "the first epoch and trained with the model; normal: N(0, I), the original's",
+                         ("mixture", "normal"))
     prior_components: int = setting(10, "loss", "components of the mixture prior", low=1, high=1000)
-    prior_covariance: str = setting("diagonal", "loss", "the mixture's components: diagonal or full covariance",
-                                    ("diagonal", "full"))
-    prior_fit: str = setting("em", "loss", "how the mixture is fitted to the posteriors: em, or classes (one component "
-                             "per class: its share, mean and spread; needs prior_components 10)", ("em", "classes"))
-    prior_refit_epoch: int = setting(0, "loss", "fit the mixture by EM again before this epoch (0: only before "
-                                     "epoch 2)", low=0, high=10_000)
-    prior_learning_rate_scale: float = setting(1.0, "loss", "the mixture's learning rate relative to the model's "
-                                               "(0: fixed between fits)", low=0.0, high=100.0)
     # optimisation
     epochs: int = setting(17, "optimisation", "training epochs", low=1, high=10_000)
     batch_size: int = setting(256, "optimisation", "batch size (SupCon needs pairs)", low=2, high=65_536)
@@ -206,7 +195,8 @@ class Config:
     devices: str = setting("one", "optimisation", "one: the first GPU, else the CPU; all: MirroredStrategy over "
                            "every GPU", ("one", "all"), trains=False)
     # evaluation
-    embed_samples: int = setting(3000, "evaluation", "seeded test subset for t-SNE and UMAP", low=20, high=10**7,
+    embed_samples: int = setting(3000, "evaluation", "seeded test subset for t-SNE and UMAP (0: neither, for a quick "
+                                 "run)", low=0, high=10**7,
                                  trains=False)
     classical_samples: int = setting(1000, "evaluation", "seeded test subset for the TV and non-local-means rows",
                                      low=1, high=10**6, trains=False)
@@ -272,7 +262,7 @@ def prior_label(config: Config, short: bool = False) -> str:
     """How titles and labels name the prior: the long form, or the two-line short one of a bar label."""
     if config.prior == "normal":
         return "prior\nN(0, I)" if short else "N(0, I)"
-    return "learned\nprior" if short else "the learned mixture prior"
+    return "learned\nprior" if short else f"a learned mixture of {config.prior_components} Gaussians"
 
 
 def seed_for(config: Config, draw: str) -> int:
@@ -460,90 +450,41 @@ def warmup_beta(epoch: int, beta_max: float, warmup_epochs: int) -> float:
 
 @keras.saving.register_keras_serializable(package="vae_fashion")
 class MixturePrior(layers.Layer):
-    """A learned prior p(z) = sum_k w_k N(z; mu_k, Sigma_k), w = softmax(logits), Sigma_k diagonal
-    or full (through its Cholesky factor).
+    """A learned prior p(z) = sum_k w_k N(z; mu_k, diag(sigma_k^2)), w = softmax(logits).
 
     It starts as N(0, I) (every component the standard normal). fit() moves it onto the aggregate
-    posterior (FitPrior); from then on the KL term's gradient keeps fitting it, jointly with the model,
-    at learning_rate_scale times the model's learning rate (0: held fixed between fits)."""
+    posterior once, after the first epoch (FitPrior); from then on the KL term's gradient keeps
+    fitting it, jointly with the model, so its samples land where the posteriors are."""
 
-    def __init__(self, latent_dim: int, components: int, covariance: str = "diagonal",
-                 learning_rate_scale: float = 1.0, **kwargs):
+    def __init__(self, latent_dim: int, components: int, **kwargs):
         super().__init__(dtype="float32", **kwargs)
-        self.full = covariance == "full"
-        # Adam steps each variable by about the learning rate whatever the gradient's size, so a variable
-        # that stores parameter / scale makes the parameter learn at scale times the model's rate.
-        self.scale = float(learning_rate_scale)
         self.logits = self.add_weight(shape=(components,), initializer="zeros", name="logits")
         self.means = self.add_weight(shape=(components, latent_dim), initializer="zeros", name="means")
-        # diagonal: log-variances; full: the Cholesky factor's lower triangle, log of its diagonal
-        shape = (components, latent_dim, latent_dim) if self.full else (components, latent_dim)
-        self.spread = self.add_weight(shape=shape, initializer="zeros", name="scale_tril" if self.full else "log_vars")
+        self.log_vars = self.add_weight(shape=(components, latent_dim), initializer="zeros", name="log_vars")
         self.built = True
-
-    def _value(self, variable):
-        return ops.stop_gradient(variable) if self.scale == 0 else variable * (self.scale or 1.0)
-
-    def _store(self, variable, value: np.ndarray) -> None:
-        variable.assign((value / (self.scale or 1.0)).astype(np.float32))
-
-    def _cholesky(self):
-        raw = self._value(self.spread)
-        return tf.linalg.band_part(raw, -1, 0) - tf.linalg.diag(tf.linalg.diag_part(raw) - ops.exp(
-            tf.linalg.diag_part(raw)))
 
     def log_prob(self, z):
         """log p(z) for a batch of latents (batch, latent_dim) -> (batch,)."""
-        z, means = ops.cast(z, "float32"), self._value(self.means)
-        if self.full:
-            factor = self._cholesky()  # (K, D, D)
-            centred = ops.transpose(z[None, :, :] - means[:, None, :], (0, 2, 1))  # (K, D, batch)
-            whitened = tf.linalg.triangular_solve(factor, centred, lower=True)
-            log_det = ops.sum(ops.log(tf.linalg.diag_part(factor)), axis=1)  # half the log-determinant
-            per_component = ops.transpose(-0.5 * (ops.sum(ops.square(whitened), axis=1) + z.shape[-1] * LOG_2PI)
-                                          - log_det[:, None])
-        else:
-            per_component = ops.sum(log_normal(z[:, None, :], means, self._value(self.spread)), axis=-1)
-        return ops.logsumexp(ops.log_softmax(self._value(self.logits))[None, :] + per_component, axis=1)
+        per_component = ops.sum(log_normal(ops.cast(z, "float32")[:, None, :], self.means, self.log_vars), axis=-1)
+        return ops.logsumexp(ops.log_softmax(self.logits)[None, :] + per_component, axis=1)
 
-    def set_parameters(self, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> None:
-        """Set the components: covariances (K, D, D) when full, variances (K, D) when diagonal."""
-        self._store(self.logits, np.log(weights))
-        self._store(self.means, means)
-        if self.full:
-            factor = np.linalg.cholesky(covariances)
-            self._store(self.spread, np.tril(factor, -1) + np.apply_along_axis(np.diag, -1, np.log(
-                np.diagonal(factor, axis1=1, axis2=2))))
-        else:
-            self._store(self.spread, np.log(covariances))
+    def set_parameters(self, weights: np.ndarray, means: np.ndarray, variances: np.ndarray) -> None:
+        self.logits.assign(np.log(weights).astype(np.float32))
+        self.means.assign(np.asarray(means, np.float32))
+        self.log_vars.assign(np.log(variances).astype(np.float32))
 
-    def fit(self, latents: np.ndarray, seed: int, labels: np.ndarray | None = None) -> None:
-        """Set the components to a Gaussian mixture fitted by EM to `latents`; with `labels`, to one Gaussian
-        per class instead (the class's share, mean and spread)."""
+    def fit(self, latents: np.ndarray, seed: int) -> None:
+        """Set the components to a diagonal Gaussian mixture fitted by EM to `latents`."""
         from sklearn.mixture import GaussianMixture
 
-        if labels is None:
-            mixture = GaussianMixture(len(self.logits.numpy()), covariance_type="full" if self.full else "diag",
-                                      random_state=seed).fit(latents)
-            self.set_parameters(mixture.weights_, mixture.means_, mixture.covariances_)
-            return
-        classes = [latents[labels == c] for c in range(len(self.logits.numpy()))]
-        ridge = 1e-6 * np.eye(latents.shape[1])
-        self.set_parameters(np.array([len(c) for c in classes]) / len(latents), np.array([c.mean(axis=0) for c in classes]),
-                            np.array([np.cov(c, rowvar=False) + ridge if self.full else c.var(axis=0) + 1e-6
-                                      for c in classes]))
+        mixture = GaussianMixture(len(self.logits.numpy()), covariance_type="diag", random_state=seed).fit(latents)
+        self.set_parameters(mixture.weights_, mixture.means_, mixture.covariances_)
 
     def parameters(self) -> dict:
-        """weights, means and "variances" (diagonal) or "covariances" (full) as numpy arrays (prior.npz)."""
-        logits = ops.convert_to_numpy(self._value(self.logits)).astype(np.float64)
+        """weights, means and variances as numpy arrays (what prior.npz holds)."""
+        logits = self.logits.numpy().astype(np.float64)
         weights = np.exp(logits - logits.max())
-        parameters = {"weights": weights / weights.sum(), "means": ops.convert_to_numpy(self._value(self.means))}
-        if self.full:
-            factor = ops.convert_to_numpy(self._cholesky())
-            parameters["covariances"] = factor @ np.transpose(factor, (0, 2, 1))
-        else:
-            parameters["variances"] = np.exp(ops.convert_to_numpy(self._value(self.spread)))
-        return parameters
+        return {"weights": weights / weights.sum(), "means": self.means.numpy(), "variances": np.exp(self.log_vars.numpy())}
 
 
 def gaussian_samples(rng, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
@@ -575,8 +516,8 @@ class VAE(keras.Model):
         self.decoder = decoder
         self.sampling = Sampling(seed=config.seed, name="z")
         # None: the standard normal, whose KL has a closed form
-        self.prior = MixturePrior(config.latent_dim, config.prior_components, config.prior_covariance,
-                                  config.prior_learning_rate_scale, name="prior") if config.prior == "mixture" else None
+        self.prior = MixturePrior(config.latent_dim, config.prior_components, name="prior") if (
+            config.prior == "mixture") else None
         self.decoder_logits = keras.Model(decoder.input, decoder.get_layer("logits").output)
         self.gamma_sc = float(config.gamma_sc)
         self.supcon_temperature = float(config.supcon_temperature)
@@ -804,7 +745,7 @@ def train_vae(
             epochs=config.epochs,
             initial_epoch=first_epoch,
             steps_per_epoch=steps_per_epoch(len(x_clean), config, replicas),
-            callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), FitPrior(x_noisy, labels, config), guard, history,
+            callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), FitPrior(x_noisy, config), guard, history,
                        TrainingTimeEstimate(config.epochs)],
             verbose=verbose,
             shuffle=False,  # the dataset shuffles by (seed, epoch) itself
@@ -836,24 +777,23 @@ class BetaWarmup(keras.callbacks.Callback):
 
 
 class FitPrior(keras.callbacks.Callback):
-    """Before the second epoch (and again before prior_refit_epoch, if set), fits the mixture prior to the
-    aggregate posterior: one posterior sample of each of PRIOR_FIT_SAMPLES seeded noisy training images.
-    A resumed run past that epoch has the fitted prior in its checkpoint."""
+    """Before the second epoch, fits the mixture prior to the aggregate posterior: one posterior sample of
+    each of PRIOR_FIT_SAMPLES seeded noisy training images. A resumed run past that epoch has the fitted
+    prior in its checkpoint."""
 
-    def __init__(self, noisy: np.ndarray, labels: np.ndarray, config: Config, size: int = PRIOR_FIT_SAMPLES):
+    def __init__(self, noisy: np.ndarray, config: Config, epoch: int = 1, size: int = PRIOR_FIT_SAMPLES):
         super().__init__()
-        self.noisy, self.labels, self.config, self.size = noisy, labels, config, size
-        self.epochs = {1} | ({config.prior_refit_epoch - 1} if config.prior_refit_epoch else set())
+        self.noisy, self.config, self.epoch, self.size = noisy, config, epoch, size
 
     def on_epoch_begin(self, epoch, logs=None):
-        if epoch not in self.epochs or self.model.prior is None:
+        if epoch != self.epoch or self.model.prior is None:
             return
         seed = seed_for(self.config, "prior_fit")
         rng = np.random.default_rng(seed)
         subset = seeded_subset(len(self.noisy), self.size, rng)
         z_mean, z_log_var = self.model.encode(self.noisy[subset])
         latents = z_mean + np.exp(0.5 * z_log_var) * rng.standard_normal(z_mean.shape).astype(np.float32)
-        self.model.prior.fit(latents, seed, self.labels[subset] if self.config.prior_fit == "classes" else None)
+        self.model.prior.fit(latents, seed)
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
@@ -1256,9 +1196,11 @@ def latent_paths(vae: VAE, z_mean_test: np.ndarray, y_test: np.ndarray, config: 
 
 def latent_embeddings(z_mean_test: np.ndarray, config: Config, timer) -> tuple[dict, list[str]]:
     """t-SNE and UMAP coordinates of a seeded test subset ({"t-SNE": ..., "UMAP": ...}, with the subset's
-    indices under "subset"), and a warning when UMAP cannot be had."""
+    indices under "subset"), and a warning when UMAP cannot be had; neither with embed_samples 0."""
     subset = seeded_subset(len(z_mean_test), config.embed_samples, seed_for(config, "embed_subset"))
     embeddings, warnings = {"subset": subset}, []
+    if not config.embed_samples:
+        return embeddings, warnings
     with timer.stage("t-SNE"):
         embeddings["t-SNE"] = project_tsne(z_mean_test[subset], seed_for(config, "tsne"))
     with timer.stage("UMAP"):
@@ -1635,7 +1577,7 @@ OUTPUTS = [
     Output(("06A_latent_pca_numbers.png", "06B_latent_pca_text_tr.png"),
            "PCA of every test `z_mean`, labelled 0-9 and with Turkish class names", draw_pca),
     Output(("06C_latent_umap_text_tr.png", "06D_latent_tsne_text_tr.png"),
-           "UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had)", draw_embeddings),
+           "UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had; neither with `embed_samples` 0)", draw_embeddings),
     Output(("07_generated_prior.png",), "10x10 samples `decoder(z)`, `z` from the prior the model was trained with",
            draw_prior_samples),
     Output(("07B_generated_expost.png",), "10x10 samples of a 10-component GMM fitted to the training `z_mean` after "
@@ -2087,11 +2029,7 @@ def config_from_env(environ=None, overrides: dict | None = None) -> Config:
                  for field, value in PRESETS[preset].items()}, **values}
     if not values.get("out_dir"):
         values["out_dir"] = str(default_out_dir())
-    config = Config(**values)
-    if config.prior == "mixture" and config.prior_fit == "classes" and config.prior_components != NUM_CLASSES:
-        raise ConfigError(f"VAE_PRIOR_FIT=classes fits one component per class: it needs VAE_PRIOR_COMPONENTS="
-                          f"{NUM_CLASSES}, not {config.prior_components}")
-    return config
+    return Config(**values)
 
 
 # --- Several devices and precisions: MirroredStrategy, mixed precision, what this machine is ----------
@@ -2765,7 +2703,7 @@ if __name__ == "__main__":
 # | `05_denoising_grid.png` | clean / noisy / denoised test images, one column per class | `draw_denoising_grid` |
 # | `10_per_class_denoising.png` | mean PSNR per class of the noisy input and the VAE | `draw_per_class_psnr` |
 # | `06A_latent_pca_numbers.png`, `06B_latent_pca_text_tr.png` | PCA of every test `z_mean`, labelled 0-9 and with Turkish class names | `draw_pca` |
-# | `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png` | UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had) | `draw_embeddings` |
+# | `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png` | UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had; neither with `embed_samples` 0) | `draw_embeddings` |
 # | `07_generated_prior.png` | 10x10 samples `decoder(z)`, `z` from the prior the model was trained with | `draw_prior_samples` |
 # | `07B_generated_expost.png` | 10x10 samples of a 10-component GMM fitted to the training `z_mean` after training (the ex-post density) | `draw_expost_samples` |
 # | `12_class_conditional.png` | one row per class: samples of a Gaussian fitted to that class's training `z_mean` | `draw_class_conditional` |

@@ -18,6 +18,9 @@ def test_defaults_are_the_seed_hyper_parameters(tmp_path, monkeypatch):
     # The seed's GAMMA_SC = 1.0 is in raw nats; scaled to the BCE term, 0.25 is the measured choice (README).
     assert (config.gamma_sc, config.supcon_scale, config.fresh_noise) == (0.25, "recon", True)
     assert (config.beta_max, config.warmup_epochs) == (1.0, 8)
+    # the learned prior: its samples score near the reconstructions; the original's N(0, I) is the faithful preset's
+    assert (config.prior, config.prior_components) == ("mixture", 10)
+    assert vf.config_from_env({"VAE_PRESET": "faithful"}).prior == "normal"
     assert config.train_samples is None and config.test_samples is None
     assert config.data_dir is None
 
@@ -62,7 +65,7 @@ def test_empty_variable_means_default():
         ("VAE_BATCH_SIZE", "1", "VAE_BATCH_SIZE='1' is out of range"),
         ("VAE_TEST_SAMPLES", "5", "VAE_TEST_SAMPLES='5' is out of range"),
         ("VAE_LEARNING_RATE", "0", "must lie in \\(0.0"),
-        ("VAE_PRIOR", "flow", "VAE_PRIOR='flow' must be normal or mixture"),
+        ("VAE_PRIOR", "flow", "VAE_PRIOR='flow' must be mixture or normal"),
         ("VAE_PRIOR_COMPONENTS", "0", "VAE_PRIOR_COMPONENTS='0' is out of range"),
         ("VAE_PRIOR_COMPONENTS", "2.5", "VAE_PRIOR_COMPONENTS='2.5' is not a whole number"),
         ("VAE_DEVICES", "both", "VAE_DEVICES='both' must be one or all"),

@@ -111,7 +111,12 @@ losses_two, grads_two = tf.function(lambda *a: strategy.run(lambda *b: loss_and_
 results["loss_rel"] = {name: abs(float(strategy.reduce("MEAN", losses_two[name], axis=None)) / float(value) - 1)
                        for name, value in losses_one.items()}
 summed = [strategy.reduce("SUM", g, axis=None) for g in grads_two]
-results["grad_rel"] = max(float(tf.norm(a - b) / tf.norm(a)) for a, b in zip(grads_one, summed))
+# relative to the whole gradient's norm: some gradients are zero up to rounding (the prior's logits while every
+# component is still the standard normal), and a per-variable ratio of two rounding errors means nothing
+scale = float(tf.linalg.global_norm(grads_one))
+results["grad_rel"] = max(float(tf.norm(a - b)) / scale for a, b in zip(grads_one, summed))
+results["grad_rel_largest"] = max(float(tf.norm(a - b) / tf.norm(a)) for a, b in zip(grads_one, summed)
+                                  if float(tf.norm(a)) > 1e-3 * scale)
 
 # 2. float16 overflow on one replica only (a huge target on its half; gamma_sc 0 keeps the replicas'
 #    gradients apart): every replica skips the step and the loss scale halves, whichever replica it was.
@@ -145,7 +150,7 @@ def test_two_devices_give_the_one_device_loss_and_gradient_of_a_fixed_batch(two_
     assert two_device_checks["replicas"] == 2
     for name, relative in two_device_checks["loss_rel"].items():
         assert relative <= 1e-5, (name, relative)
-    assert two_device_checks["grad_rel"] <= 1e-4
+    assert two_device_checks["grad_rel"] <= 1e-4 and two_device_checks["grad_rel_largest"] <= 1e-4, two_device_checks
 
 
 def test_a_float16_overflow_on_any_replica_is_skipped_on_every_replica(two_device_checks):

@@ -39,12 +39,13 @@ def test_without_umap_and_the_classifier_every_other_output_is_written(tmp_path,
 
     monkeypatch.setattr(vf.subprocess, "run", no_pip)
     out = tmp_path / "out"
-    metrics = vf.run(_config(dataset_dir, out, VAE_GEN_METRICS="0"))
+    metrics = vf.run(_config(dataset_dir, out, VAE_GEN_METRICS="0", VAE_EMBED_SAMPLES="60"))
     assert "WARNING: UMAP skipped: import umap failed" in capsys.readouterr().err
     report = (out / "metrics.txt").read_text()
     assert "06C_latent_umap_text_tr.png was not written: import umap failed" in report
     assert "pip install umap-learn failed (CalledProcessError)" in report
     missing = {"06C_latent_umap_text_tr.png", "09_generation_quality.png"}
+    assert (out / "06D_latent_tsne_text_tr.png").is_file()  # t-SNE still drawn
     for output in vf.OUTPUTS:
         for name in output.files:
             if name not in missing | {"checkpoint/", "prior.npz"}:
