@@ -224,6 +224,20 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
+def settings_summary() -> str:
+    """README's settings table: one row per group, each setting as its OVERRIDES key, variable and default (the
+    meanings are in settings_table(), the notebook's)."""
+    rows = ["| group | `OVERRIDES` key (variable) default |", "|---|---|"]
+    for group in dict.fromkeys(rule["group"] for rule in SETTINGS.values()):
+        cells = []
+        for name, rule in SETTINGS.items():
+            if rule["group"] == group:
+                default = "unset" if rule["default"] is None else int(rule["default"]) if rule["kind"] is bool else rule["default"]
+                cells.append(f"`{name}` (`{rule['env']}`) {default}")
+        rows.append(f"| {group} | {', '.join(cells)} |")
+    return "\n".join(rows)
+
+
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
 CLASS_NAMES_EN = [

@@ -1,4 +1,4 @@
-"""Write the tables that are made from the code: the settings table (from Config) and the outputs table
+"""Write the tables that are made from the code: the settings tables (from Config) and the outputs table
 (from OUTPUTS) into the notebook's markdown cells in vae_fashion.py and into README.md, then regenerate
 vae_fashion.ipynb with jupytext. The tests fail, naming this script, when a table is stale.
 
@@ -15,7 +15,9 @@ sys.path.insert(0, str(ROOT))
 
 import vae_fashion as vf  # noqa: E402
 
-TABLES = {"settings": vf.settings_table, "outputs": vf.outputs_table}
+# marker name -> the table, in the notebook's markdown cells and in README.md
+NOTEBOOK_TABLES = {"settings": vf.settings_table, "outputs": vf.outputs_table}
+README_TABLES = {"settings": vf.settings_summary, "outputs": vf.outputs_table}
 
 
 def replace_table(text: str, name: str, table: str, prefix: str) -> str:
@@ -32,12 +34,12 @@ def replace_table(text: str, name: str, table: str, prefix: str) -> str:
 def main() -> None:
     script = ROOT / "vae_fashion.py"
     text = script.read_text(encoding="utf-8")
-    for name, make in TABLES.items():
+    for name, make in NOTEBOOK_TABLES.items():
         text = replace_table(text, name, make(), "# ")
     script.write_text(text, encoding="utf-8")
     readme = ROOT / "README.md"
     text = readme.read_text(encoding="utf-8")
-    for name, make in TABLES.items():
+    for name, make in README_TABLES.items():
         text = replace_table(text, name, make(), "")
     readme.write_text(text, encoding="utf-8")
     subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", str(script)], check=True, cwd=ROOT)
