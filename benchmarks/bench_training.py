@@ -10,7 +10,7 @@ tf.data pipeline. They run in one process, in alternating rounds, after a
 warm-up round each. Throughputs are medians over rounds; the ratio is the
 median of the per-round ratios (each round times both steps back to back).
 
-    python benchmarks/bench_training.py [--images 20480] [--rounds 3] [--full-run]
+    python3 benchmarks/bench_training.py [--images 20480] [--rounds 3] [--full-run]
 
 --full-run also runs the whole default pipeline in a child process and
 reports its wall time and peak resident memory (ru_maxrss).

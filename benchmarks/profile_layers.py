@@ -1,8 +1,8 @@
 """Per-layer profile of one training step: each layer of the encoder and decoder alone, at its real input
 shape, forward and forward + backward (gradients for its input and its weights).
 
-    VAE_PRECISION=float32 python benchmarks/profile_layers.py
-    VAE_PRECISION=mixed_bfloat16 VAE_OUTPUT_LAYER=conv VAE_ENCODER_DEPTH=1 python benchmarks/profile_layers.py
+    VAE_PRECISION=float32 python3 benchmarks/profile_layers.py
+    VAE_PRECISION=mixed_bfloat16 VAE_OUTPUT_LAYER=conv VAE_ENCODER_DEPTH=1 python3 benchmarks/profile_layers.py
 
 The model is the one the VAE_* settings describe (the default's unless set).
 
