@@ -214,28 +214,28 @@ SETTINGS = {field.name: {**field.metadata, "env": f"VAE_{field.name.upper()}", "
             for field in dataclasses.fields(Config)}
 
 
+def shown_default(rule: dict):
+    """A setting's default as the tables show it: unset, 0/1 for on/off settings, else the value."""
+    return "unset" if rule["default"] is None else int(rule["default"]) if rule["kind"] is bool else rule["default"]
+
+
 def settings_table() -> str:
-    """The settings table of the notebook and README, made from SETTINGS (tools/sync_docs.py writes it there;
-    a test checks both)."""
+    """The notebook's settings table, with every meaning, made from SETTINGS (tools/sync_docs.py writes it there;
+    a test checks it)."""
     rows = ["| group | `OVERRIDES` key | variable | default | meaning |", "|---|---|---|---|---|"]
     for name, rule in SETTINGS.items():
-        default = "unset" if rule["default"] is None else int(rule["default"]) if rule["kind"] is bool else rule["default"]
-        rows.append(f"| {rule['group']} | `{name}` | `{rule['env']}` | `{default}` | {rule['meaning']} |")
+        rows.append(f"| {rule['group']} | `{name}` | `{rule['env']}` | `{shown_default(rule)}` | {rule['meaning']} |")
     return "\n".join(rows)
 
 
 def settings_summary() -> str:
     """README's settings table: one row per group, each setting as its OVERRIDES key, variable and default (the
     meanings are in settings_table(), the notebook's)."""
-    rows = ["| group | `OVERRIDES` key (variable) default |", "|---|---|"]
-    for group in dict.fromkeys(rule["group"] for rule in SETTINGS.values()):
-        cells = []
-        for name, rule in SETTINGS.items():
-            if rule["group"] == group:
-                default = "unset" if rule["default"] is None else int(rule["default"]) if rule["kind"] is bool else rule["default"]
-                cells.append(f"`{name}` (`{rule['env']}`) {default}")
-        rows.append(f"| {group} | {', '.join(cells)} |")
-    return "\n".join(rows)
+    groups: dict[str, list[str]] = {}
+    for name, rule in SETTINGS.items():
+        groups.setdefault(rule["group"], []).append(f"`{name}` (`{rule['env']}`) {shown_default(rule)}")
+    return "\n".join(["| group | `OVERRIDES` key (variable) default |", "|---|---|"]
+                     + [f"| {group} | {', '.join(cells)} |" for group, cells in groups.items()])
 
 
 IMAGE_SIZE = 28
