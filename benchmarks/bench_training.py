@@ -103,7 +103,7 @@ def main():
 
     def run_ours(epochs):
         dataset = vf.make_train_dataset(noisy, x, y, config, 0, epochs)
-        ours.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0)
+        ours.fit(dataset, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0)  # the dataset shuffles itself
 
     def run_reference(epochs):
         reference.fit(x, epochs=epochs, batch_size=config.batch_size, verbose=0)

@@ -1,7 +1,9 @@
 """Shared helpers: tiny IDX datasets written by the tests themselves, and whole runs of the script:
 one tiny-run environment, one way to run to the end, one way to kill at a line, one same-run comparison."""
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import signal
@@ -106,6 +108,17 @@ def finish_run(env: dict, code: str | None = None, **popen) -> str:
     log = process.communicate(timeout=900)[0]
     assert process.returncode == 0, log[-4000:]
     return log
+
+
+def run_here(env: dict) -> str:
+    """The same run as start_run's, in this process (no TensorFlow import to wait for): its printed log. A run
+    in a process that has run others equals one in a fresh interpreter, bit for bit (test_resume compares them)."""
+    import vae_fashion as vf
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        vf.run(vf.config_from_env(env, {}))
+    return log.getvalue()
 
 
 def kill_at(env: dict, line_start: str, code: str | None = None, **popen) -> str:

@@ -253,27 +253,32 @@ def test_the_xla_compiled_step_trains_and_predict_agrees(one_device_checks, prec
 RUN_ON_TWO_CPUS = TWO_CPUS + "import runpy\nrunpy.run_path('vae_fashion.py', run_name='__main__')\n"
 
 
+def runs_on_two_cpus(*outs) -> str:
+    """The script's run() into each folder in turn, in one interpreter on two logical devices."""
+    return TWO_CPUS + (
+        "import os, vae_fashion as vf\n"
+        f"for out in {[str(out) for out in outs]!r}:\n"
+        "    print('=== run into', out, flush=True)\n"
+        "    vf.main({**os.environ, 'VAE_OUT_DIR': out})\n")
+
+
 def test_run_on_two_devices_resumes_after_a_kill_and_reuses_a_finished_training(tmp_path):
     """Through run() on two replicas, in float32 (fast on every CPU; float16 itself is checked step by step
     above): an uneven last batch (500 = 7 x 64 + 52), a kill in epoch 3, the resume, and a rerun of the
-    finished training."""
+    finished training. The reruns share the uninterrupted run's interpreter, as Run all pressed again does."""
     env = {**TINY_RUN, "VAE_DEVICES": "all", "VAE_PRECISION": "float32", "VAE_TRAIN_SAMPLES": "500",
            "VAE_DATA_DIR": str(write_dataset(tmp_path / "data"))}
-    log = finish_run({**env, "VAE_OUT_DIR": str(tmp_path / "ref")}, RUN_ON_TWO_CPUS, cwd=ROOT)
-    assert "2 replica(s); precision float32" in log
-    assert "7/7" in log and "ms per step: the 4 epochs take about" in log
-    history = pd.read_csv(tmp_path / "ref" / "history.csv")
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    kill_at({**env, "VAE_OUT_DIR": str(out)}, "Epoch 3/4", RUN_ON_TWO_CPUS, cwd=ROOT)
+
+    _, uninterrupted, resumed, again = finish_run(env, runs_on_two_cpus(ref, out, out), cwd=ROOT).split("=== run into ")
+    assert "2 replica(s); precision float32" in uninterrupted
+    assert "7/7" in uninterrupted and "ms per step: the 4 epochs take about" in uninterrupted
+    history = pd.read_csv(ref / "history.csv")
     assert np.all(np.isfinite(history.drop(columns="epoch").to_numpy()))
     assert history["recon_loss"].iloc[-1] < history["recon_loss"].iloc[0]
-    assert json.loads((tmp_path / "ref" / "checkpoint" / "fingerprint.json").read_text())["replicas"] == 2
+    assert json.loads((ref / "checkpoint" / "fingerprint.json").read_text())["replicas"] == 2
 
-    out = tmp_path / "killed"
-    env = {**env, "VAE_OUT_DIR": str(out)}
-    kill_at(env, "Epoch 3/4", RUN_ON_TWO_CPUS, cwd=ROOT)
-    log = finish_run(env, RUN_ON_TWO_CPUS, cwd=ROOT)
-    assert "resuming after epoch 2" in log and "Epoch 1/4" not in log
-    assert_same_run(out, tmp_path / "ref")
-
-    log = finish_run(env, RUN_ON_TWO_CPUS, cwd=ROOT)  # Run all, pressed again
-    assert "training already finished" in log
-    assert_same_run(out, tmp_path / "ref")
+    assert "resuming after epoch 2" in resumed and "Epoch 1/4" not in resumed and "Epoch 3/4" in resumed
+    assert "training already finished" in again and "Epoch" not in again
+    assert_same_run(out, ref)

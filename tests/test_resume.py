@@ -1,4 +1,6 @@
-"""Interruption and reruns: a run killed at any point and rerun equals an uninterrupted run, bit for bit."""
+"""Interruption and reruns: a run killed at any point and rerun equals an uninterrupted run, bit for bit.
+The uninterrupted run and every killed one are the script in a fresh interpreter; the reruns run in this process,
+as pressing Run all again in a notebook does."""
 
 import json
 import signal
@@ -8,7 +10,7 @@ import pandas as pd
 import pytest
 
 import vae_fashion as vf
-from conftest import ROOT, TINY_RUN, assert_same_run, finish_run, kill_at, start_run, write_dataset
+from conftest import ROOT, TINY_RUN, assert_same_run, finish_run, kill_at, run_here, start_run, write_dataset
 
 # The script, killed by itself half-way through writing the epoch-2 backup (after the weights of epoch 2
 # are half on disk under their temporary name, before state.json says epoch 2 is done).
@@ -57,14 +59,14 @@ def test_kill_mid_training_then_resume_equals_an_uninterrupted_run(uninterrupted
     env = {**env, "VAE_OUT_DIR": str(out)}
     kill_at(env, "Epoch 2/4", cwd=root)  # epoch 1 is done and backed up; the prior is fitted before epoch 2
 
-    log = finish_run(env, cwd=root)
+    log = run_here(env)
     assert "resuming after epoch 1" in log
     assert "Epoch 1/4" not in log and "Epoch 2/4" in log
     assert_same_run(out, root / "ref")  # weights, prior, metrics and history
     assert len(np.unique(np.load(out / "prior.npz")["means"][:, 0])) == 10  # fitted: no longer all at 0
 
     # A finished run is not trained again, and reports the same figures.
-    log = finish_run(env, cwd=root)
+    log = run_here(env)
     assert "training already finished" in log and "Epoch 1/4" not in log
     assert_same_run(out, root / "ref")
 
@@ -78,7 +80,7 @@ def test_a_kill_while_a_backup_is_written_resumes_from_the_epoch_before(uninterr
     assert victim.returncode == -signal.SIGKILL, log[-3000:]
     assert (out / "checkpoint" / ".tmp-epoch-0002.weights.h5").exists()  # the half-written file
     assert json.loads((out / "checkpoint" / "state.json").read_text())["epochs_done"] == 1
-    log = finish_run(env, cwd=root)
+    log = run_here(env)
     assert "resuming after epoch 1" in log and "Epoch 2/4" in log
     assert_same_run(out, root / "ref")
 
@@ -88,7 +90,7 @@ def test_a_kill_during_the_analysis_reruns_it_from_the_finished_training(uninter
     out = root / "killed-analysing"
     env = {**env, "VAE_OUT_DIR": str(out)}
     kill_at(env, "[noise robustness] started", cwd=root)
-    log = finish_run(env, cwd=root)
+    log = run_here(env)
     assert "training already finished" in log and "Epoch 1/4" not in log
     assert_same_run(out, root / "ref")
 
@@ -101,7 +103,7 @@ def test_damaged_newest_backup_resumes_from_the_previous_copy(uninterrupted):
     newest = out / "checkpoint" / "epoch-0003.weights.h5"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
-    log = finish_run(env, cwd=root)
+    log = run_here(env)
     assert f"cannot read the backup {newest}" in log
     assert "resuming after epoch 2" in log and "Epoch 3/4" in log
     assert_same_run(out, root / "ref")
