@@ -1317,14 +1317,15 @@ def _plt():
 
 
 def save_figure(fig, path: Path, show: bool = False, tight: bool = True) -> None:
-    """Save at 120 dpi; tight=False keeps the whole canvas (title panels)."""
+    """Save at 120 dpi; tight=False keeps the whole canvas (title panels). A notebook shows the saved file:
+    drawing the figure again for it took as long as saving it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight" if tight else None)
-    if show:
-        from IPython.display import display
-
-        display(fig)
     _plt().close(fig)
+    if show:
+        from IPython.display import Image, display
+
+        display(Image(filename=str(path)))
 
 
 def plot_training_curve(history: pd.DataFrame, column: str, title: str, ylabel: str, path, show=False):

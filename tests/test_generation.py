@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 import vae_fashion as vf
 from conftest import ROOT
@@ -45,46 +46,19 @@ def test_latent_traversal_is_centred_on_the_mean_along_principal_directions():
     assert ratios[0] > ratios[1]
 
 
-def test_saved_models_load_without_this_module_and_reproduce_outputs(tmp_path):
-    vae = vf.build_vae(vf.Config(latent_dim=5, seed=0))
-    vf.save_models(vae, tmp_path)
-    x = np.random.default_rng(2).random((6, 28, 28, 1)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    z_mean, z_log_var = vae.encoder(x)
-    expected = vae.decoder(z_mean).numpy()
-    code = (
-        "import sys, numpy as np, keras\n"
-        "d = sys.argv[1]\n"
-        "encoder = keras.models.load_model(d + '/encoder.keras')\n"
-        "decoder = keras.models.load_model(d + '/decoder.keras')\n"
-        "z_mean, z_log_var = encoder.predict(np.load(d + '/x.npy'), verbose=0)\n"
-        "np.save(d + '/z.npy', z_mean); np.save(d + '/out.npy', decoder.predict(z_mean, verbose=0))\n"
-        "assert 'vae_fashion' not in sys.modules\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=tmp_path, env=env, timeout=300)
-    np.testing.assert_allclose(np.load(tmp_path / "z.npy"), z_mean.numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
-
-
 def test_mixed_bfloat16_keeps_losses_in_float32():
-    code = (
-        "import numpy as np, tensorflow as tf, vae_fashion as vf\n"
-        "config = vf.Config(latent_dim=4, precision='mixed_bfloat16', seed=0)\n"
-        "vf.setup_devices(config)\n"
-        "vae = vf.build_vae(config)\n"
-        "x = np.random.default_rng(0).random((32, 28, 28, 1)).astype(np.float32)\n"
-        "batch = {'noisy': x, 'clean': x, 'label': np.arange(32, dtype=np.int32) % 4, 'step_key': np.zeros(32, np.int64)}\n"
-        "vae.beta.assign(1.0)\n"
-        "before = vae.compute_losses(x, x, batch['label'])\n"
-        "assert all(v.dtype == tf.float32 for v in before.values()), before\n"
-        "step = tf.function(vae.train_step)\n"
-        "logs = [step(batch) for _ in range(15)][-1]\n"
-        "assert vae.decoder.layers[1].compute_dtype == 'bfloat16'\n"
-        "assert np.isfinite(float(logs['total_loss'])) and float(logs['total_loss']) < float(before['total_loss'])\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    config = vf.Config(latent_dim=4, precision="mixed_bfloat16", seed=0)
+    vf.setup_devices(config)  # the policy is process-wide; conftest puts float32 back after the test
+    vae = vf.build_vae(config)
+    x = np.random.default_rng(0).random((32, 28, 28, 1)).astype(np.float32)
+    batch = {"noisy": x, "clean": x, "label": np.arange(32, dtype=np.int32) % 4, "step_key": np.zeros(32, np.int64)}
+    vae.beta.assign(1.0)
+    before = vae.compute_losses(x, x, batch["label"])
+    assert all(v.dtype == tf.float32 for v in before.values()), before
+    step = tf.function(vae.train_step)
+    logs = [step(batch) for _ in range(15)][-1]
+    assert vae.decoder.layers[1].compute_dtype == "bfloat16"
+    assert np.isfinite(float(logs["total_loss"])) and float(logs["total_loss"]) < float(before["total_loss"])
 
 
 def test_expost_density_recovers_the_means_of_a_known_mixture_and_shuffles_its_samples():
@@ -184,8 +158,9 @@ def test_mixture_samples_follow_its_weights_and_components():
         np.testing.assert_allclose(z[component == k].var(axis=0), parameters["variances"][k], rtol=0.1)
 
 
-def test_the_learned_prior_generates_from_the_saved_files_alone(tmp_path):
-    """README's snippet: decoder.keras and prior.npz, without this module."""
+def test_the_saved_files_work_without_this_module(tmp_path):
+    """encoder.keras and decoder.keras reproduce the model's outputs, and README's snippet generates from
+    decoder.keras and prior.npz, in an interpreter that never imports vae_fashion."""
     vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, prior="mixture", prior_components=3))
     vae.prior.fit(np.random.default_rng(3).normal(0, 1, (300, 4)) + np.repeat([[4, 0, 0, 0], [0, 0, 0, 0]], 150, 0),
                   seed=0)
@@ -193,13 +168,27 @@ def test_the_learned_prior_generates_from_the_saved_files_alone(tmp_path):
     saved = np.load(tmp_path / "prior.npz")
     for name, value in vae.prior.parameters().items():
         np.testing.assert_allclose(saved[name], value, rtol=1e-6)
+    x = np.random.default_rng(2).random((6, 28, 28, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    z_mean, _z_log_var = vae.encoder(x)
+    expected = vae.decoder(z_mean).numpy()
     readme = (ROOT / "README.md").read_text()
     snippet = readme.split("```python\n")[1].split("```")[0]
     assert "prior.npz" in snippet and "decoder.keras" in snippet
-    code = f"import os, sys\nos.chdir(sys.argv[1])\n{snippet}\nassert 'vae_fashion' not in sys.modules\n" \
-           "import numpy as np; np.save('images.npy', images)\n"
+    code = (
+        "import os, sys, numpy as np, keras\n"
+        "os.chdir(sys.argv[1])\n"
+        "encoder, decoder = keras.models.load_model('encoder.keras'), keras.models.load_model('decoder.keras')\n"
+        "z_mean, z_log_var = encoder.predict(np.load('x.npy'), verbose=0)\n"
+        "np.save('z.npy', z_mean); np.save('out.npy', decoder.predict(z_mean, verbose=0))\n"
+        f"{snippet}\n"
+        "np.save('images.npy', images)\n"
+        "assert 'vae_fashion' not in sys.modules\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=tmp_path, env=env, timeout=300)
+    np.testing.assert_allclose(np.load(tmp_path / "z.npy"), z_mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
     images = np.load(tmp_path / "images.npy")
     assert images.shape[1:] == (28, 28, 1) and len(images) > 1 and 0 <= images.min() and images.max() <= 1
 
