@@ -727,6 +727,8 @@ def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Str
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps))
         vae.compile(optimizer=optimizer, jit_compile=jit_compile)
         vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # build: fit, checkpoints and load_weights need it
+        # the optimizer's variables now, not in fit's first trace: variables made while tracing cost a second trace
+        vae.optimizer.build(vae.trainable_variables)
     return vae
 
 
@@ -741,8 +743,7 @@ def train_vae(
     TrainingDivergedError if a loss term becomes NaN or infinite.
     """
     if checkpoint is not None and checkpoint.weights.is_file():
-        with vae.distribute_strategy.scope():
-            vae.optimizer.build(vae.trainable_variables)  # the file holds the optimizer's state too
+        with vae.distribute_strategy.scope():  # the file holds the optimizer's state too
             vae.load_weights(checkpoint.weights)
         print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
         return pd.DataFrame(checkpoint.history(), columns=HISTORY_COLUMNS)
@@ -2481,7 +2482,6 @@ class Checkpoint:
         if not rows:
             return []
         with vae.distribute_strategy.scope():  # MirroredStrategy creates and loads variables only there
-            vae.optimizer.build(vae.trainable_variables)  # so that its state can be loaded
             variables = vae.variables + vae.optimizer.variables
             initial = [v.numpy() for v in variables]
             for epoch in (len(rows), len(rows) - 1):

@@ -75,10 +75,12 @@ def test_a_tpu_runtime_is_told_that_the_run_uses_the_host_cpu(monkeypatch):
     assert "1 replica(s)" in line and "TPU runtime (TPU_ACCELERATOR_TYPE=v3-8)" in line and "host CPU" in line
 
 
-# ------------------------------------------------------------------ two logical devices, step by step
+# ------------------------------------------------------------------ a few steps on small batches, in one interpreter
 
-TWO_DEVICE_CHECKS = TWO_CPUS + """
-import json, numpy as np, vae_fashion as vf
+STEP_CHECKS = TWO_CPUS + """
+import json, sys, numpy as np, vae_fashion as vf
+sys.path.insert(0, 'tests')
+from conftest import synthetic_split
 results = {}
 x = np.random.default_rng(0).random((32, 28, 28, 1)).astype(np.float32)
 labels = (np.arange(32) % 4).astype(np.int32)
@@ -96,7 +98,7 @@ def loss_and_grads(vae, noisy, clean, label, key, replicas):
         objective = losses["total_loss"] / replicas
     return losses, tape.gradient(objective, vae.trainable_weights)
 
-# 1. SupCon over the whole global batch: the loss and the summed gradient of a fixed batch on two
+# 1. Two devices: SupCon over the whole global batch: the loss and the summed gradient of a fixed batch on two
 #    devices equal those on one (the posterior sample too: it is drawn for the global batch).
 config = vf.Config(latent_dim=4, batch_size=32, seed=0, devices="all", precision="float32")
 strategy = vf.setup_devices(config)
@@ -118,7 +120,7 @@ results["grad_rel"] = max(float(tf.norm(a - b)) / scale for a, b in zip(grads_on
 results["grad_rel_largest"] = max(float(tf.norm(a - b) / tf.norm(a)) for a, b in zip(grads_one, summed)
                                   if float(tf.norm(a)) > 1e-3 * scale)
 
-# 2. float16 overflow on one replica only (a huge target on its half; gamma_sc 0 keeps the replicas'
+# 2. Two devices: float16 overflow on one replica only (a huge target on its half; gamma_sc 0 keeps the replicas'
 #    gradients apart): every replica skips the step and the loss scale halves, whichever replica it was.
 config = vf.Config(latent_dim=4, batch_size=32, seed=0, devices="all", precision="mixed_float16", gamma_sc=0.0)
 strategy = vf.setup_devices(config)
@@ -137,42 +139,14 @@ for bad in (1, 0):
     results["overflow"].append({
         "replica": bad, "scale_ratio": float(vae.optimizer.dynamic_scale.numpy()) / scale,
         "unchanged": all(np.array_equal(w.numpy(), b) for w, b in zip(vae.trainable_weights, before))})
-print(json.dumps(results))
-"""
 
-
-@pytest.fixture(scope="module")
-def two_device_checks():
-    return _results(_python(TWO_DEVICE_CHECKS))
-
-
-def test_two_devices_give_the_one_device_loss_and_gradient_of_a_fixed_batch(two_device_checks):
-    assert two_device_checks["replicas"] == 2
-    for name, relative in two_device_checks["loss_rel"].items():
-        assert relative <= 1e-5, (name, relative)
-    assert two_device_checks["grad_rel"] <= 1e-4 and two_device_checks["grad_rel_largest"] <= 1e-4, two_device_checks
-
-
-def test_a_float16_overflow_on_any_replica_is_skipped_on_every_replica(two_device_checks):
-    assert [o["replica"] for o in two_device_checks["overflow"]] == [1, 0]
-    for outcome in two_device_checks["overflow"]:
-        assert outcome["unchanged"], outcome  # no inf in the weights, no half-applied step
-        assert outcome["scale_ratio"] == 0.5, outcome
-
-
-# ------------------------------------------------------------------ one device: float16 and XLA
-
-ONE_DEVICE_CHECKS = """
-import json, sys, numpy as np, tensorflow as tf, keras, vae_fashion as vf
-sys.path.insert(0, 'tests')
-from conftest import synthetic_split
+# 3 and 4 run on one device (the default strategy) and learn bar images that a few steps can fit.
 images, labels = synthetic_split(512, 0)
 x = vf.to_unit_float(images)
 noisy = vf.add_noise(x, 0.45, 1)
 y = labels.astype(np.int32)
-results = {}
 
-# 1. The gradient Adam receives under mixed_float16 (unscaled by the loss-scale optimizer) is the
+# 3. One device: the gradient Adam receives under mixed_float16 (unscaled by the loss-scale optimizer) is the
 #    float32 gradient, to float16's precision.
 config32 = vf.Config(latent_dim=4, batch_size=32, seed=0, precision="float32")
 vf.setup_devices(config32)
@@ -186,7 +160,7 @@ for model in (reference, vae):
     model.beta.assign(1.0)
 with tf.GradientTape() as tape:
     loss = reference.compute_losses(batch["noisy"], batch["clean"], batch["label"],
-                                        step_key=tf.constant(3, tf.int64), training=True)
+                                    step_key=tf.constant(3, tf.int64), training=True)
 expected = tape.gradient(loss["total_loss"], reference.trainable_weights)
 received = []
 inner = vae.optimizer.inner_optimizer
@@ -195,15 +169,15 @@ skipped = 0
 while not received:  # the first steps at scale 2**15 may overflow and are skipped, weights untouched
     vae.train_step(batch)
     skipped += 1
-results["policy"] = vae.dtype_policy.name
+results["float16_policy"] = vae.dtype_policy.name
 flat_received = np.concatenate([g.ravel() for g in received[0]])
 flat_expected = np.concatenate([e.numpy().ravel() for e in expected])
-results["grad_rel"] = float(np.linalg.norm(flat_received - flat_expected) / np.linalg.norm(flat_expected))
-results["grad_rel_worst_layer"] = max(float(np.linalg.norm(g - e.numpy()) / np.linalg.norm(e.numpy()))
-                                      for g, e in zip(received[0], expected))
-results["skipped_steps"] = skipped - 1  # the last call applied its step
+results["float16_grad_rel"] = float(np.linalg.norm(flat_received - flat_expected) / np.linalg.norm(flat_expected))
+results["float16_grad_rel_worst_layer"] = max(float(np.linalg.norm(g - e.numpy()) / np.linalg.norm(e.numpy()))
+                                              for g, e in zip(received[0], expected))
+results["float16_skipped_steps"] = skipped - 1  # the last call applied its step
 
-# 2. The train step and predict compiled by XLA (jit_compile=True; Keras' "auto" compiles on one GPU,
+# 4. One device: the train step and predict compiled by XLA (jit_compile=True; Keras' "auto" compiles on one GPU,
 #    never on a CPU), in float32 and mixed_float16: the loss falls, and predict agrees with the plain one.
 # float16 on a CPU is an emulation (570x slower than float32 on an Intel Xeon with AMX): few, small steps.
 for precision in ("float32", "mixed_float16"):
@@ -214,34 +188,48 @@ for precision in ("float32", "mixed_float16"):
     plain = vae.encoder.predict(noisy[:100], verbose=0)[0]
     vae.encoder.compile(jit_compile=True)
     compiled = vae.encoder.predict(noisy[:100], verbose=0)[0]
-    results[precision] = {"jit": bool(vae.jit_compile), "recon": history["recon_loss"].tolist(),
-                          "predict_diff": float(np.abs(plain - compiled).max()),
-                          "scale": float(np.max(np.abs(plain)))}
+    results[f"xla_{precision}"] = {"jit": bool(vae.jit_compile), "recon": history["recon_loss"].tolist(),
+                                   "predict_diff": float(np.abs(plain - compiled).max()),
+                                   "scale": float(np.max(np.abs(plain)))}
 print(json.dumps(results))
 """
 
 
 @pytest.fixture(scope="module")
-def one_device_checks():
-    return _results(_python(ONE_DEVICE_CHECKS))
+def step_checks():
+    return _results(_python(STEP_CHECKS))
 
 
-def test_mixed_float16_hands_adam_the_float32_gradient(one_device_checks):
-    assert one_device_checks["policy"] == "mixed_float16"
+def test_two_devices_give_the_one_device_loss_and_gradient_of_a_fixed_batch(step_checks):
+    assert step_checks["replicas"] == 2
+    for name, relative in step_checks["loss_rel"].items():
+        assert relative <= 1e-5, (name, relative)
+    assert step_checks["grad_rel"] <= 1e-4 and step_checks["grad_rel_largest"] <= 1e-4, step_checks
+
+
+def test_a_float16_overflow_on_any_replica_is_skipped_on_every_replica(step_checks):
+    assert [o["replica"] for o in step_checks["overflow"]] == [1, 0]
+    for outcome in step_checks["overflow"]:
+        assert outcome["unchanged"], outcome  # no inf in the weights, no half-applied step
+        assert outcome["scale_ratio"] == 0.5, outcome
+
+
+def test_mixed_float16_hands_adam_the_float32_gradient(step_checks):
+    assert step_checks["float16_policy"] == "mixed_float16"
     # float16 keeps 11 significant bits; the rounding compounds layer by layer back to the first convolution
     # (measured at this batch of 32: 3.2 % over all weights, 4.4 % on the worst layer). A loss scale left in,
     # or a skipped step's gradient let through, would be off by factors, not percents.
-    assert one_device_checks["grad_rel"] < 0.05, one_device_checks
-    assert one_device_checks["grad_rel_worst_layer"] < 0.1, one_device_checks
+    assert step_checks["float16_grad_rel"] < 0.05, step_checks
+    assert step_checks["float16_grad_rel_worst_layer"] < 0.1, step_checks
     # the loss scale starts at 2^15 and halves at every overflow until the gradients fit float16: README's
     # "about 8 steps skipped" (measured 8 at batches of 32 and 64); a scale that never settles, or no
     # skipping at all, falls outside
-    assert 6 <= one_device_checks["skipped_steps"] <= 10, one_device_checks
+    assert 6 <= step_checks["float16_skipped_steps"] <= 10, step_checks
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
-def test_the_xla_compiled_step_trains_and_predict_agrees(one_device_checks, precision):
-    outcome = one_device_checks[precision]
+def test_the_xla_compiled_step_trains_and_predict_agrees(step_checks, precision):
+    outcome = step_checks[f"xla_{precision}"]
     assert outcome["jit"]
     assert np.all(np.isfinite(outcome["recon"])) and outcome["recon"][-1] < 0.9 * outcome["recon"][0], outcome
     tolerance = 1e-4 if precision == "float32" else 1e-2

@@ -1,8 +1,10 @@
 """Interruption and reruns: a run killed at any point and rerun equals an uninterrupted run, bit for bit.
-The uninterrupted run and every killed one are the script in a fresh interpreter; the reruns run in this process,
-as pressing Run all again in a notebook does."""
+Every killed run is the script in a fresh interpreter, killed by SIGKILL; the uninterrupted run and the reruns
+run in this process, as pressing Run all again in a notebook does (conftest.run_here). Every comparison is
+also the check that one seed gives the same digits: the killed runs' epochs came from another interpreter."""
 
 import json
+import shutil
 import signal
 
 import numpy as np
@@ -10,11 +12,11 @@ import pandas as pd
 import pytest
 
 import vae_fashion as vf
-from conftest import ROOT, TINY_RUN, assert_same_run, finish_run, kill_at, run_here, start_run, write_dataset
+from conftest import ROOT, TINY_RUN, assert_same_run, kill_at, run_here, start_run, write_dataset
 
-# The script, killed by itself half-way through writing the epoch-2 backup (after the weights of epoch 2
-# are half on disk under their temporary name, before state.json says epoch 2 is done).
-DIES_WRITING_EPOCH_2 = """
+# The script, killed by itself half-way through writing the epoch-3 backup: the weights of epoch 3 are half on
+# disk under their temporary name, state.json still says epoch 2 is done, the backups of epochs 1 and 2 are kept.
+DIES_WRITING_EPOCH_3 = """
 import contextlib, os, signal, sys
 from pathlib import Path
 import vae_fashion as vf
@@ -24,7 +26,7 @@ real = vf.atomic_path
 def dying(path):
     with real(path) as tmp:
         yield tmp
-        if Path(path).name == "epoch-0002.weights.h5":
+        if Path(path).name == "epoch-0003.weights.h5":
             tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -38,9 +40,25 @@ def uninterrupted(tmp_path_factory):
     """One uninterrupted run that the interrupted ones are compared with."""
     root = tmp_path_factory.mktemp("resume")
     env = {**TINY_RUN, "VAE_DATA_DIR": str(write_dataset(root / "data"))}
-    log = finish_run({**env, "VAE_OUT_DIR": str(root / "ref")}, cwd=root)
+    log = run_here({**env, "VAE_OUT_DIR": str(root / "ref")})
     assert "[generation quality]" not in log  # gen_metrics 0: no classifier
     return env, root
+
+
+@pytest.fixture(scope="module")
+def died_writing_a_backup(uninterrupted):
+    """The folder a run leaves when it dies while writing the epoch-3 backup (two tests resume copies of it)."""
+    env, root = uninterrupted
+    out = root / "died-writing"
+    victim = start_run({**env, "VAE_OUT_DIR": str(out)}, DIES_WRITING_EPOCH_3, cwd=ROOT)
+    log = victim.communicate(timeout=600)[0]
+    assert victim.returncode == -signal.SIGKILL, log[-3000:]
+    checkpoint = out / "checkpoint"
+    assert (checkpoint / ".tmp-epoch-0003.weights.h5").exists()  # the half-written file
+    assert json.loads((checkpoint / "state.json").read_text())["epochs_done"] == 2
+    assert sorted(p.name for p in checkpoint.glob("epoch-*.weights.h5")) == ["epoch-0001.weights.h5",
+                                                                             "epoch-0002.weights.h5"]
+    return out
 
 
 def test_a_finished_run_keeps_the_last_two_epoch_backups_and_no_classifier_figures(uninterrupted):
@@ -58,7 +76,6 @@ def test_kill_mid_training_then_resume_equals_an_uninterrupted_run(uninterrupted
     out = root / "killed"
     env = {**env, "VAE_OUT_DIR": str(out)}
     kill_at(env, "Epoch 2/4", cwd=root)  # epoch 1 is done and backed up; the prior is fitted before epoch 2
-
     log = run_here(env)
     assert "resuming after epoch 1" in log
     assert "Epoch 1/4" not in log and "Epoch 2/4" in log
@@ -67,16 +84,23 @@ def test_kill_mid_training_then_resume_equals_an_uninterrupted_run(uninterrupted
     # (a rerun of a finished training: test_a_kill_during_the_analysis_reruns_it_from_the_finished_training)
 
 
-def test_a_kill_while_a_backup_is_written_resumes_from_the_epoch_before(uninterrupted):
+def test_a_kill_while_a_backup_is_written_resumes_from_the_epoch_before(uninterrupted, died_writing_a_backup):
     env, root = uninterrupted
     out = root / "killed-writing"
-    env = {**env, "VAE_OUT_DIR": str(out)}
-    victim = start_run(env, DIES_WRITING_EPOCH_2, cwd=ROOT)
-    log = victim.communicate(timeout=600)[0]
-    assert victim.returncode == -signal.SIGKILL, log[-3000:]
-    assert (out / "checkpoint" / ".tmp-epoch-0002.weights.h5").exists()  # the half-written file
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["epochs_done"] == 1
-    log = run_here(env)
+    shutil.copytree(died_writing_a_backup, out)
+    log = run_here({**env, "VAE_OUT_DIR": str(out)})
+    assert "resuming after epoch 2" in log and "Epoch 3/4" in log and "Epoch 2/4" not in log
+    assert_same_run(out, root / "ref")
+
+
+def test_damaged_newest_backup_resumes_from_the_previous_copy(uninterrupted, died_writing_a_backup):
+    env, root = uninterrupted
+    out = root / "damaged"
+    shutil.copytree(died_writing_a_backup, out)
+    newest = out / "checkpoint" / "epoch-0002.weights.h5"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    log = run_here({**env, "VAE_OUT_DIR": str(out)})
+    assert f"cannot read the backup {newest}" in log
     assert "resuming after epoch 1" in log and "Epoch 2/4" in log
     assert_same_run(out, root / "ref")
 
@@ -88,20 +112,6 @@ def test_a_kill_during_the_analysis_reruns_it_from_the_finished_training(uninter
     kill_at(env, "[noise robustness] started", cwd=root)
     log = run_here(env)
     assert "training already finished" in log and "Epoch 1/4" not in log
-    assert_same_run(out, root / "ref")
-
-
-def test_damaged_newest_backup_resumes_from_the_previous_copy(uninterrupted):
-    env, root = uninterrupted
-    out = root / "damaged"
-    env = {**env, "VAE_OUT_DIR": str(out)}
-    kill_at(env, "Epoch 4/4", cwd=root)  # epochs 1-3 are done; the copies of epochs 2 and 3 are kept
-    newest = out / "checkpoint" / "epoch-0003.weights.h5"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-
-    log = run_here(env)
-    assert f"cannot read the backup {newest}" in log
-    assert "resuming after epoch 2" in log and "Epoch 3/4" in log
     assert_same_run(out, root / "ref")
 
 
@@ -142,17 +152,3 @@ def test_checkpoint_with_other_settings_is_refused_unless_fresh(tmp_path, datase
     fresh = vf.open_checkpoint(tmp_path, vf.Config(**{**changed.__dict__, "fresh": True}))
     assert not fresh.weights.exists()
     assert json.loads(fresh.fingerprint.read_text())["epochs"] == 2
-
-
-def test_two_runs_with_the_same_seed_give_the_same_metrics(dataset_dir):
-    config = vf.Config(epochs=2, batch_size=64, latent_dim=4, train_samples=256, test_samples=64,
-                       data_dir=str(dataset_dir), seed=11)
-
-    def once():
-        data = vf.with_noise(vf.load_fashion_mnist(config), config)
-        vae = vf.build_vae(config, len(data.x_train))
-        vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
-        return vf.denoising_summary(vf.evaluate(vae, data, config)["quality"])
-
-    first, second = once(), once()
-    assert first == second

@@ -42,7 +42,7 @@ def main() -> None:
     for name, make in README_TABLES.items():
         text = replace_table(text, name, make(), "")
     readme.write_text(text, encoding="utf-8")
-    subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", str(script)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "--update", str(script)], check=True, cwd=ROOT)
 
 
 if __name__ == "__main__":
