@@ -743,8 +743,8 @@ def train_vae(
     TrainingDivergedError if a loss term becomes NaN or infinite.
     """
     if checkpoint is not None and checkpoint.weights.is_file():
-        with vae.distribute_strategy.scope():  # the file holds the optimizer's state too
-            vae.load_weights(checkpoint.weights)
+        with vae.distribute_strategy.scope():  # MirroredStrategy loads variables only in its scope
+            vae.load_weights(checkpoint.weights)  # the optimizer's state too
         print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
         return pd.DataFrame(checkpoint.history(), columns=HISTORY_COLUMNS)
     rows = checkpoint.restore(vae) if checkpoint is not None else []
@@ -796,16 +796,16 @@ class FitPrior(keras.callbacks.Callback):
     each of PRIOR_FIT_SAMPLES seeded noisy training images. A resumed run past that epoch has the fitted
     prior in its checkpoint."""
 
-    def __init__(self, noisy: np.ndarray, config: Config, epoch: int = 1, size: int = PRIOR_FIT_SAMPLES):
+    def __init__(self, noisy: np.ndarray, config: Config):
         super().__init__()
-        self.noisy, self.config, self.epoch, self.size = noisy, config, epoch, size
+        self.noisy, self.config = noisy, config
 
     def on_epoch_begin(self, epoch, logs=None):
-        if epoch != self.epoch or self.model.prior is None:
+        if epoch != 1 or self.model.prior is None:  # epoch counts from 0
             return
         seed = seed_for(self.config, "prior_fit")
         rng = np.random.default_rng(seed)
-        subset = seeded_subset(len(self.noisy), self.size, rng)
+        subset = seeded_subset(len(self.noisy), PRIOR_FIT_SAMPLES, rng)
         z_mean, z_log_var = self.model.encode(self.noisy[subset])
         latents = z_mean + np.exp(0.5 * z_log_var) * rng.standard_normal(z_mean.shape).astype(np.float32)
         self.model.prior.fit(latents, seed)
