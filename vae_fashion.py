@@ -26,51 +26,63 @@
 #    group, meaning), and the named random streams.
 # 2. *Model*: `Sampling`, encoder, decoder, the loss terms, the learned prior, and the `VAE` with
 #    its `train_step` and its uses `encode()`, `denoise()`, `generate()`.
-# 3. *Data and noise*: Fashion-MNIST as float32 in [0, 1], the noise, the training batches.
-# 4. *Training*: the optimizer, `train_vae()` (Keras' `fit`) and its callbacks.
+# 3. *Data and noise*: Fashion-MNIST as float32 in [0, 1], and the noise.
+# 4. *Training*: `build_vae()` (the optimizer and its schedule) and the `FitPrior` callback. Sections 1-4
+#    stand alone: copied into a notebook, `vae.fit(noisy, (clean, labels))` trains the VAE with Keras.
 # 5. *Analysis*: `analyse()` computes every number and image set into `Results`.
 # 6. *Drawing*: `render()` draws `Results` into the files of `OUTPUTS`; it never runs the model.
 # 7. *Reports*: `metrics.csv`, `metrics.txt` and their definitions, the saved models.
 # 8. `run()`: load, noise, build, train, analyse, save models, render, report.
-# 9. *Appendix*, the plumbing: errors, settings parsing, several devices and precisions, data
-#    loading and validation, checkpoints, run status, atomic writes.
+# 9. *Appendix*, the plumbing: errors, settings parsing, devices and precisions, the VAE as `run()`
+#    trains it (`DistributedVAE`: several devices, exact resume, new noise every epoch), data loading and
+#    validation, checkpoints, run status, atomic writes.
 #
 # **Settings**: a key of `OVERRIDES`, or the environment variable `VAE_<KEY>` (made from `Config`
-# by `settings_table()`)
+# by `settings_list()`)
 #
 # <!-- settings table -->
-# | group | `OVERRIDES` key | variable | default | meaning |
-# |---|---|---|---|---|
-# | preset | `preset` | `VAE_PRESET` | `default` | a named set of defaults: faithful = the original notebook's, quality = latent 32, decoder depth 3, dense 512, 40 epochs |
-# | data | `data_dir` | `VAE_DATA_DIR` | `unset` | folder with the four IDX files or the Kaggle CSVs (unset: searched) |
-# | data | `train_samples` | `VAE_TRAIN_SAMPLES` | `unset` | use the first N training images (unset: all 60000) |
-# | data | `test_samples` | `VAE_TEST_SAMPLES` | `unset` | use the first N test images (unset: all 10000) |
-# | data | `noise_factor` | `VAE_NOISE_FACTOR` | `0.45` | sigma of the Gaussian noise, before clipping to [0, 1] |
-# | data | `fresh_noise` | `VAE_FRESH_NOISE` | `1` | 1: new training noise every epoch; 0: one fixed noisy copy |
-# | model | `latent_dim` | `VAE_LATENT_DIM` | `16` | latent dimensions |
-# | model | `hidden_units` | `VAE_HIDDEN_UNITS` | `256` | width of the dense layer on each side of the latent |
-# | model | `encoder_depth` | `VAE_ENCODER_DEPTH` | `2` | convolutions per encoder level: a stride-2 one and depth - 1 at stride 1 |
-# | model | `decoder_depth` | `VAE_DECODER_DEPTH` | `2` | the same for the decoder's transposed convolutions |
-# | model | `output_layer` | `VAE_OUTPUT_LAYER` | `subpixel` | decoder output: subpixel (a 14x14 convolution to 4 channels and a pixel shuffle) or conv (28x28 layers) |
-# | loss | `beta_max` | `VAE_BETA_MAX` | `1.0` | KL weight after the warm-up |
-# | loss | `warmup_epochs` | `VAE_WARMUP_EPOCHS` | `8` | epochs over which beta rises linearly to beta_max |
-# | loss | `gamma_sc` | `VAE_GAMMA_SC` | `0.25` | weight of SupCon (0: a plain denoising VAE) |
-# | loss | `supcon_scale` | `VAE_SUPCON_SCALE` | `recon` | recon: gamma_sc is relative to the BCE term; none: raw nats |
-# | loss | `supcon_temperature` | `VAE_SUPCON_TEMPERATURE` | `0.1` | SupCon temperature |
-# | loss | `prior` | `VAE_PRIOR` | `mixture` | mixture: a learned Gaussian mixture, fitted to the posteriors after the first epoch and trained with the model; normal: N(0, I), the original's |
-# | loss | `prior_components` | `VAE_PRIOR_COMPONENTS` | `10` | components of the mixture prior |
-# | optimisation | `epochs` | `VAE_EPOCHS` | `17` | training epochs |
-# | optimisation | `batch_size` | `VAE_BATCH_SIZE` | `256` | batch size (SupCon needs pairs) |
-# | optimisation | `learning_rate` | `VAE_LEARNING_RATE` | `0.002` | Adam's peak learning rate |
-# | optimisation | `lr_schedule` | `VAE_LR_SCHEDULE` | `cosine` | cosine: decay to 5 % over the run; constant |
-# | optimisation | `seed` | `VAE_SEED` | `42` | every random draw follows from it |
-# | optimisation | `precision` | `VAE_PRECISION` | `auto` | auto: bfloat16 or float16 where they are faster, else float32 |
-# | optimisation | `devices` | `VAE_DEVICES` | `one` | one: the first GPU, else the CPU; all: MirroredStrategy over every GPU |
-# | evaluation | `embed_samples` | `VAE_EMBED_SAMPLES` | `3000` | seeded test subset for t-SNE and UMAP (0: neither, for a quick run) |
-# | evaluation | `classical_samples` | `VAE_CLASSICAL_SAMPLES` | `1000` | seeded test subset for the TV and non-local-means rows |
-# | evaluation | `gen_metrics` | `VAE_GEN_METRICS` | `1` | 0 skips the generation-quality classifier (saves ~20 s) |
-# | output | `out_dir` | `VAE_OUT_DIR` | `vae_outputs_v3` | where every output goes (/kaggle/working/... on Kaggle) |
-# | output | `fresh` | `VAE_FRESH` | `0` | 1: discard a checkpoint made with other settings and train afresh |
+# - preset: `preset` (`VAE_PRESET`), default `default`: a named set of defaults: faithful = the original notebook's,
+#   quality = latent 32, decoder depth 3, dense 512, 40 epochs
+# - data: `data_dir` (`VAE_DATA_DIR`), default `unset`: folder with the four IDX files or the Kaggle CSVs (unset:
+#   searched)
+# - data: `train_samples` (`VAE_TRAIN_SAMPLES`), default `unset`: use the first N training images (unset: all 60000)
+# - data: `test_samples` (`VAE_TEST_SAMPLES`), default `unset`: use the first N test images (unset: all 10000)
+# - data: `noise_factor` (`VAE_NOISE_FACTOR`), default `0.45`: sigma of the Gaussian noise, before clipping to [0, 1]
+# - data: `fresh_noise` (`VAE_FRESH_NOISE`), default `1`: 1: new training noise every epoch; 0: one fixed noisy copy
+# - model: `latent_dim` (`VAE_LATENT_DIM`), default `16`: latent dimensions
+# - model: `hidden_units` (`VAE_HIDDEN_UNITS`), default `256`: width of the dense layer on each side of the latent
+# - model: `encoder_depth` (`VAE_ENCODER_DEPTH`), default `2`: convolutions per encoder level: a stride-2 one and
+#   depth - 1 at stride 1
+# - model: `decoder_depth` (`VAE_DECODER_DEPTH`), default `2`: the same for the decoder's transposed convolutions
+# - model: `output_layer` (`VAE_OUTPUT_LAYER`), default `subpixel`: decoder output: subpixel (a 14x14 convolution to 4
+#   channels and a pixel shuffle) or conv (28x28 layers)
+# - loss: `beta_max` (`VAE_BETA_MAX`), default `1.0`: KL weight after the warm-up
+# - loss: `warmup_epochs` (`VAE_WARMUP_EPOCHS`), default `8`: epochs over which beta rises linearly to beta_max
+# - loss: `gamma_sc` (`VAE_GAMMA_SC`), default `0.25`: weight of SupCon (0: a plain denoising VAE)
+# - loss: `supcon_scale` (`VAE_SUPCON_SCALE`), default `recon`: recon: gamma_sc is relative to the BCE term; none: raw
+#   nats
+# - loss: `supcon_temperature` (`VAE_SUPCON_TEMPERATURE`), default `0.1`: SupCon temperature
+# - loss: `prior` (`VAE_PRIOR`), default `mixture`: mixture: a learned Gaussian mixture, fitted to the posteriors
+#   after the first epoch and trained with the model; normal: N(0, I), the original's
+# - loss: `prior_components` (`VAE_PRIOR_COMPONENTS`), default `10`: components of the mixture prior
+# - optimisation: `epochs` (`VAE_EPOCHS`), default `17`: training epochs
+# - optimisation: `batch_size` (`VAE_BATCH_SIZE`), default `256`: batch size (SupCon needs pairs)
+# - optimisation: `learning_rate` (`VAE_LEARNING_RATE`), default `0.002`: Adam's peak learning rate
+# - optimisation: `lr_schedule` (`VAE_LR_SCHEDULE`), default `cosine`: cosine: decay to 5 % over the run; constant
+# - optimisation: `seed` (`VAE_SEED`), default `42`: every random draw follows from it
+# - optimisation: `precision` (`VAE_PRECISION`), default `auto`: auto: bfloat16 or float16 where they are faster, else
+#   float32
+# - optimisation: `devices` (`VAE_DEVICES`), default `one`: one: the first GPU, else the CPU; all: MirroredStrategy
+#   over every GPU
+# - evaluation: `embed_samples` (`VAE_EMBED_SAMPLES`), default `3000`: seeded test subset for t-SNE and UMAP (0:
+#   neither, for a quick run)
+# - evaluation: `classical_samples` (`VAE_CLASSICAL_SAMPLES`), default `1000`: seeded test subset for the TV and
+#   non-local-means rows
+# - evaluation: `gen_metrics` (`VAE_GEN_METRICS`), default `1`: 0 skips the generation-quality classifier (saves ~20
+#   s)
+# - output: `out_dir` (`VAE_OUT_DIR`), default `vae_outputs_v3`: where every output goes (/kaggle/working/... on
+#   Kaggle)
+# - output: `fresh` (`VAE_FRESH`), default `0`: 1: discard a checkpoint made with other settings and train afresh
 #
 # **Changing a setting on Kaggle**: edit the line `OVERRIDES = {}` at the top of the cell,
 # for example `OVERRIDES = {"epochs": 5, "train_samples": 10000}`. `OVERRIDES` wins over
@@ -98,12 +110,13 @@ import shutil
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -116,7 +129,7 @@ from keras import layers, ops  # noqa: E402
 # 1. Settings
 # =============================================================================
 
-OUT_FOLDER = "vae_outputs_v3"  # the seed's name; below /kaggle/working on Kaggle (default_out_dir)
+OUT_FOLDER = "vae_outputs_v3"  # the original's name; below /kaggle/working on Kaggle (default_out_dir)
 
 # Change settings here, e.g. OVERRIDES = {"epochs": 5, "train_samples": 10000}.
 # They win over the defaults below and lose to VAE_* environment variables.
@@ -216,16 +229,22 @@ SETTINGS = {field.name: {**field.metadata, "env": f"VAE_{field.name.upper()}", "
 
 def shown_default(rule: dict):
     """A setting's default as the tables show it: unset, 0/1 for on/off settings, else the value."""
-    return "unset" if rule["default"] is None else int(rule["default"]) if rule["kind"] is bool else rule["default"]
+    if rule["default"] is None:
+        return "unset"
+    return int(rule["default"]) if rule["kind"] is bool else rule["default"]
 
 
-def settings_table() -> str:
-    """The notebook's settings table, with every meaning, made from SETTINGS (tools/sync_docs.py writes it there;
-    a test checks it)."""
-    rows = ["| group | `OVERRIDES` key | variable | default | meaning |", "|---|---|---|---|---|"]
-    for name, rule in SETTINGS.items():
-        rows.append(f"| {rule['group']} | `{name}` | `{rule['env']}` | `{shown_default(rule)}` | {rule['meaning']} |")
-    return "\n".join(rows)
+def markdown_item(text: str) -> str:
+    """A markdown list item wrapped to fit the cell's 120 columns (its continuation lines indented)."""
+    return textwrap.fill(text, 116, initial_indent="- ", subsequent_indent="  ", break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def settings_list() -> str:
+    """The notebook's list of settings, with every meaning, made from SETTINGS (tools/sync_docs.py writes it
+    there; a test checks it)."""
+    return "\n".join(markdown_item(f"{rule['group']}: `{name}` (`{rule['env']}`), default `{shown_default(rule)}`: "
+                                   f"{rule['meaning']}") for name, rule in SETTINGS.items())
 
 
 def settings_summary() -> str:
@@ -248,7 +267,6 @@ CLASS_NAMES_TR = [
     "Tişört/Üst", "Pantolon", "Kazak", "Elbise", "Ceket",
     "Sandalet", "Gömlek", "Spor Ayakkabı", "Çanta", "Bilek Bot",
 ]
-HISTORY_COLUMNS = ["epoch", "total_loss", "recon_loss", "kl_loss", "supcon_loss", "beta"]
 # Seeded subsets of the analysis and of the prior's fit (see seeded_subset):
 SILHOUETTE_SAMPLES = 5000  # test z_mean scored by the silhouette (O(n^2) distances)
 ROBUSTNESS_SAMPLES = 1000  # test images denoised at every noise level of 13_noise_robustness.png
@@ -257,8 +275,8 @@ PRIOR_FIT_SAMPLES = 10_000  # training posteriors the mixture prior is fitted to
 # Every random draw has its own named stream, seed_for(config, name) = VAE_SEED + offset, so that a
 # change in one draw moves no other. The weights (Keras' global generator, set by build_vae) and the
 # batch order (TensorFlow's stateless generator keyed by (VAE_SEED, epoch)) use VAE_SEED itself, each
-# in a generator of its own. Training draws are keyed by (epoch * STEP_KEY_STRIDE + step), never by a
-# generator's hidden state, so a resumed run repeats an uninterrupted one exactly.
+# in a generator of its own. run()'s training draws are keyed by (epoch, step), never by a generator's
+# hidden state, so a resumed run repeats an uninterrupted one exactly (DistributedVAE).
 SEED_OFFSETS = {
     # training
     "train_noise": 1_000_000_007, "posterior": 2_000_000_011, "train_noise_fixed": 8,
@@ -269,7 +287,6 @@ SEED_OFFSETS = {
     # drawing
     "scatter_order": 16,
 }
-STEP_KEY_STRIDE = 1_000_003  # more than the steps of any epoch: one key per (epoch, step)
 
 
 def prior_label(config: Config, short: bool = False) -> str:
@@ -297,22 +314,17 @@ def seeded_subset(n: int, size: int, rng, in_order: bool = True) -> np.ndarray:
 
 @keras.saving.register_keras_serializable(package="vae_fashion")
 class Sampling(layers.Layer):
-    """z = z_mean + exp(z_log_var / 2) * epsilon: the reparameterisation trick.
+    """z = z_mean + exp(z_log_var / 2) * epsilon: the reparameterisation trick. epsilon ~ N(0, I) comes from
+    the layer's seed generator, unless the caller passes its own draw (run()'s exactly resumable training)."""
 
-    Training also passes the step key: epsilon is then a function of (seed, step key) alone, so that a
-    resumed run draws exactly what an uninterrupted one drew (keyed_normal, also on several devices)."""
-
-    def __init__(self, seed: int, **kwargs):
+    def __init__(self, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.built = True  # no weights to build; the VAE may save its state before it first samples
 
-    def call(self, inputs):
-        z_mean, z_log_var, *step_key = inputs
-        if step_key:
-            epsilon = keyed_normal(z_mean, self.seed + SEED_OFFSETS["posterior"], step_key[0])
-        else:
+    def call(self, z_mean, z_log_var, epsilon=None):
+        if epsilon is None:
             epsilon = keras.random.normal(ops.shape(z_mean), dtype=z_mean.dtype, seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * epsilon
 
@@ -448,15 +460,15 @@ def supcon_weight(recon, supcon, gamma_sc: float, scale: str = "recon"):
     return gamma_sc * ops.stop_gradient(recon / ops.maximum(supcon, 1.0))
 
 
-def warmup_beta(epoch: int, beta_max: float, warmup_epochs: int) -> float:
-    """Linear KL warm-up: beta_max * (epoch + 1) / warmup_epochs, capped at beta_max.
+def warmup_beta(epoch, beta_max: float, warmup_epochs: int):
+    """Linear KL warm-up: beta_max * min(1, (epoch + 1) / warmup_epochs), a float32 scalar.
 
-    `epoch` counts from 0, so beta reaches beta_max in epoch `warmup_epochs`
+    `epoch` counts from 0 (a number or a tensor), so beta reaches beta_max in epoch `warmup_epochs`
     (1-based) and is never 0, which would leave z_log_var unconstrained.
     """
     if warmup_epochs <= 0:
-        return float(beta_max)
-    return float(beta_max) * min(1.0, (epoch + 1) / warmup_epochs)
+        return ops.convert_to_tensor(beta_max, "float32")
+    return beta_max * ops.minimum(1.0, ops.cast(epoch + 1, "float32") / warmup_epochs)
 
 
 # The learned prior: a Gaussian mixture (VAE_PRIOR=mixture), and sampling from Gaussian mixtures.
@@ -498,7 +510,8 @@ class MixturePrior(layers.Layer):
         """weights, means and variances as numpy arrays (what prior.npz holds)."""
         logits = self.logits.numpy().astype(np.float64)
         weights = np.exp(logits - logits.max())
-        return {"weights": weights / weights.sum(), "means": self.means.numpy(), "variances": np.exp(self.log_vars.numpy())}
+        return {"weights": weights / weights.sum(), "means": self.means.numpy(),
+                "variances": np.exp(self.log_vars.numpy())}
 
 
 def gaussian_samples(rng, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
@@ -518,41 +531,34 @@ def sample_mixture(parameters: dict, n: int, rng) -> np.ndarray:
     return gaussian_samples(rng, parameters["means"][component], covariances[component]).astype(np.float32)
 
 
+# The loss terms in the order of history.csv; train_step reports them and beta, one value per epoch.
+LOSS_TERMS = ("total_loss", "recon_loss", "kl_loss", "supcon_loss")
+HISTORY_COLUMNS = ["epoch", *LOSS_TERMS, "beta"]
+
+
 class VAE(keras.Model):
     """Denoising VAE trained on BCE + beta * KL + gamma_sc * w * SupCon(z_mean); see supcon_weight().
 
-    It owns its uses, on numpy batches of any size: encode() gives (z_mean, z_log_var), denoise()
+    Train it with fit(noisy, (clean, labels)); beta warms up by the epoch, counted from the optimizer's
+    steps. It owns its uses, on numpy batches of any size: encode() gives (z_mean, z_log_var), denoise()
     gives decoder(z_mean(noisy)), generate() decodes latents, sample_prior() draws from the prior."""
 
-    def __init__(self, encoder, decoder, config: Config, **kwargs):
+    def __init__(self, encoder, decoder, config: Config, n_train: int, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.decoder = decoder
-        self.sampling = Sampling(seed=config.seed, name="z")
+        self.sampling = Sampling(seed=seed_for(config, "posterior"), name="z")
         # None: the standard normal, whose KL has a closed form
         self.prior = MixturePrior(config.latent_dim, config.prior_components, name="prior") if (
             config.prior == "mixture") else None
         self.decoder_logits = keras.Model(decoder.input, decoder.get_layer("logits").output)
-        self.gamma_sc = float(config.gamma_sc)
-        self.supcon_temperature = float(config.supcon_temperature)
-        self.supcon_scale = config.supcon_scale
-        self.beta = keras.Variable(0.0, trainable=False, name="beta", dtype="float32")
-        self.total_loss_tracker = keras.metrics.Mean(name="total_loss")
-        self.recon_loss_tracker = keras.metrics.Mean(name="recon_loss")
-        self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
-        self.supcon_loss_tracker = keras.metrics.Mean(name="supcon_loss")
-        self.beta_tracker = keras.metrics.Mean(name="beta")
+        self.config = config
+        self.steps_per_epoch = math.ceil(n_train / config.batch_size)  # what fit(batch_size=...) takes
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in HISTORY_COLUMNS[1:]}
 
     @property
     def metrics(self):
-        # Listed here so Keras resets them at the start of every epoch.
-        return [
-            self.total_loss_tracker,
-            self.recon_loss_tracker,
-            self.kl_loss_tracker,
-            self.supcon_loss_tracker,
-            self.beta_tracker,
-        ]
+        return list(self.trackers.values())  # listed here so that Keras resets them every epoch
 
     def call(self, noisy, training=False):
         z_mean, _z_log_var = self.encoder(noisy, training=training)
@@ -576,38 +582,46 @@ class VAE(keras.Model):
             return rng.standard_normal((n, self.decoder.input.shape[-1])).astype(np.float32)
         return sample_mixture(self.prior.parameters(), n, rng)
 
-    def compute_losses(self, noisy, clean, labels, step_key=None, training=False):
-        """The loss terms of one batch; with a step_key the posterior sample is keyed by it (see Sampling)."""
+    def beta(self):
+        """The KL weight of the current epoch (warmup_beta), from the optimizer's step count."""
+        epoch = self.optimizer.iterations // self.steps_per_epoch
+        return warmup_beta(epoch, self.config.beta_max, self.config.warmup_epochs)
+
+    def compute_losses(self, noisy, clean, labels, epsilon=None, training=False) -> dict:
+        """The loss terms of one batch (LOSS_TERMS) and beta; epsilon: the posterior sample's noise."""
         z_mean, z_log_var = self.encoder(noisy, training=training)
-        z = self.sampling([z_mean, z_log_var] + ([step_key] if step_key is not None else []))
-        # Under mixed precision the layers compute in 16 bits; the losses stay float32.
-        z_mean, z_log_var = ops.cast(z_mean, "float32"), ops.cast(z_log_var, "float32")
+        z = self.sampling(z_mean, z_log_var, epsilon)
+        # the logits (and z) are in the layers' precision, float16 or bfloat16 under mixed precision
         logits = ops.cast(self.decoder_logits(z, training=training), "float32")
         recon = reconstruction_loss(clean, logits)
         if self.prior is None:
             kl = kl_divergence(z_mean, z_log_var)
         else:
             kl = kl_monte_carlo(ops.cast(z, "float32"), z_mean, z_log_var, self.prior.log_prob)
-        # SupCon compares every image of the global batch, on one device or several; each replica
-        # holds the whole term, and the mean over replicas of `total` is the one-device loss.
-        supcon = supcon_loss(gather_global_batch(z_mean), gather_global_batch(labels), self.supcon_temperature)
-        weight = supcon_weight(mean_over_replicas(recon), supcon, self.gamma_sc, self.supcon_scale)
-        total = recon + self.beta * kl + weight * supcon
-        return {"total_loss": total, "recon_loss": recon, "kl_loss": kl, "supcon_loss": supcon}
+        supcon, weight = self.supcon_term(z_mean, labels, recon)
+        beta = self.beta()
+        total = recon + beta * kl + weight * supcon
+        return {**dict(zip(LOSS_TERMS, (total, recon, kl, supcon), strict=True)), "beta": beta}
+
+    def supcon_term(self, z_mean, labels, recon):
+        """SupCon of the batch's z_mean and its weight in the total loss (supcon_weight)."""
+        supcon = supcon_loss(z_mean, labels, self.config.supcon_temperature)
+        return supcon, supcon_weight(recon, supcon, self.config.gamma_sc, self.config.supcon_scale)
 
     def train_step(self, data):
+        noisy, (clean, labels) = data
         with tf.GradientTape() as tape:
-            losses = self.compute_losses(
-                data["noisy"], data["clean"], data["label"], step_key=data["step_key"][0], training=True
-            )
-            # scale_loss is the identity unless float16 trains through a LossScaleOptimizer
-            objective = self.optimizer.scale_loss(replica_share(losses["total_loss"]))
-        grads = skip_together_on_overflow(self.optimizer, tape.gradient(objective, self.trainable_weights))
+            losses = self.compute_losses(noisy, clean, labels, training=True)
+            # the identity unless mixed_float16 trains through a LossScaleOptimizer (as in Keras' own train_step)
+            objective = self.optimizer.scale_loss(losses["total_loss"])
+        grads = tape.gradient(objective, self.trainable_weights)
         self.optimizer.apply(grads, self.trainable_weights)
-        for tracker in self.metrics[:4]:
-            tracker.update_state(losses[tracker.name])
-        self.beta_tracker.update_state(self.beta)
-        return {m.name: m.result() for m in self.metrics}
+        return self.track(losses)
+
+    def track(self, losses: dict) -> dict:
+        for name, value in losses.items():
+            self.trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
 
 
 # =============================================================================
@@ -627,25 +641,9 @@ class FashionMNIST:
     x_test_noisy: np.ndarray | None = None
 
 
-def load_fashion_mnist(config: Config, **search) -> FashionMNIST:
-    """Find, validate and preprocess Fashion-MNIST (the search is in the appendix)."""
-    (x_train, y_train, x_test, y_test), source = find_and_load_raw(config.data_dir, **search)
-    x_train, y_train = (take_first(a, config.train_samples, "VAE_TRAIN_SAMPLES") for a in (x_train, y_train))
-    x_test, y_test = (take_first(a, config.test_samples, "VAE_TEST_SAMPLES") for a in (x_test, y_test))
-    return FashionMNIST(to_unit_float(x_train), y_train, to_unit_float(x_test), y_test, source)
-
-
 def to_unit_float(images: np.ndarray) -> np.ndarray:
     """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]."""
     return (images.astype(np.float32) / 255.0)[..., None]
-
-
-def take_first(array: np.ndarray, count: int | None, variable: str) -> np.ndarray:
-    if count is None:
-        return array
-    if count > len(array):
-        raise ConfigError(f"{variable}={count} is larger than the {len(array)} images available; lower it")
-    return array[:count]
 
 
 def add_noise(images: np.ndarray, noise_factor: float, seed: int) -> np.ndarray:
@@ -663,51 +661,13 @@ def with_noise(data: FashionMNIST, config: Config) -> FashionMNIST:
         x_test_noisy=add_noise(data.x_test, config.noise_factor, seed_for(config, "test_noise")))
 
 
-def make_train_dataset(
-    noisy, clean, labels, config: Config, first_epoch: int, epochs: int | None = None, replicas: int = 1
-) -> tf.data.Dataset:
-    """Batches for epochs first_epoch..epochs-1, gathered by index from tensors
-    that stay in memory (no per-epoch host copies).
-
-    Each epoch's order, and with fresh_noise its noise, depend only on
-    (seed, epoch, batch), so a resumed run sees the same batches as an
-    uninterrupted one. Without fresh_noise the fixed noisy copy is used. Each
-    batch carries its step key, which also keys the posterior sample. With
-    several replicas only full batches are kept (see steps_per_epoch).
-    """
-    epochs = config.epochs if epochs is None else epochs
-    clean_t = tf.constant(clean)
-    noisy_t = None if config.fresh_noise else tf.constant(noisy)
-    labels_t = tf.constant(labels, dtype=tf.int32)
-    n, seed = len(clean), tf.constant(config.seed, tf.int64)
-
-    def epoch_batches(epoch):
-        keys = tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch]))
-        order = tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(config.batch_size, replicas > 1)
-        return order.enumerate().map(lambda step, index: (epoch * STEP_KEY_STRIDE + step, index))
-
-    def gather(step_key, index):
-        x = tf.gather(clean_t, index)
-        if noisy_t is None:
-            noise_seed = tf.stack([seed + SEED_OFFSETS["train_noise"], step_key])
-            noise = tf.random.stateless_normal(tf.shape(x), seed=noise_seed)
-            noisy_batch = tf.clip_by_value(x + config.noise_factor * noise, 0.0, 1.0)
-        else:
-            noisy_batch = tf.gather(noisy_t, index)
-        # one key per example, so that MirroredStrategy can split it with the batch
-        step_keys = tf.fill(tf.shape(index), step_key)
-        return {"noisy": noisy_batch, "clean": x, "label": tf.gather(labels_t, index), "step_key": step_keys}
-
-    batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
-    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-
 # =============================================================================
-# 4. Training
+# 4. Training: vae.fit(noisy, (clean, labels)); run() adds devices, exact resume and fresh noise (appendix)
 # =============================================================================
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int):
+    """Adam's learning rate: constant, or a cosine decay to 5 % of it over the run."""
     if config.lr_schedule == "constant":
         return config.learning_rate
     return keras.optimizers.schedules.CosineDecay(
@@ -715,80 +675,16 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int):
     )
 
 
-def build_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Strategy | None = None,
-              jit_compile="auto") -> VAE:
-    """Build and compile the VAE inside the strategy's scope (every later load of its weights or its
-    optimizer's state must also run there: see vae.distribute_strategy)."""
+def build_vae(config: Config, n_train: int = 60_000, jit_compile="auto", model_class=VAE) -> VAE:
+    """The compiled VAE (or a subclass of it) for n_train training images, its weights seeded by VAE_SEED."""
     keras.utils.set_random_seed(config.seed)
-    strategy = strategy or tf.distribute.get_strategy()
-    with strategy.scope():
-        vae = VAE(build_encoder(config), build_decoder(config), config, name="vae")
-        steps = steps_per_epoch(n_train, config, strategy.num_replicas_in_sync)
-        optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps))
-        vae.compile(optimizer=optimizer, jit_compile=jit_compile)
-        vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # build: fit, checkpoints and load_weights need it
-        # the optimizer's variables now, not in fit's first trace: variables made while tracing cost a second trace
-        vae.optimizer.build(vae.trainable_variables)
+    vae = model_class(build_encoder(config), build_decoder(config), config, n_train, name="vae")
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, vae.steps_per_epoch))
+    vae.compile(optimizer=optimizer, jit_compile=jit_compile)
+    vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # build: fit, checkpoints and load_weights need it
+    # the optimizer's variables now, not in fit's first trace: variables made while tracing cost a second trace
+    vae.optimizer.build(vae.trainable_variables)
     return vae
-
-
-def train_vae(
-    vae: VAE, x_noisy, x_clean, labels, config: Config, checkpoint: Checkpoint | None = None, verbose="auto"
-) -> pd.DataFrame:
-    """Train; returns one history row per epoch.
-
-    With a checkpoint, training resumes after the last backed-up epoch (falling
-    back to the previous epoch's copy if the newest is unreadable), and a
-    finished training is loaded instead of repeated. Raises
-    TrainingDivergedError if a loss term becomes NaN or infinite.
-    """
-    if checkpoint is not None and checkpoint.weights.is_file():
-        with vae.distribute_strategy.scope():  # MirroredStrategy loads variables only in its scope
-            vae.load_weights(checkpoint.weights)  # the optimizer's state too
-        print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
-        return pd.DataFrame(checkpoint.history(), columns=HISTORY_COLUMNS)
-    rows = checkpoint.restore(vae) if checkpoint is not None else []
-    first_epoch = len(rows)
-    if first_epoch:
-        print(f"  resuming after epoch {first_epoch} from {checkpoint.epoch_weights(first_epoch)}")
-    history = EpochHistoryLog(checkpoint, rows)
-    guard = StopOnNonFinite()
-    replicas = vae.distribute_strategy.num_replicas_in_sync
-    if first_epoch < config.epochs:
-        vae.fit(
-            make_train_dataset(x_noisy, x_clean, labels, config, first_epoch, replicas=replicas),
-            epochs=config.epochs,
-            initial_epoch=first_epoch,
-            steps_per_epoch=steps_per_epoch(len(x_clean), config, replicas),
-            callbacks=[BetaWarmup(config.beta_max, config.warmup_epochs), FitPrior(x_noisy, config), guard, history,
-                       TrainingTimeEstimate(config.epochs)],
-            verbose=verbose,
-            shuffle=False,  # the dataset shuffles by (seed, epoch) itself
-        )
-    if guard.failure is not None:
-        term, value, epoch, batch = guard.failure
-        raise TrainingDivergedError(diverged_message(term, value, epoch, batch))
-    if checkpoint is not None:
-        with atomic_path(checkpoint.weights) as tmp:
-            vae.save_weights(tmp)
-    return history.frame()
-
-
-def diverged_message(term: str, value: float, epoch: int, batch: int) -> str:
-    return (f"training stopped: {term} became {value} in epoch {epoch}, batch {batch}. "
-            "Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX, or check the input data.")
-
-
-class BetaWarmup(keras.callbacks.Callback):
-    """Sets model.beta at the start of each epoch from warmup_beta()."""
-
-    def __init__(self, beta_max: float, warmup_epochs: int):
-        super().__init__()
-        self.beta_max = beta_max
-        self.warmup_epochs = warmup_epochs
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.beta.assign(warmup_beta(epoch, self.beta_max, self.warmup_epochs))
 
 
 class FitPrior(keras.callbacks.Callback):
@@ -811,32 +707,11 @@ class FitPrior(keras.callbacks.Callback):
         self.model.prior.fit(latents, seed)
 
 
-class StopOnNonFinite(keras.callbacks.Callback):
-    """Like keras.callbacks.TerminateOnNaN, but remembers which loss term failed."""
-
-    TERMS = ("recon_loss", "kl_loss", "supcon_loss", "total_loss")
-
-    def __init__(self):
-        super().__init__()
-        self.failure = None
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        for term in self.TERMS:
-            value = (logs or {}).get(term)
-            if value is not None and not math.isfinite(float(value)):
-                self.failure = (term, float(value), self.epoch + 1, batch)
-                self.model.stop_training = True
-                return
-
-
 # =============================================================================
 # 5. Analysis: every number and every image set of the outputs (analyse() at the end)
 # =============================================================================
 
+import pandas as pd  # noqa: E402 - from here on; sections 1-4 need only TensorFlow and Keras
 
 QUALITY_COLUMNS = ("mse", "psnr", "ssim")
 
@@ -1060,7 +935,8 @@ def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_trai
         probs = sets[name][1]
         counts = np.bincount(probs.argmax(axis=1), minlength=NUM_CLASSES)
         result.update({f"{name}_class_entropy": normalised_entropy(counts),
-                       f"{name}_mean_confidence": float(probs.max(axis=1).mean()), f"{name}_class_counts": counts.tolist()})
+                       f"{name}_mean_confidence": float(probs.max(axis=1).mean()),
+                       f"{name}_class_counts": counts.tolist()})
     conditional_features, predicted = sets["conditional"][0], sets["conditional"][1].argmax(axis=1)
     result["conditional_agreement"] = float(np.mean(predicted == intended))
     # the reference: how often the classifier recognises the VAE's reconstructions of real test images
@@ -1131,7 +1007,7 @@ def project_tsne(z: np.ndarray, seed: int) -> np.ndarray:
 def import_umap():
     """Return (umap module, None), or (None, reason) when it cannot be had.
 
-    Like the seed notebook, a missing umap-learn is pip-installed once.
+    Like the original notebook, a missing umap-learn is pip-installed once.
     """
     try:
         import umap
@@ -1233,6 +1109,7 @@ class Results:
     """Every number and every image set the outputs need: render() and the reports read only this."""
 
     config: Config
+    history: pd.DataFrame  # one row per training epoch (HISTORY_COLUMNS)
     source: str  # where the data came from
     n_train: int
     y_test: np.ndarray
@@ -1264,7 +1141,7 @@ class Results:
     warnings: list
 
 
-def analyse(vae: VAE, data: FashionMNIST, config: Config, timer) -> Results:
+def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config, timer) -> Results:
     """Every number and image of the outputs, stage by stage; nothing is drawn or written here."""
     with timer.stage("evaluate"):
         evaluated = evaluate(vae, data, config)
@@ -1291,7 +1168,8 @@ def analyse(vae: VAE, data: FashionMNIST, config: Config, timer) -> Results:
     metrics = metrics_table(denoising_summary(evaluated["quality"]), evaluated["representation"], len(data.x_test),
                             classical, generation)
     return Results(
-        config=config, source=data.source, n_train=len(data.x_train), y_test=data.y_test, x_test=data.x_test,
+        config=config, history=history, source=data.source, n_train=len(data.x_train), y_test=data.y_test,
+        x_test=data.x_test,
         x_test_noisy=data.x_test_noisy, denoised=evaluated["denoised"], quality=evaluated["quality"],
         classical=classical, robustness=robustness, z_mean_train=z_mean_train, z_mean_test=z_mean_test,
         representation=evaluated["representation"], pca_coords=pca_coords, pca_ratios=pca_ratios,
@@ -1411,9 +1289,10 @@ def plot_generation_quality(generation: dict, path, prior_name: str, show=False)
            ylabel="Fréchet distance (log scale, lower is better)")
     ax.tick_params(axis="x", labelsize=8)
     x = np.arange(NUM_CLASSES)
+    legend_names = {"prior": prior_name.replace("\n", " "), "expost": "ex-post GMM"}
     for offset, name, color in ((-0.2, "prior", "#ff7f0e"), (0.2, "expost", "#9467bd")):
-        label = (f"{prior_name.replace(chr(10), ' ') if name == 'prior' else 'ex-post GMM'}: entropy "
-                 f"{generation[name + '_class_entropy']:.2f}, confidence {generation[name + '_mean_confidence']:.2f}")
+        label = (f"{legend_names[name]}: entropy {generation[name + '_class_entropy']:.2f}, "
+                 f"confidence {generation[name + '_mean_confidence']:.2f}")
         ax2.bar(x + offset, generation[f"{name}_class_counts"], 0.4, color=color, label=label)
     ax2.axhline(generation["fd_samples"] / NUM_CLASSES, color="k", ls="--", lw=1, label="uniform")
     ax2.set_ylim(0, 1.45 * max(max(generation["prior_class_counts"]), max(generation["expost_class_counts"])))
@@ -1439,9 +1318,10 @@ def plot_noise_robustness(table: pd.DataFrame, trained_sigma: float, path, show=
     save_figure(fig, Path(path), show)
 
 
-TITLE_PANELS = [  # the seed's title cards: file, title, subtitle
+TITLE_PANELS = [  # the original's title cards: file, title, subtitle
     ("A_title_denoising.png", "Denoising", "Gürültülü görüntü → temiz görüntü"),
-    ("B_title_representation_learning.png", "Representation Learning", "Latent uzayda sınıf ayrışması (PCA / UMAP / t-SNE)"),
+    ("B_title_representation_learning.png", "Representation Learning",
+     "Latent uzayda sınıf ayrışması (PCA / UMAP / t-SNE)"),
     ("C_title_generation.png", "Generation", "Prior, ex-post GMM ve sınıf-koşullu örnekleme"),
     ("D_title_interpolation.png", "Latent Interpolation", "Latent uzayda süreklilik"),
 ]
@@ -1461,8 +1341,8 @@ def plot_title_panel(title: str, subtitle: str, path, show=False):
     save_figure(fig, Path(path), show, tight=False)
 
 
-def draw_training_curves(results: Results, history: pd.DataFrame, paths, show=False) -> None:
-    config = results.config
+def draw_training_curves(results: Results, paths, show=False) -> None:
+    config, history = results.config, results.history
     kl_title = f"KL divergence to the prior, {prior_label(config)}" + (
         " (Monte-Carlo estimate)" if config.prior == "mixture" else "")
     curves = [
@@ -1476,7 +1356,7 @@ def draw_training_curves(results: Results, history: pd.DataFrame, paths, show=Fa
         plot_training_curve(history, column, title, ylabel, path, show)
 
 
-def draw_denoising_grid(results: Results, history, paths, show=False) -> None:
+def draw_denoising_grid(results: Results, paths, show=False) -> None:
     labels = results.y_test
     columns = [int(np.flatnonzero(labels == c)[0]) for c in range(NUM_CLASSES) if np.any(labels == c)]  # a class each
     rows = np.stack([images[columns] for images in (results.x_test, results.x_test_noisy, results.denoised)])
@@ -1484,11 +1364,11 @@ def draw_denoising_grid(results: Results, history, paths, show=False) -> None:
                 ["Clean", "Noisy", "Denoised\n(VAE)"], [CLASS_NAMES_TR[labels[i]] for i in columns], show)
 
 
-def draw_per_class_psnr(results: Results, history, paths, show=False) -> None:
+def draw_per_class_psnr(results: Results, paths, show=False) -> None:
     plot_per_class_psnr(results.quality["noisy"], results.quality["vae"], results.y_test, paths[0], show)
 
 
-def draw_pca(results: Results, history, paths, show=False) -> None:
+def draw_pca(results: Results, paths, show=False) -> None:
     """PCA of every test z_mean, with digits and with Turkish class names."""
     order_seed = seed_for(results.config, "scatter_order")
     ratios, labels, n = results.pca_ratios, results.y_test, len(results.pca_coords)
@@ -1499,7 +1379,7 @@ def draw_pca(results: Results, history, paths, show=False) -> None:
                         CLASS_NAMES_TR, axes, show, order_seed)
 
 
-def draw_embeddings(results: Results, history, paths, show=False) -> None:
+def draw_embeddings(results: Results, paths, show=False) -> None:
     """UMAP and t-SNE of the seeded subset; UMAP is absent when umap-learn could not be had (a warning says so)."""
     subset, labels = results.embeddings["subset"], results.y_test
     for method, path in (("t-SNE", paths[1]), ("UMAP", paths[0])):
@@ -1510,31 +1390,31 @@ def draw_embeddings(results: Results, history, paths, show=False) -> None:
                                 seed_for(results.config, "scatter_order"))
 
 
-def draw_prior_samples(results: Results, history, paths, show=False) -> None:
+def draw_prior_samples(results: Results, paths, show=False) -> None:
     plot_images(results.prior_grid, f"Samples from the prior: decoder(z), z ~ {prior_label(results.config)}",
                 paths[0], show=show)
 
 
-def draw_expost_samples(results: Results, history, paths, show=False) -> None:
+def draw_expost_samples(results: Results, paths, show=False) -> None:
     plot_images(results.expost_grid, "Samples from the ex-post density: decoder(z), z ~ 10-component GMM fitted to "
                 "training z_mean", paths[0], show=show)
 
 
-def draw_class_conditional(results: Results, history, paths, show=False) -> None:
+def draw_class_conditional(results: Results, paths, show=False) -> None:
     classes = results.conditional_classes
     plot_images(results.conditional_grid, "Class-conditional samples: decoder(z), z ~ N(mean, cov) of each class's "
                 "training z_mean", paths[0], [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes],
                 [str(k + 1) for k in range(results.conditional_grid.shape[1])], show)
 
 
-def draw_interpolation(results: Results, history, paths, show=False) -> None:
+def draw_interpolation(results: Results, paths, show=False) -> None:
     steps = results.interpolation.shape[1]
     plot_images(results.interpolation, "Latent interpolation: decoder((1-t) z_a + t z_b), z = z_mean of noisy test "
                 "images", paths[0], results.interpolation_labels, [f"t={s / (steps - 1):.2f}" for s in range(steps)],
                 show)
 
 
-def draw_traversal(results: Results, history, paths, show=False) -> None:
+def draw_traversal(results: Results, paths, show=False) -> None:
     steps, span = results.traversal.shape[1], TRAVERSAL_SPAN
     plot_images(results.traversal, "Latent traversal: decoder(mean + t·sd·PC_k) along the top principal directions "
                 "of z_mean", paths[0],
@@ -1542,25 +1422,30 @@ def draw_traversal(results: Results, history, paths, show=False) -> None:
                 [f"{-span + 2 * span * c / (steps - 1):+.1f} sd" for c in range(steps)], show)
 
 
-def draw_generation_quality(results: Results, history, paths, show=False) -> None:
+def draw_generation_quality(results: Results, paths, show=False) -> None:
     if results.generation is not None:  # None with gen_metrics=0
         plot_generation_quality(results.generation, paths[0], prior_label(results.config, short=True), show)
 
 
-def draw_noise_robustness(results: Results, history, paths, show=False) -> None:
+def draw_noise_robustness(results: Results, paths, show=False) -> None:
     plot_noise_robustness(results.robustness, results.config.noise_factor, paths[0], show)
 
 
-def draw_title_cards(results: Results, history, paths, show=False) -> None:
+def draw_title_cards(results: Results, paths, show=False) -> None:
     for path, (_name, title, subtitle) in zip(paths, TITLE_PANELS, strict=True):
-        plot_title_panel(title, subtitle, path)
+        plot_title_panel(title, subtitle, path, show)
 
 
 @dataclasses.dataclass(frozen=True)
 class Output:
     files: tuple  # names in the output folder
     shows: str
-    by: object  # the drawing function, called as by(results, history, paths, show), or the name of the writer
+    draw: Callable | None = None  # the drawing function render() calls as draw(results, paths, show)
+    written_by: str | None = None  # the writer of a file that is not drawn
+
+    @property
+    def by(self) -> str:
+        return self.draw.__name__ if self.draw else self.written_by
 
 
 # Every file a run writes, in the order the notebook shows the figures. render() draws the figures from here;
@@ -1575,7 +1460,8 @@ OUTPUTS = [
     Output(("06A_latent_pca_numbers.png", "06B_latent_pca_text_tr.png"),
            "PCA of every test `z_mean`, labelled 0-9 and with Turkish class names", draw_pca),
     Output(("06C_latent_umap_text_tr.png", "06D_latent_tsne_text_tr.png"),
-           "UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had; neither with `embed_samples` 0)", draw_embeddings),
+           "UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had; neither with "
+           "`embed_samples` 0)", draw_embeddings),
     Output(("07_generated_prior.png",), "10x10 samples `decoder(z)`, `z` from the prior the model was trained with",
            draw_prior_samples),
     Output(("07B_generated_expost.png",), "10x10 samples of a 10-component GMM fitted to the training `z_mean` after "
@@ -1592,47 +1478,61 @@ OUTPUTS = [
     Output(tuple(name for name, _title, _subtitle in TITLE_PANELS), "framed 16:9 title cards of the four parts",
            draw_title_cards),
     Output(("history.csv", "noise_robustness.csv", "pca_explained_variance.txt"),
-           "losses per epoch; the noise-robustness table; PCA variance per component", "write_reports"),
+           "losses per epoch; the noise-robustness table; PCA variance per component", written_by="write_reports"),
     Output(("metrics.csv", "metrics.txt"), "every figure with its unit, image count and definition; the readable "
-           "report (written last: their presence means a finished run)", "write_reports"),
+           "report (written last: their presence means a finished run)", written_by="write_reports"),
     Output(("encoder.keras", "decoder.keras", "prior.npz"), "the trained models (plain Keras layers: image -> "
-           "`z_mean, z_log_var`; `z` -> image); the learned prior's parameters (`prior` mixture only)", "save_models"),
+           "`z_mean, z_log_var`; `z` -> image); the learned prior's parameters (`prior` mixture only)",
+           written_by="save_models"),
     Output(("config.json", "run_status.json", "timings.csv"), "the settings, variables, precision, CPU and versions "
-           "that ran; `running` / `finished` / `failed`; seconds per stage", "run"),
-    Output(("checkpoint/",), "the training state, for resuming an interrupted run", "Checkpoint"),
+           "that ran; `running` / `finished` / `failed`; seconds per stage", written_by="run"),
+    Output(("checkpoint/",), "the training state, for resuming an interrupted run", written_by="Checkpoint"),
 ]
 
 
 def outputs_table() -> str:
-    """The outputs table of the notebook's last cell and of README (tools/sync_docs.py writes both)."""
+    """README's outputs table (tools/sync_docs.py writes it; a test checks it)."""
     rows = ["| file | what it shows | written by |", "|---|---|---|"]
     for output in OUTPUTS:
-        by = getattr(output.by, "__name__", output.by)
-        rows.append(f"| {', '.join(f'`{name}`' for name in output.files)} | {output.shows} | `{by}` |")
+        rows.append(f"| {', '.join(f'`{name}`' for name in output.files)} | {output.shows} | `{output.by}` |")
     return "\n".join(rows)
 
 
-def render(results: Results, history: pd.DataFrame, out: Path, show: bool = False) -> None:
-    """Draw every figure of OUTPUTS from Results and the training history."""
+def outputs_list() -> str:
+    """The same as a list, for the notebook's last cell."""
+    return "\n".join(markdown_item(f"{', '.join(f'`{name}`' for name in output.files)}: {output.shows} "
+                                   f"(`{output.by}`)") for output in OUTPUTS)
+
+
+def render(results: Results, out: Path, show: bool = False) -> None:
+    """Draw every figure of OUTPUTS from Results."""
     for output in OUTPUTS:
-        if callable(output.by):
-            output.by(results, history, [out / name for name in output.files], show)
+        if output.draw is not None:
+            output.draw(results, [out / name for name in output.files], show)
 
 
 # =============================================================================
 # 7. Reports: one table of metric definitions, metrics.csv / metrics.txt, models, config
 # =============================================================================
 
-# The image sets scored with image_quality(): name -> (group, which images it counts, what they are).
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+    """An image set scored with image_quality(): its metrics' group, which images it counts, what they are."""
+
+    group: str
+    counted: str  # a key of SUBSET_NOTE
+    what: str
+
+
 QUALITY_ROWS = {
-    "noisy": ("denoising", "test", "the noisy input"),
-    "vae": ("denoising", "test", "the VAE output decoder(z_mean(noisy))"),
-    "clean_input": ("reference", "test", "decoder(z_mean(clean test image)): the same model given clean inputs, a "
-                    "reference (no bound: the encoder was trained on noisy inputs)"),
-    "tv_chambolle": ("classical", "classical", CLASSICAL_DENOISERS["tv_chambolle"]),
-    "nl_means": ("classical", "classical", CLASSICAL_DENOISERS["nl_means"]),
-    "vae_subset": ("classical", "classical", "the VAE output decoder(z_mean)"),
-    "noisy_subset": ("classical", "classical", "the noisy input"),
+    "noisy": ImageSet("denoising", "test", "the noisy input"),
+    "vae": ImageSet("denoising", "test", "the VAE output decoder(z_mean(noisy))"),
+    "clean_input": ImageSet("reference", "test", "decoder(z_mean(clean test image)): the same model given clean "
+                            "inputs, a reference (no bound: the encoder was trained on noisy inputs)"),
+    "tv_chambolle": ImageSet("classical", "classical", CLASSICAL_DENOISERS["tv_chambolle"]),
+    "nl_means": ImageSet("classical", "classical", CLASSICAL_DENOISERS["nl_means"]),
+    "vae_subset": ImageSet("classical", "classical", "the VAE output decoder(z_mean)"),
+    "noisy_subset": ImageSet("classical", "classical", "the noisy input"),
 }
 QUALITY_DEFINITIONS = {
     "mse": "mean over the images of the per-image MSE against the clean image",
@@ -1647,11 +1547,14 @@ SUBSET_NOTE = {"test": "the test images",
 
 def quality_rows(methods) -> dict:
     """The METRICS rows of image_quality() means for the given QUALITY_ROWS."""
-    return {
-        f"{method}_{metric}": (QUALITY_ROWS[method][0], "dB" if metric.startswith("psnr") else "", QUALITY_ROWS[method][1],
-                               f"{definition}, of {QUALITY_ROWS[method][2]}, on {SUBSET_NOTE[QUALITY_ROWS[method][1]]}")
-        for method in methods for metric, definition in QUALITY_DEFINITIONS.items()
-    }
+    rows = {}
+    for method in methods:
+        images = QUALITY_ROWS[method]
+        for metric, definition in QUALITY_DEFINITIONS.items():
+            unit = "dB" if metric.startswith("psnr") else ""
+            rows[f"{method}_{metric}"] = (images.group, unit, images.counted,
+                                          f"{definition}, of {images.what}, on {SUBSET_NOTE[images.counted]}")
+    return rows
 
 
 # name -> (group, unit, which images it counts, definition); the order is the order of metrics.csv.
@@ -1665,22 +1568,41 @@ METRICS = {
         "representation", "", "test",
         "test accuracy of StandardScaler+LogisticRegression fitted on z_mean of the noisy training images",
     ),
-    "knn10_accuracy": ("representation", "", "test", "test accuracy of a 10-nearest-neighbour classifier on the same z_mean split"),
-    "silhouette": ("representation", "", "silhouette", "sklearn silhouette_score of test z_mean against the class labels (seeded subset)"),
+    "knn10_accuracy": ("representation", "", "test",
+        "test accuracy of a 10-nearest-neighbour classifier on the same z_mean split"),
+    "silhouette": ("representation", "", "silhouette",
+        "sklearn silhouette_score of test z_mean against the class labels (seeded subset)"),
     **quality_rows(("tv_chambolle", "nl_means", "vae_subset", "noisy_subset")),
-    "classifier_test_accuracy": ("generation", "", "generation", "test accuracy of the small CNN (3 epochs on clean training images) whose 64-d penultimate features define the Fréchet distances"),
-    "fd_clean_train": ("generation", "", "generation", "Fréchet distance between classifier features of clean training images and of clean test images (a real-image reference: what a perfect generator scores, up to sampling error)"),
-    "fd_vae_reconstruction": ("generation", "", "generation", "Fréchet distance of VAE outputs decoder(z_mean(noisy test)) to clean test images"),
-    "fd_prior_samples": ("generation", "", "generation", "Fréchet distance of decoder(z), z ~ the prior in use (N(0, I), or the learned mixture with prior=mixture), to clean test images"),
-    "fd_noisy_input": ("generation", "", "generation", "Fréchet distance of the noisy test images to clean test images (a worst-case reference)"),
-    "prior_class_entropy": ("generation", "", "generation", "entropy of the classifier's labels for the prior samples / log(10); 1 = every class equally often"),
-    "prior_mean_confidence": ("generation", "", "generation", "mean max-softmax probability of the classifier on the prior samples"),
-    "fd_expost_samples": ("generation", "", "generation", "Fréchet distance of decoder(z), z ~ the ex-post density (a 10-component full-covariance Gaussian mixture fitted to the training z_mean), to clean test images"),
+    "classifier_test_accuracy": ("generation", "", "generation",
+        "test accuracy of the small CNN (3 epochs on clean training images) whose 64-d penultimate features "
+        "define the Fréchet distances"),
+    "fd_clean_train": ("generation", "", "generation",
+        "Fréchet distance between classifier features of clean training images and of clean test images (a "
+        "real-image reference: what a perfect generator scores, up to sampling error)"),
+    "fd_vae_reconstruction": ("generation", "", "generation",
+        "Fréchet distance of VAE outputs decoder(z_mean(noisy test)) to clean test images"),
+    "fd_prior_samples": ("generation", "", "generation",
+        "Fréchet distance of decoder(z), z ~ the prior in use (N(0, I), or the learned mixture with "
+        "prior=mixture), to clean test images"),
+    "fd_noisy_input": ("generation", "", "generation",
+        "Fréchet distance of the noisy test images to clean test images (a worst-case reference)"),
+    "prior_class_entropy": ("generation", "", "generation",
+        "entropy of the classifier's labels for the prior samples / log(10); 1 = every class equally often"),
+    "prior_mean_confidence": ("generation", "", "generation",
+        "mean max-softmax probability of the classifier on the prior samples"),
+    "fd_expost_samples": ("generation", "", "generation",
+        "Fréchet distance of decoder(z), z ~ the ex-post density (a 10-component full-covariance Gaussian mixture"
+        " fitted to the training z_mean), to clean test images"),
     "expost_class_entropy": ("generation", "", "generation", "as prior_class_entropy, for the ex-post samples"),
     "expost_mean_confidence": ("generation", "", "generation", "as prior_mean_confidence, for the ex-post samples"),
-    "fd_conditional_samples": ("generation", "", "generation", "Fréchet distance of class-conditional samples (decoder(z), z ~ a Gaussian fitted to one class's training z_mean; the same number from every class) to clean test images"),
-    "conditional_agreement": ("generation", "", "generation", "share of the class-conditional samples that the classifier labels as the class they were drawn for"),
-    "reconstruction_agreement": ("generation", "", "generation", "share of the VAE reconstructions of noisy test images that the classifier labels as their true class (the reference for conditional_agreement: decoded images are blurrier than real ones)"),
+    "fd_conditional_samples": ("generation", "", "generation",
+        "Fréchet distance of class-conditional samples (decoder(z), z ~ a Gaussian fitted to one class's training"
+        " z_mean; the same number from every class) to clean test images"),
+    "conditional_agreement": ("generation", "", "generation",
+        "share of the class-conditional samples that the classifier labels as the class they were drawn for"),
+    "reconstruction_agreement": ("generation", "", "generation",
+        "share of the VAE reconstructions of noisy test images that the classifier labels as their true class "
+        "(the reference for conditional_agreement: decoded images are blurrier than real ones)"),
     **{
         f"{kind}_{c}": ("generation", "", "conditional", f"{text} {c} ({CLASS_NAMES_EN[c]} / {CLASS_NAMES_TR[c]})")
         for c in range(NUM_CLASSES)
@@ -1814,9 +1736,9 @@ def pca_report(ratios: np.ndarray) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(results: Results, history: pd.DataFrame, out: Path) -> None:
+def write_reports(results: Results, out: Path) -> None:
     """The tables and text reports; metrics.csv and metrics.txt last (their presence marks a finished run)."""
-    write_csv(out / "history.csv", history)
+    write_csv(out / "history.csv", results.history)
     write_csv(out / "noise_robustness.csv", results.robustness)
     write_text(out / "pca_explained_variance.txt", pca_report(results.pca_ratios))
     write_csv(out / "metrics.csv", results.metrics)
@@ -1838,13 +1760,13 @@ def save_models(vae: VAE, out: Path) -> None:
             np.savez(tmp, **vae.prior.parameters())
 
 
-def effective_config_record(config: Config, overrides: dict | None = None) -> dict:
+def effective_config_record(config: Config, precision: str | None = None, overrides: dict | None = None) -> dict:
     """config.json: the settings that ran, where they came from, and the versions."""
     return {
         "config": dataclasses.asdict(config),
         "overrides": dict(OVERRIDES if overrides is None else overrides),
         "environment_variables": {rule["env"]: os.environ.get(rule["env"]) for rule in SETTINGS.values()},
-        "dtype_policy": resolve_precision(config),  # what precision="auto" resolved to
+        "dtype_policy": precision or resolve_precision(config),  # what precision="auto" resolved to
         "cpu": cpu_model_name(),
         "versions": {
             "python": platform.python_version(),
@@ -1866,29 +1788,30 @@ def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
     out = prepare_output_dir(config.out_dir)
     started_at = _now()
     write_run_status(out, "running", started_at)
-    write_text(out / "config.json", json.dumps(effective_config_record(config), indent=2) + "\n")
     timer = StageTimer()
     try:
         strategy = setup_devices(config)
+        precision = keras.mixed_precision.global_policy().name  # what setup_devices resolved "auto" to
+        write_text(out / "config.json", json.dumps(effective_config_record(config, precision), indent=2) + "\n")
         print(f"  {device_summary(strategy)}")
-        checkpoint = open_checkpoint(out, config, strategy.num_replicas_in_sync)
+        checkpoint = open_checkpoint(out, config, strategy.num_replicas_in_sync, precision)
         with timer.stage("load"):
             data = load_fashion_mnist(config, **search)
             print(f"  {data.source}: train {data.x_train.shape}, test {data.x_test.shape}")
         with timer.stage("noise"):
             data = with_noise(data, config)
         with timer.stage("build"):
-            vae = build_vae(config, len(data.x_train), strategy)
+            vae = build_distributed_vae(config, len(data.x_train), strategy)
         with timer.stage("train"):
             history = train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, checkpoint,
                                 progress_verbosity())
-        results = analyse(vae, data, config, timer)
+        results = analyse(vae, data, history, config, timer)
         with timer.stage("save models"):
             save_models(vae, out)
         with timer.stage("plots"):
-            render(results, history, out, show_plots)
+            render(results, out, show_plots)
         with timer.stage("report"):
-            write_reports(results, history, out)
+            write_reports(results, out)
     except BaseException as error:
         write_run_status(out, "failed", started_at, error=f"{type(error).__name__}: {error}")
         raise
@@ -1994,11 +1917,14 @@ def refuse_unknown(names, known, where: str, aliases: dict | None = None) -> Non
     """An unknown setting stops the run before any work, naming the setting it probably meant: a close
     spelling, or the setting that `aliases` maps the name to (a VAE_* name written in OVERRIDES)."""
     unknown = sorted(set(names) - set(known))
+    if not unknown:
+        return
     aliases = aliases or {}
-    if unknown:
-        guesses = [f"{name} (did you mean {close[0]}?)" if (close := [aliases[name]] if name in aliases else
-                   difflib.get_close_matches(name, known, 1, 0.75)) else name for name in unknown]
-        raise ConfigError(f"{where} names unknown setting(s) {', '.join(guesses)}; the settings are: {', '.join(known)}")
+    guesses = []
+    for name in unknown:
+        meant = aliases.get(name) or next(iter(difflib.get_close_matches(name, known, 1, 0.75)), None)
+        guesses.append(f"{name} (did you mean {meant}?)" if meant else name)
+    raise ConfigError(f"{where} names unknown setting(s) {', '.join(guesses)}; the settings are: {', '.join(known)}")
 
 
 def config_from_env(environ=None, overrides: dict | None = None) -> Config:
@@ -2031,9 +1957,6 @@ def config_from_env(environ=None, overrides: dict | None = None) -> Config:
 
 
 # --- Several devices and precisions: MirroredStrategy, mixed precision, what this machine is ----------
-# The story reaches this section through setup_devices() and device_summary() (run), steps_per_epoch()
-# (training), keyed_normal() (Sampling), gather_global_batch() / mean_over_replicas() (the loss terms) and
-# replica_share() / skip_together_on_overflow() (train_step). On one device each of these is the identity.
 
 
 def setup_devices(config: Config) -> tf.distribute.Strategy:
@@ -2120,6 +2043,12 @@ def cpu_model_name() -> str:
     return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
+# --- The VAE as run() trains it: several devices, float16, exact resume, fresh noise ----------------------
+# DistributedVAE overrides two hooks of VAE: train_step (keyed batches, a keyed posterior sample, loss scaling,
+# the replica share and the shared overflow skip) and supcon_term (SupCon over the global batch). On one
+# device in float32 it trains the same objective as VAE's train_step.
+
+
 def several_replicas():
     """The replica context when several replicas train in sync (MirroredStrategy), else None."""
     context = tf.distribute.get_replica_context()
@@ -2146,16 +2075,15 @@ def steps_per_epoch(n_train: int, config: Config, replicas: int = 1) -> int:
     return n_train // config.batch_size
 
 
-def keyed_normal(like, seed: int, step_key):
-    """Standard normal noise shaped like `like` (this replica's rows), a function of (seed, step_key) alone.
+def keyed_normal(shape, dtype, seed: int, step_key):
+    """Standard normal noise of this replica's `shape` (rows, columns), a function of (seed, step_key) alone.
     It is drawn for the whole global batch and each replica takes its rows (global batches split evenly:
     make_train_dataset), so an image gets the same noise on one device or on several."""
     stream = tf.stack([tf.constant(seed, tf.int64), tf.cast(step_key, tf.int64)])
     stream = tf.random.experimental.stateless_fold_in(stream, 0)  # the stream one device always used
     replicas, replica = replica_position()
-    rows = tf.shape(like)[0]
-    global_shape = tf.stack([rows * replicas, tf.shape(like)[1]])
-    epsilon = tf.random.stateless_normal(global_shape, seed=stream, dtype=like.dtype)
+    rows, columns = shape
+    epsilon = tf.random.stateless_normal(tf.stack([rows * replicas, columns]), seed=stream, dtype=dtype)
     return epsilon[replica * rows:(replica + 1) * rows]
 
 
@@ -2194,7 +2122,201 @@ def skip_together_on_overflow(optimizer, grads):
     return [ops.where(overflows > 0, ops.full_like(g, float("nan")), g) for g in grads]
 
 
+@keras.saving.register_keras_serializable(package="vae_fashion")
+class DistributedVAE(VAE):
+    """The VAE as run() trains it, on one device or several (MirroredStrategy), from make_train_dataset's keyed
+    batches. Its posterior sample is keyed by (VAE_SEED, epoch, step) like the batches, so a resumed run repeats
+    an uninterrupted one bit for bit; SupCon compares every image of the global batch; under mixed_float16 an
+    overflow on any replica skips the step on all. Several replicas train on full batches only."""
+
+    def __init__(self, encoder, decoder, config: Config, n_train: int, **kwargs):
+        super().__init__(encoder, decoder, config, n_train, **kwargs)
+        self.steps_per_epoch = steps_per_epoch(n_train, config, tf.distribute.get_strategy().num_replicas_in_sync)
+
+    def train_step(self, batch):
+        rows, step_key = tf.shape(batch["noisy"])[0], batch["step_key"][0]
+        epsilon = keyed_normal((rows, self.config.latent_dim), self.sampling.compute_dtype,
+                               seed_for(self.config, "posterior"), step_key)
+        with tf.GradientTape() as tape:
+            losses = self.compute_losses(batch["noisy"], batch["clean"], batch["label"], epsilon, training=True)
+            objective = self.optimizer.scale_loss(replica_share(losses["total_loss"]))
+        grads = skip_together_on_overflow(self.optimizer, tape.gradient(objective, self.trainable_weights))
+        self.optimizer.apply(grads, self.trainable_weights)
+        return self.track(losses)
+
+    def supcon_term(self, z_mean, labels, recon):
+        # each replica holds the whole global-batch term, and the mean over replicas of the total is the
+        # one-device loss
+        return super().supcon_term(gather_global_batch(z_mean), gather_global_batch(labels), mean_over_replicas(recon))
+
+
+def build_distributed_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Strategy | None = None,
+                          jit_compile="auto") -> DistributedVAE:
+    """build_vae's DistributedVAE, built in the strategy's scope (every later load of its weights or its
+    optimizer's state must also run there: see vae.distribute_strategy)."""
+    with (strategy or tf.distribute.get_strategy()).scope():
+        return build_vae(config, n_train, jit_compile, DistributedVAE)
+
+
+STEP_KEY_STRIDE = 1_000_003  # more than the steps of any epoch: one key per (epoch, step)
+
+
+def make_train_dataset(
+    noisy, clean, labels, config: Config, first_epoch: int, epochs: int | None = None, replicas: int = 1
+) -> tf.data.Dataset:
+    """Batches for epochs first_epoch..epochs-1, gathered by index from tensors
+    that stay in memory (no per-epoch host copies).
+
+    Each epoch's order, and with fresh_noise its noise, depend only on
+    (seed, epoch, batch), so a resumed run sees the same batches as an
+    uninterrupted one. Without fresh_noise the fixed noisy copy is used. Each
+    batch carries its step key, which also keys the posterior sample. With
+    several replicas only full batches are kept (see steps_per_epoch).
+    """
+    epochs = config.epochs if epochs is None else epochs
+    clean_t = tf.constant(clean)
+    noisy_t = None if config.fresh_noise else tf.constant(noisy)
+    labels_t = tf.constant(labels, dtype=tf.int32)
+    n, seed = len(clean), tf.constant(config.seed, tf.int64)
+
+    def epoch_batches(epoch):
+        keys = tf.random.stateless_uniform([n], seed=tf.stack([seed, epoch]))
+        order = tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(config.batch_size, replicas > 1)
+        return order.enumerate().map(lambda step, index: (epoch * STEP_KEY_STRIDE + step, index))
+
+    def gather(step_key, index):
+        x = tf.gather(clean_t, index)
+        if noisy_t is None:
+            noise_seed = tf.stack([tf.constant(seed_for(config, "train_noise"), tf.int64), step_key])
+            noise = tf.random.stateless_normal(tf.shape(x), seed=noise_seed)
+            noisy_batch = tf.clip_by_value(x + config.noise_factor * noise, 0.0, 1.0)
+        else:
+            noisy_batch = tf.gather(noisy_t, index)
+        # one key per example, so that MirroredStrategy can split it with the batch
+        step_keys = tf.fill(tf.shape(index), step_key)
+        return {"noisy": noisy_batch, "clean": x, "label": tf.gather(labels_t, index), "step_key": step_keys}
+
+    batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
+    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def train_vae(
+    vae: DistributedVAE, x_noisy, x_clean, labels, config: Config, checkpoint: Checkpoint | None = None,
+    verbose="auto"
+) -> pd.DataFrame:
+    """Train as run() does (fresh noise, exact resume, several devices); returns one history row per epoch.
+
+    With a checkpoint, training resumes after the last backed-up epoch (falling
+    back to the previous epoch's copy if the newest is unreadable), and a
+    finished training is loaded instead of repeated. Raises
+    TrainingDivergedError if a loss term becomes NaN or infinite.
+    """
+    if checkpoint is not None and checkpoint.weights.is_file():
+        with vae.distribute_strategy.scope():  # MirroredStrategy loads variables only in its scope
+            vae.load_weights(checkpoint.weights)  # the optimizer's state too
+        print(f"  training already finished: loaded {checkpoint.weights} (set VAE_FRESH=1 to retrain)")
+        return pd.DataFrame(checkpoint.history(), columns=HISTORY_COLUMNS)
+    rows = checkpoint.restore(vae) if checkpoint is not None else []
+    first_epoch = len(rows)
+    if first_epoch:
+        print(f"  resuming after epoch {first_epoch} from {checkpoint.epoch_weights(first_epoch)}")
+    history = EpochHistoryLog(checkpoint, rows)
+    guard = StopOnNonFinite()
+    replicas = vae.distribute_strategy.num_replicas_in_sync
+    if first_epoch < config.epochs:
+        vae.fit(
+            make_train_dataset(x_noisy, x_clean, labels, config, first_epoch, replicas=replicas),
+            epochs=config.epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=vae.steps_per_epoch,
+            callbacks=[FitPrior(x_noisy, config), guard, history, TrainingTimeEstimate(config.epochs)],
+            verbose=verbose,
+            shuffle=False,  # the dataset shuffles by (seed, epoch) itself
+        )
+    if guard.failure is not None:
+        term, value, epoch, batch = guard.failure
+        raise TrainingDivergedError(diverged_message(term, value, epoch, batch))
+    if checkpoint is not None:
+        with atomic_path(checkpoint.weights) as tmp:
+            vae.save_weights(tmp)
+    return history.frame()
+
+
+def diverged_message(term: str, value: float, epoch: int, batch: int) -> str:
+    return (f"training stopped: {term} became {value} in epoch {epoch}, batch {batch}. "
+            "Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX, or check the input data.")
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Like keras.callbacks.TerminateOnNaN, but remembers which loss term failed."""
+
+    def __init__(self):
+        super().__init__()
+        self.failure = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        for term in sorted(LOSS_TERMS, key=lambda name: name == "total_loss"):  # a term before the sum it breaks
+            value = (logs or {}).get(term)
+            if value is not None and not math.isfinite(float(value)):
+                self.failure = (term, float(value), self.epoch + 1, batch)
+                self.model.stop_training = True
+                return
+
+
+class TrainingTimeEstimate(keras.callbacks.Callback):
+    """After the first epoch of this fit, prints how long all the epochs will take on this machine,
+    from the steps after the first (which includes building the graph)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.first_epoch = None
+        self.after_first_step = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 0 and self.after_first_step is None:
+            self.after_first_step = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        steps = self.params.get("steps") or 0
+        if epoch != self.first_epoch or steps < 2:
+            return
+        per_step = (time.perf_counter() - self.after_first_step) / (steps - 1)
+        left = self.epochs - epoch - 1
+
+        def duration(seconds):
+            return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+        print(f"  {1000 * per_step:.0f} ms per step: the {self.epochs} epochs take about "
+              f"{duration(per_step * steps * self.epochs)} on this machine, {duration(per_step * steps * left)} "
+              f"from now ({cpu_model_name()})", flush=True)
+
+
 # --- Data: IDX files (raw or .gz) or the Kaggle CSVs, searched in a fixed order -----------
+
+
+def load_fashion_mnist(config: Config, **search) -> FashionMNIST:
+    """Find, validate and preprocess Fashion-MNIST: the first N images of each split as float32 in [0, 1]."""
+    (x_train, y_train, x_test, y_test), source = find_and_load_raw(config.data_dir, **search)
+    x_train, y_train = (take_first(a, config.train_samples, "VAE_TRAIN_SAMPLES") for a in (x_train, y_train))
+    x_test, y_test = (take_first(a, config.test_samples, "VAE_TEST_SAMPLES") for a in (x_test, y_test))
+    return FashionMNIST(to_unit_float(x_train), y_train, to_unit_float(x_test), y_test, source)
+
+
+def take_first(array: np.ndarray, count: int | None, variable: str) -> np.ndarray:
+    if count is None:
+        return array
+    if count > len(array):
+        raise ConfigError(f"{variable}={count} is larger than the {len(array)} images available; lower it")
+    return array[:count]
+
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -2235,7 +2357,8 @@ def parse_idx(data: bytes, name: str = "<bytes>", expected_ndim: int | None = No
         raise DatasetError(f"{name}: truncated header ({len(data)} bytes, need {header})")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     if 0 in dims:  # no data, and numpy cannot even shape (0, 2**32, 2**32)
-        raise DatasetError(f"{name}: the header (dims {dims}) describes an empty array; re-download or re-extract the file")
+        raise DatasetError(f"{name}: the header (dims {dims}) describes an empty array; re-download or re-extract "
+                           "the file")
     expected = header + math.prod(dims)
     if len(data) != expected:
         problem = "truncated" if len(data) < expected else "has trailing bytes"
@@ -2429,11 +2552,12 @@ def find_and_load_raw(data_dir=None, search_dirs=None, download=_download_with_k
 # --- Checkpoints: resume after a kill, reuse a finished training ---------------------------
 
 
-def training_fingerprint(config: Config, replicas: int = 1) -> dict:
+def training_fingerprint(config: Config, replicas: int = 1, precision: str | None = None) -> dict:
     """The settings that shape the trained weights, with the precision "auto" resolved to on this
-    machine and the replica count: a checkpoint is resumed only under the same ones."""
+    machine (resolve_precision, unless given) and the replica count: a checkpoint is resumed only under
+    the same ones."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if SETTINGS[k]["trains"]}
-    return {**fields, "precision": resolve_precision(config), "replicas": replicas}
+    return {**fields, "precision": precision or resolve_precision(config), "replicas": replicas}
 
 
 @dataclasses.dataclass
@@ -2518,11 +2642,11 @@ class EpochHistoryLog(keras.callbacks.Callback):
         return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
 
 
-def open_checkpoint(out: Path, config: Config, replicas: int = 1) -> Checkpoint:
+def open_checkpoint(out: Path, config: Config, replicas: int = 1, precision: str | None = None) -> Checkpoint:
     """Use <out>/checkpoint if it was made with the same settings, precision and replica count;
     refuse to mix them unless VAE_FRESH=1, which discards the old checkpoint."""
     checkpoint = Checkpoint(out / "checkpoint")
-    wanted = training_fingerprint(config, replicas)
+    wanted = training_fingerprint(config, replicas, precision)
     if checkpoint.root.exists():
         try:
             stored = json.loads(checkpoint.fingerprint.read_text())
@@ -2600,38 +2724,6 @@ class StageTimer:
         return pd.concat([frame, total], ignore_index=True)
 
 
-class TrainingTimeEstimate(keras.callbacks.Callback):
-    """After the first epoch of this fit, prints how long all the epochs will take on this machine,
-    from the steps after the first (which includes building the graph)."""
-
-    def __init__(self, epochs: int):
-        super().__init__()
-        self.epochs = epochs
-        self.first_epoch = None
-        self.after_first_step = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == 0 and self.after_first_step is None:
-            self.after_first_step = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        steps = self.params.get("steps") or 0
-        if epoch != self.first_epoch or steps < 2:
-            return
-        per_step = (time.perf_counter() - self.after_first_step) / (steps - 1)
-        left = self.epochs - epoch - 1
-
-        def duration(seconds):
-            return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
-
-        print(f"  {1000 * per_step:.0f} ms per step: the {self.epochs} epochs take about "
-              f"{duration(per_step * steps * self.epochs)} on this machine, {duration(per_step * steps * left)} "
-              f"from now ({cpu_model_name()})", flush=True)
-
-
 def progress_verbosity(parent_command: str | None = None) -> int:
     """Keras' verbose for fit(): 1 (the live progress bar) in a terminal and in an interactive notebook
     (Kaggle, Jupyter), 2 (one line per epoch) in logs, and where a notebook is executed headless (Kaggle's
@@ -2694,23 +2786,35 @@ if __name__ == "__main__":
 # from `OUTPUTS` by `outputs_table()`:
 #
 # <!-- outputs table -->
-# | file | what it shows | written by |
-# |---|---|---|
-# | `01_train_total_loss.png`, `02_train_recon_loss.png`, `03_train_kl_loss.png`, `03B_train_supcon_loss.png`, `04_beta_warmup.png` | training curves per epoch: total loss, BCE, KL, SupCon, beta | `draw_training_curves` |
-# | `05_denoising_grid.png` | clean / noisy / denoised test images, one column per class | `draw_denoising_grid` |
-# | `10_per_class_denoising.png` | mean PSNR per class of the noisy input and the VAE | `draw_per_class_psnr` |
-# | `06A_latent_pca_numbers.png`, `06B_latent_pca_text_tr.png` | PCA of every test `z_mean`, labelled 0-9 and with Turkish class names | `draw_pca` |
-# | `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png` | UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had; neither with `embed_samples` 0) | `draw_embeddings` |
-# | `07_generated_prior.png` | 10x10 samples `decoder(z)`, `z` from the prior the model was trained with | `draw_prior_samples` |
-# | `07B_generated_expost.png` | 10x10 samples of a 10-component GMM fitted to the training `z_mean` after training (the ex-post density) | `draw_expost_samples` |
-# | `12_class_conditional.png` | one row per class: samples of a Gaussian fitted to that class's training `z_mean` | `draw_class_conditional` |
-# | `08_latent_interpolation.png` | 8 straight lines between the `z_mean` of test images of two classes | `draw_interpolation` |
-# | `11_latent_traversal.png` | steps along the top 5 principal directions of `z_mean` | `draw_traversal` |
-# | `09_generation_quality.png` | Fréchet distances of reconstructions and of each kind of sample; their classes (not with `gen_metrics` 0) | `draw_generation_quality` |
-# | `13_noise_robustness.png` | PSNR / SSIM of the noisy input, TV and the VAE for sigma 0.1-0.8 | `draw_noise_robustness` |
-# | `A_title_denoising.png`, `B_title_representation_learning.png`, `C_title_generation.png`, `D_title_interpolation.png` | framed 16:9 title cards of the four parts | `draw_title_cards` |
-# | `history.csv`, `noise_robustness.csv`, `pca_explained_variance.txt` | losses per epoch; the noise-robustness table; PCA variance per component | `write_reports` |
-# | `metrics.csv`, `metrics.txt` | every figure with its unit, image count and definition; the readable report (written last: their presence means a finished run) | `write_reports` |
-# | `encoder.keras`, `decoder.keras`, `prior.npz` | the trained models (plain Keras layers: image -> `z_mean, z_log_var`; `z` -> image); the learned prior's parameters (`prior` mixture only) | `save_models` |
-# | `config.json`, `run_status.json`, `timings.csv` | the settings, variables, precision, CPU and versions that ran; `running` / `finished` / `failed`; seconds per stage | `run` |
-# | `checkpoint/` | the training state, for resuming an interrupted run | `Checkpoint` |
+# - `01_train_total_loss.png`, `02_train_recon_loss.png`, `03_train_kl_loss.png`, `03B_train_supcon_loss.png`,
+#   `04_beta_warmup.png`: training curves per epoch: total loss, BCE, KL, SupCon, beta (`draw_training_curves`)
+# - `05_denoising_grid.png`: clean / noisy / denoised test images, one column per class (`draw_denoising_grid`)
+# - `10_per_class_denoising.png`: mean PSNR per class of the noisy input and the VAE (`draw_per_class_psnr`)
+# - `06A_latent_pca_numbers.png`, `06B_latent_pca_text_tr.png`: PCA of every test `z_mean`, labelled 0-9 and with
+#   Turkish class names (`draw_pca`)
+# - `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png`: UMAP and t-SNE of a seeded test subset (no UMAP
+#   where umap-learn cannot be had; neither with `embed_samples` 0) (`draw_embeddings`)
+# - `07_generated_prior.png`: 10x10 samples `decoder(z)`, `z` from the prior the model was trained with
+#   (`draw_prior_samples`)
+# - `07B_generated_expost.png`: 10x10 samples of a 10-component GMM fitted to the training `z_mean` after training
+#   (the ex-post density) (`draw_expost_samples`)
+# - `12_class_conditional.png`: one row per class: samples of a Gaussian fitted to that class's training `z_mean`
+#   (`draw_class_conditional`)
+# - `08_latent_interpolation.png`: 8 straight lines between the `z_mean` of test images of two classes
+#   (`draw_interpolation`)
+# - `11_latent_traversal.png`: steps along the top 5 principal directions of `z_mean` (`draw_traversal`)
+# - `09_generation_quality.png`: Fréchet distances of reconstructions and of each kind of sample; their classes (not
+#   with `gen_metrics` 0) (`draw_generation_quality`)
+# - `13_noise_robustness.png`: PSNR / SSIM of the noisy input, TV and the VAE for sigma 0.1-0.8
+#   (`draw_noise_robustness`)
+# - `A_title_denoising.png`, `B_title_representation_learning.png`, `C_title_generation.png`,
+#   `D_title_interpolation.png`: framed 16:9 title cards of the four parts (`draw_title_cards`)
+# - `history.csv`, `noise_robustness.csv`, `pca_explained_variance.txt`: losses per epoch; the noise-robustness table;
+#   PCA variance per component (`write_reports`)
+# - `metrics.csv`, `metrics.txt`: every figure with its unit, image count and definition; the readable report (written
+#   last: their presence means a finished run) (`write_reports`)
+# - `encoder.keras`, `decoder.keras`, `prior.npz`: the trained models (plain Keras layers: image -> `z_mean,
+#   z_log_var`; `z` -> image); the learned prior's parameters (`prior` mixture only) (`save_models`)
+# - `config.json`, `run_status.json`, `timings.csv`: the settings, variables, precision, CPU and versions that ran;
+#   `running` / `finished` / `failed`; seconds per stage (`run`)
+# - `checkpoint/`: the training state, for resuming an interrupted run (`Checkpoint`)

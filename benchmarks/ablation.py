@@ -36,7 +36,7 @@ def main():
     config = vf.config_from_env()
     vf.setup_devices(config)
     data = vf.with_noise(vf.load_fashion_mnist(config), config)
-    vae = vf.build_vae(config, len(data.x_train))
+    vae = vf.build_distributed_vae(config, len(data.x_train))
     began = time.perf_counter()
     history = vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
     train_s = time.perf_counter() - began
@@ -51,7 +51,8 @@ def main():
         figures["psnr_avg"] = round(float(vf.image_quality(data.x_test, np.mean(decoded, axis=0)).psnr.mean()), 3)
     figures.update({
         **{k: round(v, 4) for k, v in evaluated["representation"].items() if k != "silhouette_samples"},
-        "kl_end": round(float(history.kl_loss.iloc[-1]), 2), "supcon_end": round(float(history.supcon_loss.iloc[-1]), 3),
+        "kl_end": round(float(history.kl_loss.iloc[-1]), 2),
+        "supcon_end": round(float(history.supcon_loss.iloc[-1]), 3),
         "train_s": round(train_s, 1), "parameters": vae.encoder.count_params() + vae.decoder.count_params(),
         "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VAE_")},
     })

@@ -56,7 +56,7 @@ class ReferenceVAE(keras.Model):
     def train_step(self, data):
         with tf.GradientTape() as tape:
             z_mean, z_log_var = self.encoder(data)
-            z = self.sampling([z_mean, z_log_var])
+            z = self.sampling(z_mean, z_log_var)
             reconstruction = self.decoder(z)
             reconstruction_loss = ops.mean(
                 ops.sum(keras.losses.binary_crossentropy(data, reconstruction), axis=(1, 2))
@@ -96,7 +96,7 @@ def main():
     policy = keras.mixed_precision.global_policy().name
     print(f"data: {source}, {len(x)} images per round, batch {config.batch_size}, {os.cpu_count()} CPUs, {policy}")
 
-    ours = vf.build_vae(config)
+    ours = vf.build_distributed_vae(config, len(x))  # the model run() trains
     reference = ReferenceVAE(vf.build_encoder(config), vf.build_decoder(config), config.seed)
     reference.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate))
     steps = -(-len(x) // config.batch_size)

@@ -96,9 +96,11 @@ def main():
               + (f"; components per class {summary['components_per_class']}, effective components "
                  f"{summary['effective_components']:.1f}" if "components_per_class" in summary else ""))
         for row in summary["rows"]:
-            extra = (f"  other-class component {100 * row['other_component']:5.1f} % (errors "
-                     f"{100 * row['other_component_among_errors']:5.1f} %, of those in the predicted class's "
-                     f"{100 * row['errors_in_the_predicted_class_component']:5.1f} %)" if "other_component" in row else "")
+            extra = ""
+            if "other_component" in row:
+                extra = (f"  other-class component {100 * row['other_component']:5.1f} % (errors "
+                         f"{100 * row['other_component_among_errors']:5.1f} %, of those in the predicted class's "
+                         f"{100 * row['errors_in_the_predicted_class_component']:5.1f} %)")
             print(f"  {row['class']:12} probe {row['probe']:.3f}  kNN {row['knn']:.3f}  instead {row['instead']:12} "
                   f"spread {row['spread']:.3f}{extra}")
         print("JSON " + json.dumps(summary))

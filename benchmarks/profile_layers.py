@@ -28,7 +28,6 @@ config = vf.config_from_env()
 batch = config.batch_size
 vf.setup_devices(config)
 vae = vf.build_vae(config)
-vae.beta.assign(1.0)
 
 
 rows = []

@@ -24,13 +24,13 @@ import vae_fashion as vf  # noqa: E402
 config = vf.config_from_env()  # the model and batch of the VAE_* settings (the default's unless set)
 batch = config.batch_size
 vf.setup_devices(config)
-vae = vf.build_vae(config)
+vae = vf.build_distributed_vae(config)  # the model run() trains
 data = fixed_batch(batch)
-vae.beta.assign(1.0)
+epsilon = vf.keyed_normal((batch, config.latent_dim), vae.sampling.compute_dtype, vf.seed_for(config, "posterior"), 0)
 
 
 def forward():
-    return vae.compute_losses(data["noisy"], data["clean"], data["label"], data["step_key"][0], training=True)
+    return vae.compute_losses(data["noisy"], data["clean"], data["label"], epsilon, training=True)
 
 
 def forward_backward():
@@ -39,8 +39,8 @@ def forward_backward():
     return tape.gradient(total, vae.trainable_weights)
 
 
-dataset = iter(vf.make_train_dataset(np.zeros((60_000, 28, 28, 1), np.float32), np.zeros((60_000, 28, 28, 1), np.float32),
-                                     np.zeros(60_000, np.int32), config, 0))
+images = np.zeros((60_000, 28, 28, 1), np.float32)
+dataset = iter(vf.make_train_dataset(images, images, np.zeros(60_000, np.int32), config, 0))
 parts = {
     "train_step (forward, backward, Adam)": tf.function(lambda: vae.train_step(data)),
     "forward + all loss terms": tf.function(forward),

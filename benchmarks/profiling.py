@@ -11,7 +11,7 @@ import vae_fashion as vf
 
 
 def fixed_batch(batch: int) -> dict:
-    """One seeded batch in the form VAE.train_step takes."""
+    """One seeded batch in the form DistributedVAE.train_step takes."""
     clean = np.random.default_rng(0).random((batch, 28, 28, 1)).astype(np.float32) ** 3
     return {"noisy": tf.constant(vf.add_noise(clean, 0.45, 0)), "clean": tf.constant(clean),
             "label": tf.constant(np.arange(batch, dtype=np.int32) % 10), "step_key": tf.zeros(batch, tf.int64)}

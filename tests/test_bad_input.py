@@ -174,7 +174,8 @@ def _troubleshooting_cases(tmp_path, monkeypatch):
         raise vf.TrainingDivergedError(vf.diverged_message(*guard.failure))
 
     return {
-        "Fashion-MNIST was not found. Searched, in order: …": lambda: vf.find_and_load_raw(search_dirs=[], download=None),
+        "Fashion-MNIST was not found. Searched, in order: …":
+            lambda: vf.find_and_load_raw(search_dirs=[], download=None),
         "VAE_DATA_DIR='…' is not a folder": lambda: vf.find_and_load_raw("/nowhere"),
         "…: missing t10k-labels-idx1-ubyte …": lambda: vf.load_idx_folder(folder),
         "…: bad magic number …": lambda: vf.parse_idx(b"\x01\x02\x03\x04" + bytes(8)),
@@ -192,9 +193,10 @@ def _troubleshooting_cases(tmp_path, monkeypatch):
             np.zeros(60000), 70000, "VAE_TRAIN_SAMPLES"),
         "output folder … is not writable": lambda: vf.prepare_output_dir("/proc/self/vae-out"),
         "training stopped: kl_loss became nan in epoch 3, batch 17": diverge,
-        "… holds a training checkpoint made with other settings (epochs: stored 20 vs now 30)": lambda: vf.open_checkpoint(
-            tmp_path / "ckpt", vf.Config(epochs=30)),
-        "VAE_BATCH_SIZE=255 does not split evenly over 2 replicas": lambda: vf.steps_per_epoch(1000, vf.Config(batch_size=255), 2),
+        "… holds a training checkpoint made with other settings (epochs: stored 20 vs now 30)":
+            lambda: vf.open_checkpoint(tmp_path / "ckpt", vf.Config(epochs=30)),
+        "VAE_BATCH_SIZE=255 does not split evenly over 2 replicas":
+            lambda: vf.steps_per_epoch(1000, vf.Config(batch_size=255), 2),
         "WARNING: UMAP skipped: …": lambda: vf.latent_embeddings(z, vf.Config(embed_samples=60), vf.StageTimer()),
     }
 
@@ -204,7 +206,8 @@ def test_readme_troubleshooting_messages_are_the_ones_the_code_prints(tmp_path, 
     text, with each '…' standing for any text, begins the code's message (the file's path before it)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
-    documented = [m for row in table.splitlines() if row.startswith("| `") for m in re.findall(r"`([^`]+)`", row.split(" | ")[0])]
+    first_cells = [row.split(" | ")[0] for row in table.splitlines() if row.startswith("| `")]
+    documented = [message for cell in first_cells for message in re.findall(r"`([^`]+)`", cell)]
     cases = _troubleshooting_cases(tmp_path, monkeypatch)
     assert sorted(documented) == sorted(cases), set(documented) ^ set(cases)
     for text, action in cases.items():

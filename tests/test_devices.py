@@ -93,8 +93,10 @@ def halves(strategy, *arrays):
     return [part(a) for a in arrays]
 
 def loss_and_grads(vae, noisy, clean, label, key, replicas):
+    # the posterior sample keyed as DistributedVAE.train_step keys it, each replica taking its rows
+    epsilon = vf.keyed_normal((tf.shape(noisy)[0], 4), "float32", vf.seed_for(vae.config, "posterior"), key[0])
     with tf.GradientTape() as tape:
-        losses = vae.compute_losses(noisy, clean, label, step_key=key[0], training=True)
+        losses = vae.compute_losses(noisy, clean, label, epsilon, training=True)
         objective = losses["total_loss"] / replicas
     return losses, tape.gradient(objective, vae.trainable_weights)
 
@@ -103,10 +105,10 @@ def loss_and_grads(vae, noisy, clean, label, key, replicas):
 config = vf.Config(latent_dim=4, batch_size=32, seed=0, devices="all", precision="float32")
 strategy = vf.setup_devices(config)
 results["replicas"] = strategy.num_replicas_in_sync
-one, two = vf.build_vae(config, 128), vf.build_vae(config, 128, strategy)
+one, two = vf.build_distributed_vae(config, 128), vf.build_distributed_vae(config, 128, strategy)
 two.set_weights(one.get_weights())
-for vae in (one, two):
-    vae.beta.assign(0.7)
+for vae in (one, two):  # the KL's weight of epoch 5: beta 5/8
+    vae.optimizer.iterations.assign(4 * vae.steps_per_epoch)
 losses_one, grads_one = loss_and_grads(one, x, x, labels, keys, 1)
 losses_two, grads_two = tf.function(lambda *a: strategy.run(lambda *b: loss_and_grads(two, *b, 2), args=a))(
     *halves(strategy, x, x, labels, keys))
@@ -124,7 +126,7 @@ results["grad_rel_largest"] = max(float(tf.norm(a - b) / tf.norm(a)) for a, b in
 #    gradients apart): every replica skips the step and the loss scale halves, whichever replica it was.
 config = vf.Config(latent_dim=4, batch_size=32, seed=0, devices="all", precision="mixed_float16", gamma_sc=0.0)
 strategy = vf.setup_devices(config)
-vae = vf.build_vae(config, 128, strategy)
+vae = vf.build_distributed_vae(config, 128, strategy)
 with strategy.scope():
     vae.optimizer.build(vae.trainable_variables)
 step = tf.function(lambda batch: strategy.run(vae.train_step, args=(batch,)))
@@ -150,17 +152,16 @@ y = labels.astype(np.int32)
 #    float32 gradient, to float16's precision.
 config32 = vf.Config(latent_dim=4, batch_size=32, seed=0, precision="float32")
 vf.setup_devices(config32)
-reference = vf.build_vae(config32, 512)
+reference = vf.build_distributed_vae(config32, 512)
 config16 = vf.Config(latent_dim=4, batch_size=32, seed=0, precision="mixed_float16")
 vf.setup_devices(config16)
-vae = vf.build_vae(config16, 512)
+vae = vf.build_distributed_vae(config16, 512)
 vae.set_weights(reference.get_weights())
 batch = {"noisy": noisy[:32], "clean": x[:32], "label": y[:32], "step_key": np.full(32, 3, np.int64)}
-for model in (reference, vae):
-    model.beta.assign(1.0)
+# beta is that of epoch 1 in both: the first applied step lies in the first epoch (16 steps)
+epsilon = vf.keyed_normal((32, 4), "float32", vf.seed_for(config32, "posterior"), 3)
 with tf.GradientTape() as tape:
-    loss = reference.compute_losses(batch["noisy"], batch["clean"], batch["label"],
-                                    step_key=tf.constant(3, tf.int64), training=True)
+    loss = reference.compute_losses(batch["noisy"], batch["clean"], batch["label"], epsilon, training=True)
 expected = tape.gradient(loss["total_loss"], reference.trainable_weights)
 received = []
 inner = vae.optimizer.inner_optimizer
@@ -183,7 +184,7 @@ results["float16_skipped_steps"] = skipped - 1  # the last call applied its step
 for precision in ("float32", "mixed_float16"):
     config = vf.Config(latent_dim=4, batch_size=32, epochs=3, warmup_epochs=2, seed=0, precision=precision)
     vf.setup_devices(config)
-    vae = vf.build_vae(config, 256, jit_compile=True)
+    vae = vf.build_distributed_vae(config, 256, jit_compile=True)
     history = vf.train_vae(vae, noisy[:256], x[:256], y[:256], config, verbose=0)
     plain = vae.encoder.predict(noisy[:100], verbose=0)[0]
     vae.encoder.compile(jit_compile=True)

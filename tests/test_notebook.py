@@ -43,12 +43,13 @@ def test_notebook_matches_the_script():
 def test_the_settings_and_outputs_tables_are_made_from_their_declarations():
     cells = jupytext.read(ROOT / "vae_fashion.py").cells
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for table, where in ((vf.settings_table(), [cells[0].source]), (vf.settings_summary(), [readme]),
-                         (vf.outputs_table(), [cells[-1].source, readme])):
+    for table, where in ((vf.settings_list(), [cells[0].source]), (vf.settings_summary(), [readme]),
+                         (vf.outputs_list(), [cells[-1].source]), (vf.outputs_table(), [readme])):
         for text in where:
             assert table in text, "stale table: run `python3 tools/sync_docs.py`"
     # both names of a setting, as a user types them
-    assert "| output | `fresh` | `VAE_FRESH` | `0` |" in cells[0].source
+    assert "- output: `fresh` (`VAE_FRESH`), default `0`: 1: discard a checkpoint" in cells[0].source
+    assert "- `05_denoising_grid.png`: clean / noisy / denoised" in cells[-1].source
     assert "`epochs` (`VAE_EPOCHS`) 17" in readme and "`fresh` (`VAE_FRESH`) 0" in readme
     assert "| `05_denoising_grid.png` |" in readme
 
@@ -77,8 +78,8 @@ def executed_run(tmp_path_factory):
     out = work / "out"
     shutil.copy(ROOT / "vae_fashion.ipynb", work / "vae_fashion.ipynb")
     env = {**os.environ, **TINY_RUN, "VAE_DATA_DIR": str(data), "VAE_OUT_DIR": str(out), "VAE_EPOCHS": "3",
-           "VAE_TEST_SAMPLES": "150", "VAE_EMBED_SAMPLES": "120", "VAE_CLASSICAL_SAMPLES": "1000", "VAE_GEN_METRICS": "1",
-           "VAE_SEED": "3"}
+           "VAE_TEST_SAMPLES": "150", "VAE_EMBED_SAMPLES": "120", "VAE_CLASSICAL_SAMPLES": "1000",
+           "VAE_GEN_METRICS": "1", "VAE_SEED": "3"}
     command = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                "--ExecutePreprocessor.timeout=900", "--output", "executed.ipynb", "vae_fashion.ipynb"]
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=1200)

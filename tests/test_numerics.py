@@ -105,16 +105,16 @@ def test_supcon_weight_rescales_to_the_reconstruction_term_without_a_gradient_th
 
 
 def test_total_loss_combines_the_terms():
-    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, gamma_sc=0.5))
+    # beta in the first epoch is beta_max / warmup_epochs = 0.25
+    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, gamma_sc=0.5, beta_max=1.0, warmup_epochs=4))
     rng = np.random.default_rng(12)
     clean = rng.random((16, 28, 28, 1)).astype(np.float32)
     labels = np.arange(16, dtype=np.int32) % 4
-    vae.beta.assign(0.25)
     losses = {k: float(v) for k, v in vae.compute_losses(vf.add_noise(clean, 0.45, 0), clean, labels).items()}
-    assert losses["supcon_loss"] > 1.0
+    assert losses["supcon_loss"] > 1.0 and losses["beta"] == 0.25
     expected = losses["recon_loss"] * 1.5 + 0.25 * losses["kl_loss"]
     np.testing.assert_allclose(losses["total_loss"], expected, rtol=1e-5)
-    vae.supcon_scale = "none"
+    vae.config = vf.dataclasses.replace(vae.config, supcon_scale="none")
     raw = {k: float(v) for k, v in vae.compute_losses(vf.add_noise(clean, 0.45, 0), clean, labels).items()}
     expected = raw["recon_loss"] + 0.25 * raw["kl_loss"] + 0.5 * raw["supcon_loss"]
     np.testing.assert_allclose(raw["total_loss"], expected, rtol=1e-5)
@@ -139,11 +139,12 @@ def test_reconstruction_loss_is_bce_summed_over_pixels():
 
 
 def test_warmup_is_linear_then_flat():
-    betas = [vf.warmup_beta(epoch, 1.0, 8) for epoch in range(12)]
+    betas = [float(vf.warmup_beta(epoch, 1.0, 8)) for epoch in range(12)]
     np.testing.assert_allclose(betas[:8], np.arange(1, 9) / 8)
     assert betas[8:] == [1.0] * 4
-    assert vf.warmup_beta(0, 0.5, 0) == 0.5
-    assert vf.warmup_beta(3, 2.0, 4) == 2.0
+    assert float(vf.warmup_beta(0, 0.5, 0)) == 0.5
+    assert float(vf.warmup_beta(3, 2.0, 4)) == 2.0
+    assert float(vf.warmup_beta(tf.constant(2, tf.int64), 3.0, 6)) == 1.5  # as train_step computes it
 
 
 # ---------------------------------------------------------------- metric helpers
@@ -250,40 +251,41 @@ def test_sampling_layer_draws_from_the_posterior():
     layer = vf.Sampling(seed=3)
     mean = np.full((20000, 2), [1.0, -2.0], np.float32)
     log_var = np.full((20000, 2), [0.0, np.log(0.25)], np.float32)
-    for z in (layer([mean, log_var]).numpy(), layer([mean, log_var, tf.constant(7)]).numpy()):
+    keyed = vf.keyed_normal((20000, 2), "float32", 3, 7)
+    for z in (layer(mean, log_var).numpy(), layer(mean, log_var, keyed).numpy()):
         np.testing.assert_allclose(z.mean(axis=0), [1.0, -2.0], atol=0.03)
         np.testing.assert_allclose(z.std(axis=0), [1.0, 0.5], atol=0.03)
+    # a given epsilon is used as it is: z = mean + exp(log_var / 2) * epsilon
+    np.testing.assert_allclose(layer(mean, log_var, keyed).numpy(), mean + np.exp(0.5 * log_var) * keyed.numpy(),
+                               rtol=1e-6)
+    # the layer's own generator moves on: two calls draw different noise
+    assert not np.allclose(layer(mean[:8], log_var[:8]).numpy(), layer(mean[:8], log_var[:8]).numpy())
 
 
-def test_keyed_sampling_depends_only_on_the_seed_and_the_step_key():
-    mean, log_var = np.zeros((64, 3), np.float32), np.zeros((64, 3), np.float32)
-    first, again = vf.Sampling(seed=3), vf.Sampling(seed=3)
-    first([mean, log_var])  # advancing the layer's own generator changes nothing keyed
-    a = first([mean, log_var, tf.constant(11)]).numpy()
-    np.testing.assert_array_equal(a, again([mean, log_var, tf.constant(11)]).numpy())
-    assert not np.allclose(a, again([mean, log_var, tf.constant(12)]).numpy())
-    assert not np.allclose(a, vf.Sampling(seed=4)([mean, log_var, tf.constant(11)]).numpy())
+def test_keyed_noise_depends_only_on_the_seed_and_the_step_key():
+    a = vf.keyed_normal((64, 3), "float32", 3, tf.constant(11)).numpy()
+    np.testing.assert_array_equal(a, vf.keyed_normal((64, 3), "float32", 3, tf.constant(11)).numpy())
+    assert not np.allclose(a, vf.keyed_normal((64, 3), "float32", 3, tf.constant(12)).numpy())
+    assert not np.allclose(a, vf.keyed_normal((64, 3), "float32", 4, tf.constant(11)).numpy())
 
 
 def test_a_few_train_steps_lower_the_loss():
     vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, learning_rate=3e-3))
     rng = np.random.default_rng(7)
     clean = rng.random((32, 28, 28, 1)).astype(np.float32) ** 3
-    batch = {"noisy": vf.add_noise(clean, 0.45, 0), "clean": clean, "label": np.arange(32, dtype=np.int32) % 4,
-             "step_key": np.zeros(32, np.int64)}
-    vae.beta.assign(1.0)
-    first = float(vae.compute_losses(batch["noisy"], batch["clean"], batch["label"])["total_loss"])
+    noisy, labels = vf.add_noise(clean, 0.45, 0), np.arange(32, dtype=np.int32) % 4
+    first = float(vae.compute_losses(noisy, clean, labels)["total_loss"])
     step = tf.function(vae.train_step)
     for _ in range(40):
-        step(batch)
-    after = vae.compute_losses(batch["noisy"], batch["clean"], batch["label"])
+        step((noisy, (clean, labels)))
+    after = vae.compute_losses(noisy, clean, labels)
     assert float(after["total_loss"]) < 0.9 * first
     assert float(after["recon_loss"]) < first
 
 
-def test_beta_warmup_callback_and_history(tmp_path):
+def test_runs_training_warms_beta_up_and_keeps_the_history(tmp_path):
     config = vf.Config(epochs=3, warmup_epochs=2, batch_size=16, latent_dim=4, seed=0)
-    vae = vf.build_vae(config)
+    vae = vf.build_distributed_vae(config, 40)
     x = np.random.default_rng(8).random((40, 28, 28, 1)).astype(np.float32)
     history = vf.train_vae(vae, x, x, np.arange(40, dtype=np.int32) % 10, config, verbose=0)
     assert list(history.columns) == vf.HISTORY_COLUMNS
@@ -294,7 +296,7 @@ def test_beta_warmup_callback_and_history(tmp_path):
 
 def test_nan_loss_stops_training_and_names_the_term():
     config = vf.Config(epochs=3, batch_size=8, latent_dim=4, seed=0)
-    vae = vf.build_vae(config)
+    vae = vf.build_distributed_vae(config, 16)
     clean = np.random.default_rng(9).random((16, 28, 28, 1)).astype(np.float32)
     target = clean.copy()
     target[3, 5, 5, 0] = np.nan
@@ -309,7 +311,8 @@ def test_keras_is_version_3():
 def test_pooled_psnr_is_ten_log_one_over_the_pooled_mse():
     rng = np.random.default_rng(8)
     reference = rng.random((5, 28, 28, 1))
-    images = np.clip(reference + rng.normal(0, [0.02, 0.05, 0.1, 0.2, 0.3], (28, 28, 1, 5)).T.reshape(5, 28, 28, 1), 0, 1)
+    noise = rng.normal(0, [0.02, 0.05, 0.1, 0.2, 0.3], (28, 28, 1, 5)).T.reshape(5, 28, 28, 1)
+    images = np.clip(reference + noise, 0, 1)
     means = vf.quality_means({"x": vf.image_quality(reference, images)})
     assert means["x_psnr_pooled"] == pytest.approx(10 * np.log10(1 / np.mean((reference - images) ** 2)), abs=1e-9)
     # per-image PSNRs average the logs, so they differ from the pooled figure when the errors vary
@@ -369,7 +372,7 @@ def test_a_short_training_denoises_beyond_the_noisy_input_and_any_constant_image
     x, y = _bars(1024, 0)
     x_test, _ = _bars(200, 1)
     config = vf.Config(epochs=8, warmup_epochs=2, batch_size=64, latent_dim=8, seed=0)
-    vae = vf.build_vae(config, len(x))
+    vae = vf.build_distributed_vae(config, len(x))
     vf.train_vae(vae, vf.add_noise(x, 0.45, 1), x, y, config, verbose=0)
     noisy = vf.add_noise(x_test, 0.45, 2)
 

@@ -18,7 +18,7 @@ def reduced_run():
                        data_dir=str(vf.DEBIAN_DATA_DIR))
     vf.setup_devices(config)  # "auto": bfloat16 where it is faster, as a run here would train
     data = vf.with_noise(vf.load_fashion_mnist(config), config)
-    vae = vf.build_vae(config, len(data.x_train))
+    vae = vf.build_distributed_vae(config, len(data.x_train))
     history = vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
     evaluated = vf.evaluate(vae, data, config)
     density = vf.fit_expost_density(evaluated["z_mean_train"], config.seed)

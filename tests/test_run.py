@@ -72,6 +72,10 @@ def test_a_missing_umap_is_installed_once_and_a_failed_install_is_reported(monke
     assert calls == [[sys.executable, "-m", "pip", "install", "-q", "umap-learn"]]
 
     sys.modules["umap"] = None
-    monkeypatch.setattr(vf.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(subprocess.TimeoutExpired("pip", 600)))
+    def pip_times_out(*args, **kwargs):
+        raise subprocess.TimeoutExpired("pip", 600)
+
+    monkeypatch.setattr(vf.subprocess, "run", pip_times_out)
     module, reason = vf.import_umap()
-    assert module is None and "import umap failed" in reason and "pip install umap-learn failed (TimeoutExpired)" in reason
+    assert module is None and "import umap failed" in reason
+    assert "pip install umap-learn failed (TimeoutExpired)" in reason

@@ -1,6 +1,6 @@
-"""Write the tables that are made from the code: the settings tables (from Config) and the outputs table
-(from OUTPUTS) into the notebook's markdown cells in vae_fashion.py and into README.md, then regenerate
-vae_fashion.ipynb with jupytext. The tests fail, naming this script, when a table is stale.
+"""Write what is made from the code: the settings (from Config) and the outputs (from OUTPUTS), as lists in
+the notebook's markdown cells in vae_fashion.py and as tables in README.md, then regenerate vae_fashion.ipynb
+with jupytext. The tests fail, naming this script, when one is stale.
 
     python3 tools/sync_docs.py
 """
@@ -15,18 +15,19 @@ sys.path.insert(0, str(ROOT))
 
 import vae_fashion as vf  # noqa: E402
 
-# marker name -> the table, in the notebook's markdown cells and in README.md
-NOTEBOOK_TABLES = {"settings": vf.settings_table, "outputs": vf.outputs_table}
+# marker name -> the list or table, in the notebook's markdown cells and in README.md
+NOTEBOOK_TABLES = {"settings": vf.settings_list, "outputs": vf.outputs_list}
 README_TABLES = {"settings": vf.settings_summary, "outputs": vf.outputs_table}
 
 
 def replace_table(text: str, name: str, table: str, prefix: str) -> str:
-    """The markdown table after the marker line `<prefix><!-- <name> table -->` is replaced by `table`."""
+    """The block after the marker line `<prefix><!-- <name> table -->`, up to the first blank line, is replaced
+    by `table`."""
     marker = f"{prefix}<!-- {name} table -->\n"
     if marker not in text:
         raise SystemExit(f"no '{marker.strip()}' line to put the {name} table after")
     head, rest = text.split(marker, 1)
-    old = re.match(rf"(?:{re.escape(prefix.rstrip())}.*\|\n)*", rest).group(0)  # the table's lines
+    old = re.match(rf"(?:{re.escape(prefix)}\S.*\n|{re.escape(prefix)}  .*\n)*", rest).group(0)  # up to a blank
     new = "".join(f"{prefix}{line}".rstrip() + "\n" for line in table.splitlines())
     return head + marker + new + rest[len(old):]
 
