@@ -22,7 +22,7 @@ jupytext = pytest.importorskip("jupytext")
 # Every file a finished default run writes, from the one table of outputs (checkpoint/ is a folder).
 OUTPUT_FILES = [name for output in vf.OUTPUTS for name in output.files
                 if name != "checkpoint/" and not (name == "prior.npz" and vf.Config().prior == "normal")]
-DRAWN_FILES = {name for output in vf.OUTPUTS if callable(output.by) for name in output.files}
+DRAWN_FILES = {name for output in vf.OUTPUTS if output.draw is not None for name in output.files}
 
 
 def _cells(notebook):
