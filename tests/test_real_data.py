@@ -21,8 +21,9 @@ def reduced_run():
     vae = vf.build_distributed_vae(config, len(data.x_train))
     history = vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
     evaluated = vf.evaluate(vae, data, config)
-    density = vf.fit_expost_density(evaluated["z_mean_train"], config.seed)
-    generation = vf.generation_quality(vae, data, config, evaluated["z_mean_train"], evaluated["denoised"], density)
+    vae.code_density = vf.fit_code_density(evaluated["z_mean_train"], config.expost_components,
+                                           vf.seed_for(config, "expost_fit"))
+    generation = vf.generation_quality(vae, data, config, evaluated["z_mean_train"], evaluated["denoised"])
     return data, history, evaluated, vf.denoising_summary(evaluated["quality"]), generation
 
 
