@@ -8,10 +8,11 @@ For each run it re-encodes the fixed noisy training copy (the run's own settings
 Fréchet-distance classifier (same seed, same 3 epochs), checks that it reproduces the run's fd_vae_reconstruction,
 and prints, for each candidate: its Fréchet distance to the clean test images (10,000 decoded samples, the run's
 n), the ratio to the reconstructions' and the seconds its fit took on this CPU. The candidates: the trained
-prior (prior.npz of a run before the ex-post generator, or its trained_* arrays), full-covariance Gaussian
-mixtures of K components fitted by EM to the 60,000 training z_mean (and to one posterior sample of each image),
-K chosen by BIC, diagonal mixtures, and the training codes themselves decoded (the limit of any density of
-z_mean).
+prior (prior.npz of a run before the ex-post generator, or its trained_* arrays); full-covariance Gaussian
+mixtures of K components fitted by EM to a seeded subset of the training z_mean (--subset, --ks), to all 60,000
+(K = 10, the earlier ex-post density, and K = 80), and to one posterior sample of each image; the K that BIC
+picks among the subset's; a diagonal mixture; and the training codes themselves decoded (the limit of any
+density of z_mean). Samples are drawn with the run's "prior_fd" stream, as fd_prior_samples is.
 """
 
 import argparse
@@ -38,7 +39,7 @@ def mixture_parameters(mixture: GaussianMixture) -> dict:
     return {"weights": mixture.weights_, "means": mixture.means_, "covariances": covariances}
 
 
-def compare(folder: Path, ks, posterior_k: int) -> list[dict]:
+def compare(folder: Path, ks, subset_size: int) -> list[dict]:
     record = json.loads((folder / "config.json").read_text())["config"]
     config = vf.Config(**{k: v for k, v in record.items() if k in vf.SETTINGS})
     stored = pd.read_csv(folder / "metrics.csv").set_index("name")["value"]
@@ -60,32 +61,35 @@ def compare(folder: Path, ks, posterior_k: int) -> list[dict]:
     recon = fd(z_test)
     rows = [{"density": "reconstructions decoder(z_mean(noisy test))", "fd": recon, "stored": stored.get(
         "fd_vae_reconstruction")}]
-    rng = np.random.default_rng(vf.seed_for(config, "prior_fd"))
     rows.append({"density": "the training codes themselves (the limit)",
-                 "fd": fd(z_train[vf.seeded_subset(len(z_train), n, rng, in_order=False)])})
+                 "fd": fd(z_train[vf.seeded_subset(len(z_train), n, vf.seed_for(config, "training_codes"))])})
     prior = np.load(folder / "prior.npz")
     trained = {k.removeprefix("trained_"): prior[k] for k in prior.files if k.startswith("trained_")} or dict(prior)
     rows.append({"density": "the trained prior", "fd": fd(vf.sample_mixture(trained, n, np.random.default_rng(
         vf.seed_for(config, "prior_fd"))))})
 
     posterior = z_train + np.exp(0.5 * z_log_var) * np.random.default_rng(0).standard_normal(z_train.shape)
-    candidates = [(f"full, K={k}, z_mean", "full", k, z_train) for k in ks]
-    candidates += [(f"diag, K={k}, z_mean", "diag", k, z_train) for k in (40, 160)]
-    candidates += [(f"full, K={posterior_k}, posterior samples", "full", posterior_k, posterior)]
+    subset = vf.seeded_subset(len(z_train), subset_size, vf.seed_for(config, "expost_fit"))
+    candidates = [("full", 10, z_train, "z_mean")]
+    candidates += [("full", k, z_train[subset], "z_mean") for k in ks]
+    candidates += [("full", 80, z_train, "z_mean"), ("diag", 160, z_train, "z_mean"),
+                   ("full", 80, posterior[subset], "one posterior sample of each image")]
     bic = {}
-    for name, kind, k, codes in candidates:
+    for kind, k, codes, what in candidates:
+        name = f"{kind}, K={k}, {len(codes)} x {what}"
         began = time.perf_counter()
         mixture = GaussianMixture(k, covariance_type=kind, random_state=vf.seed_for(config, "expost_fit")).fit(codes)
         seconds = time.perf_counter() - began
-        if kind == "full" and codes is z_train:
+        if kind == "full" and len(codes) == subset_size and what == "z_mean":
             bic[k] = mixture.bic(z_train)
         samples = vf.sample_mixture(mixture_parameters(mixture), n, np.random.default_rng(
-            vf.seed_for(config, "expost")))
+            vf.seed_for(config, "prior_fd")))
         rows.append({"density": name, "fd": fd(samples), "fit_s": seconds, "iterations": mixture.n_iter_,
                      "converged": mixture.converged_})
         print(f"  {name}: FD {rows[-1]['fd']:.3f} ({rows[-1]['fd'] / recon:.3f}x), fit {seconds:.1f} s", flush=True)
-    best = min(bic, key=bic.get)
-    rows.append({"density": f"BIC's choice among K = {sorted(bic)}: K={best}"})
+    if bic:
+        best = min(bic, key=bic.get)
+        rows.append({"density": f"BIC (on all the codes) picks K={best} among {sorted(bic)}"})
     for row in rows:
         row["ratio"] = row["fd"] / recon if "fd" in row else None
     return rows
@@ -94,12 +98,13 @@ def compare(folder: Path, ks, posterior_k: int) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
-    parser.add_argument("--ks", type=int, nargs="+", default=[10, 20, 40, 80, 160])
-    parser.add_argument("--posterior-k", type=int, default=80)
+    parser.add_argument("--ks", type=int, nargs="+", default=[40, 80, 120, 160],
+                        help="components of the full mixtures fitted to the subset")
+    parser.add_argument("--subset", type=int, default=20_000, help="seeded training codes those are fitted to")
     args = parser.parse_args()
     print(f"CPU {vf.cpu_model_name()}")
     for folder in args.folders:
-        rows = compare(folder, args.ks, args.posterior_k)
+        rows = compare(folder, args.ks, args.subset)
         print(f"\n{folder}")
         print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 

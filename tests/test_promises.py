@@ -1,0 +1,131 @@
+"""Promises of the cell's docs that a one-line slip would break while a run still finishes with plausible
+numbers: each is checked against a small independent reference or a property that separates it from its
+nearest wrong version."""
+
+import inspect
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import vae_fashion as vf
+
+
+def test_the_cosine_schedule_decays_to_5_percent_of_the_learning_rate_over_the_run():
+    """Config's promise: "cosine: decay to 5 % over the run" (every epoch's steps, not one epoch's)."""
+    config = vf.Config(epochs=4, batch_size=64, learning_rate=2e-3, latent_dim=4)
+    vae = vf.build_vae(config, n_train=600)  # 10 steps an epoch (the last partial): 40 steps in the run
+    assert vae.steps_per_epoch == 10
+    for step, expected in ((0, 2e-3), (10, 2e-3 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi / 4)))),
+                           (20, 2e-3 * (0.05 + 0.95 * 0.5)), (40, 1e-4), (60, 1e-4)):
+        vae.optimizer.iterations.assign(step)
+        assert float(vae.optimizer.learning_rate) == pytest.approx(expected, rel=1e-5), step
+    constant = vf.build_vae(vf.dataclasses.replace(config, lr_schedule="constant"), n_train=600)
+    constant.optimizer.iterations.assign(40)
+    assert float(constant.optimizer.learning_rate) == pytest.approx(2e-3)
+
+
+class _RecordingPrior:
+    def __init__(self):
+        self.calls = []
+
+    def fit(self, latents, seed):
+        self.calls.append((np.array(latents), seed))
+
+
+def test_the_mixture_prior_is_fitted_once_before_epoch_2_to_one_posterior_sample_of_each_noisy_image():
+    """FitPrior: at the start of the second epoch only, to z_mean + sd * N(0, 1) of PRIOR_FIT_SAMPLES distinct
+    seeded noisy training images (not to z_mean, not to the clean images, not with repeats)."""
+    n = vf.PRIOR_FIT_SAMPLES + 2000
+    noisy = np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, 28, 28, 1), np.float32)
+    config = vf.Config(seed=3)
+    model = types.SimpleNamespace(prior=_RecordingPrior(), encoded=[])
+
+    def encode(images):  # the image's number as its z_mean in both dimensions, and a posterior sd of 0.5
+        model.encoded.append(images[:, 0, 0, 0])
+        return np.repeat(images[:, 0, 0, :], 2, axis=1), np.full((len(images), 2), np.log(0.25), np.float32)
+
+    model.encode = encode
+    callback = vf.FitPrior(noisy, config)
+    callback.set_model(model)
+    fits = []
+    for epoch in (0, 1, 2, 3):  # epoch counts from 0, as Keras' on_epoch_begin gets it
+        callback.on_epoch_begin(epoch)
+        fits.append(len(model.prior.calls))
+    assert fits == [0, 1, 1, 1] and len(model.encoded) == 1
+    latents, seed = model.prior.calls[0]
+    assert seed == vf.seed_for(config, "prior_fit") and latents.shape == (vf.PRIOR_FIT_SAMPLES, 2)
+    images = model.encoded[0]
+    assert len(np.unique(images)) == vf.PRIOR_FIT_SAMPLES  # distinct images, each once
+    offsets = latents - images[:, None]  # the posterior sample's noise: N(0, 0.5^2), independent per dimension
+    assert abs(offsets.std() - 0.5) < 0.02 and abs(offsets.mean()) < 0.02
+    assert abs(np.corrcoef(offsets[:, 0], offsets[:, 1])[0, 1]) < 0.05
+
+
+def test_after_its_fit_only_the_kl_term_trains_the_prior():
+    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, prior_components=3), n_train=64)
+    x = np.random.default_rng(0).random((16, 28, 28, 1)).astype(np.float32)
+    labels = np.arange(16, dtype=np.int32) % 4
+    prior_weights = [vae.prior.logits, vae.prior.means, vae.prior.log_vars]
+    assert all(any(w is v for v in vae.trainable_weights) for w in prior_weights)
+    with tf.GradientTape(persistent=True) as tape:
+        losses = vae.compute_losses(x, x, labels, training=True)
+    for term in ("recon_loss", "supcon_loss"):
+        assert all(g is None for g in tape.gradient(losses[term], prior_weights)), term
+    kl_gradients = tape.gradient(losses["kl_loss"], prior_weights)
+    assert float(tf.linalg.global_norm([g for g in kl_gradients if g is not None])) > 0
+
+
+def test_the_denoising_grid_rows_are_clean_noisy_denoised_with_one_column_per_class(monkeypatch):
+    labels = np.array([3, 0, 3, 1, 0, 2, 1, 2, 2])
+    x = np.arange(9, dtype=np.float32)[:, None, None, None] * np.ones((1, 28, 28, 1), np.float32)
+    results = types.SimpleNamespace(y_test=labels, x_test=x, x_test_noisy=x + 100, denoised=x + 200)
+    drawn = {}
+    monkeypatch.setattr(vf, "plot_images", lambda images, title, path, rows, columns, show: drawn.update(
+        images=images, rows=rows, columns=columns))
+    vf.draw_denoising_grid(results, ["grid.png"])
+    first_of_each_class = [1, 3, 5, 0]  # classes 0, 1, 2, 3 in order, the first test image of each
+    np.testing.assert_array_equal(drawn["images"][:, :, 0, 0, 0],
+                                  [first_of_each_class, np.add(first_of_each_class, 100),
+                                   np.add(first_of_each_class, 200)])
+    assert [row.split("\n")[0] for row in drawn["rows"]] == ["Clean", "Noisy", "Denoised"]
+    assert drawn["columns"] == [vf.CLASS_NAMES_TR[c] for c in range(4)]
+
+
+def test_the_scatter_plots_draw_their_points_in_one_seeded_random_order(monkeypatch, tmp_path):
+    from matplotlib.axes import Axes
+
+    drawn = []
+    original = Axes.scatter
+    monkeypatch.setattr(Axes, "scatter", lambda self, x, y, **kw: drawn.append(np.array(x)) or original(
+        self, x, y, **kw))
+    labels = np.repeat(np.arange(10), 30)  # sorted by class: drawn in this order, class 9 would hide the rest
+    coords = np.stack([np.arange(300.0), np.zeros(300)], axis=1)
+    vf.plot_latent_scatter(coords, labels, "t", tmp_path / "a.png", seed=7)
+    np.testing.assert_array_equal(drawn[-1], np.random.default_rng(7).permutation(300))
+
+    # every scatter of a run uses the one seeded order of the "scatter_order" stream
+    seeds = []
+    signature = inspect.signature(vf.plot_latent_scatter)
+    monkeypatch.setattr(vf, "plot_latent_scatter", lambda *a, **k: seeds.append(
+        signature.bind(*a, **k).arguments.get("seed")))
+    config = vf.Config(seed=11)
+    results = types.SimpleNamespace(config=config, pca_ratios=np.array([0.5, 0.3]), y_test=labels,
+                                    pca_coords=coords, embeddings={"subset": np.arange(300), "t-SNE": coords,
+                                                                   "UMAP": coords})
+    vf.draw_pca(results, [tmp_path / "1.png", tmp_path / "2.png"])
+    vf.draw_embeddings(results, [tmp_path / "3.png", tmp_path / "4.png"])
+    assert seeds == [vf.seed_for(config, "scatter_order")] * 4
+
+
+def test_the_linear_probe_and_knn_learn_on_training_codes_and_score_on_test_codes():
+    """Test codes whose classes are the training codes' shifted by one: fitted on the training codes, every
+    test image is misclassified; a probe fitted on the test codes would score 1."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (10, 3))
+    y = np.repeat(np.arange(10), 50)
+    z = centres[y] + rng.normal(0, 0.3, (500, 3))
+    scores = vf.representation_quality(z, y, z, (y + 1) % 10, seed=0)
+    assert scores["linear_probe_accuracy"] == 0.0 and scores["knn10_accuracy"] == 0.0
+    assert vf.representation_quality(z, y, z, y, seed=0)["knn10_accuracy"] == 1.0
