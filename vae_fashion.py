@@ -74,6 +74,11 @@
 #   float32
 # - optimisation: `devices` (`VAE_DEVICES`), default `one`: one: the first GPU, else the CPU; all: MirroredStrategy
 #   over every GPU
+# - generation: `generator` (`VAE_GENERATOR`), default `expost`: the density the shown and saved samples come from:
+#   expost, a Gaussian mixture fitted to the training z_mean after training; prior, the prior the KL trained against
+#   (the original's N(0, I) with prior normal)
+# - generation: `expost_components` (`VAE_EXPOST_COMPONENTS`), default `80`: components of the expost mixture (full
+#   covariances)
 # - evaluation: `embed_samples` (`VAE_EMBED_SAMPLES`), default `3000`: seeded test subset for t-SNE and UMAP (0:
 #   neither, for a quick run)
 # - evaluation: `classical_samples` (`VAE_CLASSICAL_SAMPLES`), default `1000`: seeded test subset for the TV and
@@ -2862,10 +2867,10 @@ if __name__ == "__main__":
 #   Turkish class names (`draw_pca`)
 # - `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png`: UMAP and t-SNE of a seeded test subset (no UMAP
 #   where umap-learn cannot be had; neither with `embed_samples` 0) (`draw_embeddings`)
-# - `07_generated_prior.png`: 10x10 samples `decoder(z)`, `z` from the prior the model was trained with
-#   (`draw_prior_samples`)
-# - `07B_generated_expost.png`: 10x10 samples of a 10-component GMM fitted to the training `z_mean` after training
-#   (the ex-post density) (`draw_expost_samples`)
+# - `07_generated_prior.png`: 10x10 samples `decoder(z)`, `z` from the generator: a Gaussian mixture fitted to the
+#   training `z_mean` after training (`generator` expost), or the prior (`draw_prior_samples`)
+# - `07B_generated_trained_prior.png`: 10x10 samples of the prior the KL trained against (N(0, I) or the learned
+#   mixture) (`draw_trained_prior_samples`)
 # - `12_class_conditional.png`: one row per class: samples of a Gaussian fitted to that class's training `z_mean`
 #   (`draw_class_conditional`)
 # - `08_latent_interpolation.png`: 8 straight lines between the `z_mean` of test images of two classes
@@ -2882,7 +2887,8 @@ if __name__ == "__main__":
 # - `metrics.csv`, `metrics.txt`: every figure with its unit, image count and definition; the readable report (written
 #   last: their presence means a finished run) (`write_reports`)
 # - `encoder.keras`, `decoder.keras`, `prior.npz`: the trained models (plain Keras layers: image -> `z_mean,
-#   z_log_var`; `z` -> image); the learned prior's parameters (`prior` mixture only) (`save_models`)
+#   z_log_var`; `z` -> image); the generator's mixture (weights, means, covariances) and the trained prior's
+#   (`trained_*`; none when both are N(0, I)) (`save_models`)
 # - `config.json`, `run_status.json`, `timings.csv`: the settings, variables, precision, CPU and versions that ran;
 #   `running` / `finished` / `failed`; seconds per stage (`run`)
 # - `checkpoint/`: the training state, for resuming an interrupted run (`Checkpoint`)
