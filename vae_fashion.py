@@ -1584,8 +1584,8 @@ QUALITY_DEFINITIONS = {
     "mse": "mean over the images of the per-image MSE against the clean image",
     "psnr": "mean over the images of skimage peak_signal_noise_ratio(clean, image, data_range=1)",
     "ssim": "mean over the images of skimage structural_similarity(clean, image, data_range=1)",
-    "psnr_pooled": "10*log10(1 / MSE) with the MSE pooled over every pixel of every image (the PSNR most papers "
-                   "report)",
+    "psnr_pooled": "10*log10(1 / MSE) with the MSE pooled over every pixel of every image (one PSNR of the whole "
+                   "set)",
 }
 SUBSET_NOTE = {"test": "the test images",
                "classical": "the seeded classical-reference test subset"}
@@ -2092,7 +2092,7 @@ def device_summary(strategy: tf.distribute.Strategy) -> str:
     tpu = tpu_runtime()
     if tpu:
         line += (f"\n  NOTE: this is a TPU runtime ({tpu}), but the notebook has no TPUStrategy: it trains on the "
-                 "host CPU, which takes 20 minutes or more. A GPU runtime (T4) is the fast choice.")
+                 "host CPU, far slower than a GPU (not measured on a TPU VM). A GPU runtime (T4) is the fast choice.")
     return line
 
 
