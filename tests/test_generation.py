@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import vae_fashion as vf
-from conftest import ROOT
+from conftest import ROOT, synthetic_split
 
 
 def test_frechet_distance_matches_gaussian_closed_forms():
@@ -223,3 +224,34 @@ def test_gaussian_samples_have_the_given_full_covariance():
     mixture = vf.sample_mixture({"weights": np.array([1.0]), "means": np.zeros((1, 3)), "covariances": cov[None]}, n,
                                 np.random.default_rng(2))
     np.testing.assert_allclose(np.cov(mixture, rowvar=False), cov, atol=0.03)
+
+
+def test_generation_quality_scores_each_set_against_the_test_images_and_the_test_labels():
+    """A stand-in model whose reconstructions are the clean test images themselves and whose decoder draws the
+    mean training image of the class a latent points to: the reconstructions' Fréchet distance is 0, their
+    agreement is the classifier's own test accuracy (so it counts against the test labels), and every decoded
+    set lands on its class."""
+    x_train, y_train = synthetic_split(600, 0)
+    x_test, y_test = synthetic_split(200, 1)
+    clean_test = vf.to_unit_float(x_test)
+    data = vf.FashionMNIST(vf.to_unit_float(x_train), y_train.astype(np.int32), clean_test, y_test.astype(np.int32),
+                           "bars", x_test_noisy=vf.add_noise(clean_test, 0.45, 0))
+    templates = np.stack([data.x_train[data.y_train == c].mean(axis=0) for c in range(10)])
+    rng = np.random.default_rng(0)
+    codes = np.eye(10)[data.y_train] * 3 + rng.normal(0, 0.1, (600, 10))
+
+    def class_codes(n, seed):
+        return np.eye(10)[np.random.default_rng(seed).integers(0, 10, n)] * 3
+
+    vae = types.SimpleNamespace(generate=lambda latents: templates[np.argmax(latents, axis=1)],
+                                sample_latents=class_codes, sample_prior=class_codes)
+    config = vf.Config(seed=0)
+    result = vf.generation_quality(vae, data, config, codes, data.x_test.copy())
+    assert result["fd_samples"] == 200 and result["conditional_per_class"] == 20
+    assert abs(result["fd_vae_reconstruction"]) < 1e-3, result
+    assert result["reconstruction_agreement"] == pytest.approx(result["classifier_test_accuracy"])
+    assert result["classifier_test_accuracy"] > 0.9
+    assert result["conditional_agreement"] > 0.9 and result["fd_training_codes"] > result["fd_vae_reconstruction"]
+    assert result["fd_clean_train"] < result["fd_noisy_input"]
+    for c in range(10):
+        assert result[f"conditional_agreement_{c}"] > 0.5, c
