@@ -129,3 +129,21 @@ def test_the_linear_probe_and_knn_learn_on_training_codes_and_score_on_test_code
     scores = vf.representation_quality(z, y, z, (y + 1) % 10, seed=0)
     assert scores["linear_probe_accuracy"] == 0.0 and scores["knn10_accuracy"] == 0.0
     assert vf.representation_quality(z, y, z, y, seed=0)["knn10_accuracy"] == 1.0
+
+
+def test_the_interpolation_lines_join_test_images_of_two_different_classes_and_are_labelled_with_them():
+    labels = np.repeat(np.arange(10), 20)
+    pairs = vf.interpolation_pairs(labels, 8, seed=4)
+    assert len(pairs) == 8 and len(set(pairs)) == 8
+    assert all(labels[a] != labels[b] for a, b in pairs)
+    z = np.eye(10, dtype=np.float32)[labels] * 3  # each class at its own corner
+    vae = types.SimpleNamespace(generate=lambda latents: np.repeat(latents[:, :1, None, None], 28 * 28, axis=1)
+                                .reshape(len(latents), 28, 28, 1))
+    config = vf.Config(latent_dim=10, seed=4)
+    paths = vf.latent_paths(vae, z, labels, config)
+    chosen = vf.interpolation_pairs(labels, 8, vf.seed_for(config, "interpolation_pairs"))
+    assert paths["interpolation_labels"] == [f"{vf.CLASS_NAMES_TR[labels[a]]} →\n{vf.CLASS_NAMES_TR[labels[b]]}"
+                                             for a, b in chosen]
+    # each line starts at its first image's code and ends at its second's (coordinate 0: 3 for class 0, else 0)
+    for line, (a, b) in zip(paths["interpolation"], chosen):
+        assert line[0, 0, 0, 0] == z[a, 0] and line[-1, 0, 0, 0] == z[b, 0]
