@@ -317,8 +317,8 @@ def generator_label(config: Config, short: bool = False) -> str:
         return prior_label(config, short)
     if short:
         return f"ex-post GMM ({config.expost_components})"
-    return (f"a {config.expost_components}-component Gaussian mixture fitted to the training z_mean after "
-            "training")
+    return (f"a mixture of {config.expost_components} full-covariance Gaussians fitted to the training z_mean "
+            "after training")
 
 
 def seed_for(config: Config, draw: str) -> int:
