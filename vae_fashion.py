@@ -74,6 +74,11 @@
 #   float32
 # - optimisation: `devices` (`VAE_DEVICES`), default `one`: one: the first GPU, else the CPU; all: MirroredStrategy
 #   over every GPU
+# - generation: `generator` (`VAE_GENERATOR`), default `expost`: the density the shown and saved samples come from:
+#   expost, a Gaussian mixture fitted to the training z_mean after training; prior, the prior the KL trained against
+#   (the original's N(0, I) with prior normal)
+# - generation: `expost_components` (`VAE_EXPOST_COMPONENTS`), default `80`: components of the expost mixture (full
+#   covariances)
 # - evaluation: `embed_samples` (`VAE_EMBED_SAMPLES`), default `3000`: seeded test subset for t-SNE and UMAP (0:
 #   neither, for a quick run)
 # - evaluation: `classical_samples` (`VAE_CLASSICAL_SAMPLES`), default `1000`: seeded test subset for the TV and
@@ -142,7 +147,8 @@ PRESETS = {
     # float32, one convolution per level, 28x28 output layers, 20 epochs
     "faithful": {"supcon_scale": "none", "gamma_sc": 1.0, "fresh_noise": False, "hidden_units": 128,
                  "learning_rate": 0.001, "lr_schedule": "constant", "precision": "float32",
-                 "encoder_depth": 1, "decoder_depth": 1, "output_layer": "conv", "epochs": 20, "prior": "normal"},
+                 "encoder_depth": 1, "decoder_depth": 1, "output_layer": "conv", "epochs": 20, "prior": "normal",
+                 "generator": "prior"},
     # a larger model trained longer, for a GPU or time to spare
     "quality": {"epochs": 40, "warmup_epochs": 10, "latent_dim": 32, "decoder_depth": 3, "hidden_units": 512},
 }
@@ -207,6 +213,13 @@ class Config:
     # the fingerprint records the replica count instead
     devices: str = setting("one", "optimisation", "one: the first GPU, else the CPU; all: MirroredStrategy over "
                            "every GPU", ("one", "all"), trains=False)
+    # generation
+    generator: str = setting("expost", "generation", "the density the shown and saved samples come from: expost, a "
+                             "Gaussian mixture fitted to the training z_mean after training; prior, the prior the "
+                             "KL trained against (the original's N(0, I) with prior normal)", ("expost", "prior"),
+                             trains=False)
+    expost_components: int = setting(80, "generation", "components of the expost mixture (full covariances)", low=1,
+                                     high=1000, trains=False)
     # evaluation
     embed_samples: int = setting(3000, "evaluation", "seeded test subset for t-SNE and UMAP (0: neither, for a quick "
                                  "run)", low=0, high=10**7,
@@ -271,6 +284,7 @@ CLASS_NAMES_TR = [
 SILHOUETTE_SAMPLES = 5000  # test z_mean scored by the silhouette (O(n^2) distances)
 ROBUSTNESS_SAMPLES = 1000  # test images denoised at every noise level of 13_noise_robustness.png
 PRIOR_FIT_SAMPLES = 10_000  # training posteriors the mixture prior is fitted to by EM
+EXPOST_FIT_SAMPLES = 20_000  # training z_mean the generator's mixture is fitted to after training
 
 # Every random draw has its own named stream, seed_for(config, name) = VAE_SEED + offset, so that a
 # change in one draw moves no other. The weights (Keras' global generator, set by build_vae) and the
@@ -281,19 +295,30 @@ SEED_OFFSETS = {
     # training
     "train_noise": 1_000_000_007, "posterior": 2_000_000_011, "train_noise_fixed": 8,
     # analysis
-    "test_noise": 1, "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "expost": 5, "conditional": 6,
+    "test_noise": 1, "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "training_codes": 5, "conditional": 6,
     "robustness_subset": 7, "silhouette_subset": 9, "embed_subset": 10, "tsne": 11, "umap": 12, "expost_fit": 13,
-    "interpolation_pairs": 14, "classifier": 15, "prior_fit": 17, "robustness_noise": 1000,  # + the level's index
+    "interpolation_pairs": 14, "classifier": 15, "prior_fit": 17, "trained_prior_grid": 18, "trained_prior_fd": 19,
+    "robustness_noise": 1000,  # + the level's index
     # drawing
     "scatter_order": 16,
 }
 
 
 def prior_label(config: Config, short: bool = False) -> str:
-    """How titles and labels name the prior: the long form, or the two-line short one of a bar label."""
+    """How titles and labels name the prior the KL trained against: the long form, or a short one."""
     if config.prior == "normal":
-        return "prior\nN(0, I)" if short else "N(0, I)"
-    return "learned\nprior" if short else f"a learned mixture of {config.prior_components} Gaussians"
+        return "prior N(0, I)" if short else "N(0, I)"
+    return "trained prior" if short else f"a learned mixture of {config.prior_components} Gaussians"
+
+
+def generator_label(config: Config, short: bool = False) -> str:
+    """How titles and labels name the density the shown and saved samples come from (the generator)."""
+    if config.generator == "prior":
+        return prior_label(config, short)
+    if short:
+        return f"ex-post GMM ({config.expost_components})"
+    return (f"a mixture of {config.expost_components} full-covariance Gaussians fitted to the training z_mean "
+            "after training")
 
 
 def seed_for(config: Config, draw: str) -> int:
@@ -541,7 +566,7 @@ class VAE(keras.Model):
 
     Train it with fit(noisy, (clean, labels)); beta warms up by the epoch, counted from the optimizer's
     steps. It owns its uses, on numpy batches of any size: encode() gives (z_mean, z_log_var), denoise()
-    gives decoder(z_mean(noisy)), generate() decodes latents, sample_prior() draws from the prior."""
+    gives decoder(z_mean(noisy)), generate() decodes latents, sample_latents() draws from the generator."""
 
     def __init__(self, encoder, decoder, config: Config, n_train: int, **kwargs):
         super().__init__(**kwargs)
@@ -552,6 +577,7 @@ class VAE(keras.Model):
         self.prior = MixturePrior(config.latent_dim, config.prior_components, name="prior") if (
             config.prior == "mixture") else None
         self.decoder_logits = keras.Model(decoder.input, decoder.get_layer("logits").output)
+        self.code_density = None  # a mixture fitted to the training codes after training (fit_code_density)
         self.config = config
         self.steps_per_epoch = math.ceil(n_train / config.batch_size)  # what fit(batch_size=...) takes
         self.trackers = {name: keras.metrics.Mean(name=name) for name in HISTORY_COLUMNS[1:]}
@@ -576,11 +602,17 @@ class VAE(keras.Model):
         return self.decoder.predict(np.asarray(latents, dtype=np.float32), batch_size=batch_size, verbose=0)
 
     def sample_prior(self, n: int, seed: int) -> np.ndarray:
-        """n latents from the prior in use: N(0, I), or the learned mixture."""
+        """n latents from the prior the KL trains against: N(0, I), or the learned mixture."""
         rng = np.random.default_rng(seed)
         if self.prior is None:
             return rng.standard_normal((n, self.decoder.input.shape[-1])).astype(np.float32)
         return sample_mixture(self.prior.parameters(), n, rng)
+
+    def sample_latents(self, n: int, seed: int) -> np.ndarray:
+        """n latents to decode: from the density of the training codes once one is fitted, else the prior."""
+        if self.code_density is None:
+            return self.sample_prior(n, seed)
+        return sample_mixture(self.code_density, n, np.random.default_rng(seed))
 
     def beta(self):
         """The KL weight of the current epoch (warmup_beta), from the optimizer's step count."""
@@ -871,19 +903,16 @@ def normalised_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum() / np.log(NUM_CLASSES))
 
 
-def fit_expost_density(z_train: np.ndarray, seed: int, components: int = NUM_CLASSES):
-    """A Gaussian mixture fitted to the training z_mean after training: the ex-post density of
-    Ghosh et al. (2020), the second stage of Dai & Wipf (2019). Ten full-covariance components, one
-    per class that SupCon pulls apart (fixed rather than chosen by BIC, which would cost several fits)."""
+def fit_code_density(z_train: np.ndarray, components: int, seed: int, size: int = EXPOST_FIT_SAMPLES) -> dict:
+    """A full-covariance Gaussian mixture fitted by EM to `size` seeded training z_mean after training (the
+    ex-post density of Ghosh et al. 2020): its weights, means and covariances, as sample_mixture() takes them.
+    Its size and the subset were chosen by the Fréchet distance of the samples and the fit's time
+    (docs/RESULTS.md)."""
     from sklearn.mixture import GaussianMixture
 
-    return GaussianMixture(components, covariance_type="full", random_state=seed).fit(z_train)
-
-
-def sample_expost(density, n: int, seed: int) -> np.ndarray:
-    """n latents from the fitted mixture, in random component order."""
-    parameters = {"weights": density.weights_, "means": density.means_, "covariances": density.covariances_}
-    return sample_mixture(parameters, n, np.random.default_rng(seed))
+    codes = z_train[seeded_subset(len(z_train), size, seed)]
+    mixture = GaussianMixture(components, covariance_type="full", random_state=seed).fit(codes)
+    return {"weights": mixture.weights_, "means": mixture.means_, "covariances": mixture.covariances_}
 
 
 def class_conditional_latents(z_train, y_train, per_class: int, seed: int):
@@ -896,19 +925,20 @@ def class_conditional_latents(z_train, y_train, per_class: int, seed: int):
     return gaussian_samples(rng, means, covariances).astype(np.float32), np.repeat(classes, per_class)
 
 
-def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_train, denoised, density,
-                       epochs: int = 3) -> dict:
+def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_train, denoised, epochs: int = 3) -> dict:
     """A small classifier's accuracy; Fréchet distances to the clean test images (same N for every
-    set) of reconstructions and of samples from the prior, the ex-post density and the per-class
-    Gaussians; the classes of the samples; per class, how often the classifier agrees with the
-    intended class and the Fréchet distance to that class's test images."""
+    set) of reconstructions, of the generator's samples, of the trained prior's, of the per-class Gaussians'
+    and of the training codes decoded (the limit of any density of z_mean); the classes of the samples; per
+    class, how often the classifier agrees with the intended class and the Fréchet distance to that class's
+    test images."""
     classifier = build_classifier(seed_for(config, "classifier"))
     classifier.fit(data.x_train, data.y_train, batch_size=256, epochs=epochs, verbose=0)
     # one pass per image set gives both the features and the class probabilities
     two_heads = keras.Model(classifier.input, [classifier.get_layer("features").output, classifier.output])
     n = min(len(data.x_test), len(data.x_train))
-    prior = vae.generate(vae.sample_prior(n, seed_for(config, "prior_fd")))
-    expost = vae.generate(sample_expost(density, n, seed_for(config, "expost")))
+    samples = vae.generate(vae.sample_latents(n, seed_for(config, "prior_fd")))
+    trained_prior = vae.generate(vae.sample_prior(n, seed_for(config, "trained_prior_fd")))
+    codes = z_mean_train[seeded_subset(len(z_mean_train), n, seed_for(config, "training_codes"))]
     per_class = max(2, n // NUM_CLASSES)
     latents, intended = class_conditional_latents(z_mean_train, data.y_train, per_class,
                                                   seed_for(config, "conditional"))
@@ -918,20 +948,22 @@ def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_trai
 
     reference, _ = features_and_probs(data.x_test)
     sets = {name: features_and_probs(images) for name, images in (
-        ("train", data.x_train), ("reconstruction", denoised), ("prior", prior), ("noisy", data.x_test_noisy),
-        ("expost", expost), ("conditional", vae.generate(latents)))}
+        ("train", data.x_train), ("reconstruction", denoised), ("prior", samples), ("noisy", data.x_test_noisy),
+        ("trained_prior", trained_prior), ("conditional", vae.generate(latents)),
+        ("training_codes", vae.generate(codes)))}
     result = {
         "classifier_test_accuracy": float(classifier.evaluate(data.x_test, data.y_test, verbose=0)[1]),
         "fd_clean_train": frechet_distance(sets["train"][0], reference),
         "fd_vae_reconstruction": frechet_distance(sets["reconstruction"][0], reference),
         "fd_prior_samples": frechet_distance(sets["prior"][0], reference),
         "fd_noisy_input": frechet_distance(sets["noisy"][0], reference),
-        "fd_expost_samples": frechet_distance(sets["expost"][0], reference),
+        "fd_trained_prior_samples": frechet_distance(sets["trained_prior"][0], reference),
+        "fd_training_codes": frechet_distance(sets["training_codes"][0], reference),
         "fd_conditional_samples": frechet_distance(sets["conditional"][0], reference),
         "fd_samples": n,
         "conditional_per_class": per_class,
     }
-    for name in ("prior", "expost"):
+    for name in ("prior", "trained_prior"):
         probs = sets[name][1]
         counts = np.bincount(probs.argmax(axis=1), minlength=NUM_CLASSES)
         result.update({f"{name}_class_entropy": normalised_entropy(counts),
@@ -1128,8 +1160,8 @@ class Results:
     pca_ratios: np.ndarray
     embeddings: dict  # "subset" (test indices), "t-SNE", "UMAP" (absent when umap-learn is missing)
     # generation and interpolation: decoded images, (rows, columns, 28, 28, 1)
-    prior_grid: np.ndarray
-    expost_grid: np.ndarray
+    prior_grid: np.ndarray  # the generator's samples
+    trained_prior_grid: np.ndarray
     conditional_grid: np.ndarray
     conditional_classes: np.ndarray
     interpolation: np.ndarray
@@ -1149,12 +1181,15 @@ def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config,
     with timer.stage("pca"):
         pca_coords, pca_ratios = project_pca(z_mean_test)
     embeddings, warnings = latent_embeddings(z_mean_test, config, timer)
+    if config.generator == "expost":
+        with timer.stage("density of the training codes"):  # the generator: sample_latents() draws from it
+            vae.code_density = fit_code_density(z_mean_train, config.expost_components,
+                                                seed_for(config, "expost_fit"))
     with timer.stage("generation and interpolation"):
-        prior_grid = vae.generate(vae.sample_prior(100, seed_for(config, "prior_grid")))
+        prior_grid = vae.generate(vae.sample_latents(100, seed_for(config, "prior_grid")))
+        trained_prior_grid = vae.generate(vae.sample_prior(100, seed_for(config, "trained_prior_grid")))
         paths = latent_paths(vae, z_mean_test, data.y_test, config)
-    with timer.stage("ex-post density and class-conditional samples"):
-        density = fit_expost_density(z_mean_train, seed_for(config, "expost_fit"))
-        expost_grid = vae.generate(sample_expost(density, 100, seed_for(config, "expost")))
+    with timer.stage("class-conditional samples"):
         latents, intended = class_conditional_latents(z_mean_train, data.y_train, 10, seed_for(config, "conditional"))
         conditional_grid = vae.generate(latents).reshape(-1, 10, IMAGE_SIZE, IMAGE_SIZE, 1)
     with timer.stage("classical references"):
@@ -1164,7 +1199,7 @@ def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config,
     generation = None
     if config.gen_metrics:
         with timer.stage("generation quality"):
-            generation = generation_quality(vae, data, config, z_mean_train, evaluated["denoised"], density)
+            generation = generation_quality(vae, data, config, z_mean_train, evaluated["denoised"])
     metrics = metrics_table(denoising_summary(evaluated["quality"]), evaluated["representation"], len(data.x_test),
                             classical, generation)
     return Results(
@@ -1174,7 +1209,8 @@ def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config,
         classical=classical, robustness=robustness, z_mean_train=z_mean_train, z_mean_test=z_mean_test,
         representation=evaluated["representation"], pca_coords=pca_coords, pca_ratios=pca_ratios,
         embeddings=embeddings, prior_grid=prior_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1),
-        expost_grid=expost_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1), conditional_grid=conditional_grid,
+        trained_prior_grid=trained_prior_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1),
+        conditional_grid=conditional_grid,
         conditional_classes=np.unique(intended), interpolation=paths["interpolation"],
         interpolation_labels=paths["interpolation_labels"], traversal=paths["traversal"],
         traversal_ratios=paths["traversal_ratios"], generation=generation, metrics=metrics, warnings=warnings)
@@ -1274,28 +1310,38 @@ def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
     save_figure(fig, Path(path), show)
 
 
-def plot_generation_quality(generation: dict, path, prior_name: str, show=False):
+def plot_generation_quality(generation: dict, path, generator_name: str, trained_prior_name: str | None, show=False):
+    """Fréchet distances of every image set, and the classes of the generator's and the trained prior's samples
+    (trained_prior_name None: the generator is the trained prior, drawn once)."""
     plt = _plt()
-    names = ["clean train\n(real images)", "VAE recon-\nstructions", prior_name, "ex-post\nGMM",
-             "class-\nconditional", "noisy test\n(worst case)"]
-    keys = ["fd_clean_train", "fd_vae_reconstruction", "fd_prior_samples", "fd_expost_samples",
-            "fd_conditional_samples", "fd_noisy_input"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]}, layout="constrained")
-    bars = ax.bar(names, [generation[k] for k in keys],
-                  color=["#2ca02c", "#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#999999"])
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    bars = {"fd_clean_train": ("clean train\n(real images)", "#2ca02c"),
+            "fd_vae_reconstruction": ("VAE recon-\nstructions", "#1f77b4"),
+            "fd_training_codes": ("training codes\ndecoded (limit)", "#17becf"),
+            "fd_prior_samples": (generator_name.replace(" (", "\n("), "#ff7f0e"),
+            "fd_trained_prior_samples": (trained_prior_name, "#9467bd"),
+            "fd_conditional_samples": ("class-\nconditional", "#8c564b"),
+            "fd_noisy_input": ("noisy test\n(worst case)", "#999999")}
+    bars = {key: bar for key, bar in bars.items() if bar[0] is not None}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [1.2, 1]}, layout="constrained")
+    drawn = ax.bar([name for name, _color in bars.values()], [generation[key] for key in bars],
+                   color=[color for _name, color in bars.values()])
+    ax.bar_label(drawn, fmt="%.2f", fontsize=8)
     ax.set_yscale("log")
     ax.set(title=f"Fréchet distance to clean test images (n={generation['fd_samples']}, classifier features)",
            ylabel="Fréchet distance (log scale, lower is better)")
     ax.tick_params(axis="x", labelsize=8)
     x = np.arange(NUM_CLASSES)
-    legend_names = {"prior": prior_name.replace("\n", " "), "expost": "ex-post GMM"}
-    for offset, name, color in ((-0.2, "prior", "#ff7f0e"), (0.2, "expost", "#9467bd")):
-        label = (f"{legend_names[name]}: entropy {generation[name + '_class_entropy']:.2f}, "
+    histograms = [("prior", generator_name, "#ff7f0e")]
+    if trained_prior_name is not None:
+        histograms.append(("trained_prior", trained_prior_name, "#9467bd"))
+    width = 0.8 / len(histograms)
+    for i, (name, label, color) in enumerate(histograms):
+        label = (f"{label}: entropy {generation[name + '_class_entropy']:.2f}, "
                  f"confidence {generation[name + '_mean_confidence']:.2f}")
-        ax2.bar(x + offset, generation[f"{name}_class_counts"], 0.4, color=color, label=label)
+        ax2.bar(x + (i - (len(histograms) - 1) / 2) * width, generation[f"{name}_class_counts"], width, color=color,
+                label=label)
     ax2.axhline(generation["fd_samples"] / NUM_CLASSES, color="k", ls="--", lw=1, label="uniform")
-    ax2.set_ylim(0, 1.45 * max(max(generation["prior_class_counts"]), max(generation["expost_class_counts"])))
+    ax2.set_ylim(0, 1.45 * max(max(generation[f"{name}_class_counts"]) for name, _label, _color in histograms))
     ax2.set_xticks(x, CLASS_NAMES_TR, fontsize=7, rotation=45)
     ax2.set(title="Classes of the samples, as the classifier labels them", xlabel="predicted class", ylabel="count")
     ax2.legend(fontsize=8)
@@ -1391,13 +1437,13 @@ def draw_embeddings(results: Results, paths, show=False) -> None:
 
 
 def draw_prior_samples(results: Results, paths, show=False) -> None:
-    plot_images(results.prior_grid, f"Samples from the prior: decoder(z), z ~ {prior_label(results.config)}",
-                paths[0], show=show)
+    plot_images(results.prior_grid, f"Generated: decoder(z),\nz ~ {generator_label(results.config)}", paths[0],
+                show=show)
 
 
-def draw_expost_samples(results: Results, paths, show=False) -> None:
-    plot_images(results.expost_grid, "Samples from the ex-post density: decoder(z), z ~ 10-component GMM fitted to "
-                "training z_mean", paths[0], show=show)
+def draw_trained_prior_samples(results: Results, paths, show=False) -> None:
+    plot_images(results.trained_prior_grid, f"Samples of the prior the KL trained against: decoder(z),\n"
+                f"z ~ {prior_label(results.config)}", paths[0], show=show)
 
 
 def draw_class_conditional(results: Results, paths, show=False) -> None:
@@ -1424,7 +1470,9 @@ def draw_traversal(results: Results, paths, show=False) -> None:
 
 def draw_generation_quality(results: Results, paths, show=False) -> None:
     if results.generation is not None:  # None with gen_metrics=0
-        plot_generation_quality(results.generation, paths[0], prior_label(results.config, short=True), show)
+        config = results.config
+        trained_prior = prior_label(config, short=True) if config.generator == "expost" else None
+        plot_generation_quality(results.generation, paths[0], generator_label(config, short=True), trained_prior, show)
 
 
 def draw_noise_robustness(results: Results, paths, show=False) -> None:
@@ -1462,10 +1510,10 @@ OUTPUTS = [
     Output(("06C_latent_umap_text_tr.png", "06D_latent_tsne_text_tr.png"),
            "UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had; neither with "
            "`embed_samples` 0)", draw_embeddings),
-    Output(("07_generated_prior.png",), "10x10 samples `decoder(z)`, `z` from the prior the model was trained with",
-           draw_prior_samples),
-    Output(("07B_generated_expost.png",), "10x10 samples of a 10-component GMM fitted to the training `z_mean` after "
-           "training (the ex-post density)", draw_expost_samples),
+    Output(("07_generated_prior.png",), "10x10 samples `decoder(z)`, `z` from the generator: a Gaussian mixture "
+           "fitted to the training `z_mean` after training (`generator` expost), or the prior", draw_prior_samples),
+    Output(("07B_generated_trained_prior.png",), "10x10 samples of the prior the KL trained against (N(0, I) or "
+           "the learned mixture)", draw_trained_prior_samples),
     Output(("12_class_conditional.png",), "one row per class: samples of a Gaussian fitted to that class's training "
            "`z_mean`", draw_class_conditional),
     Output(("08_latent_interpolation.png",), "8 straight lines between the `z_mean` of test images of two classes",
@@ -1482,7 +1530,8 @@ OUTPUTS = [
     Output(("metrics.csv", "metrics.txt"), "every figure with its unit, image count and definition; the readable "
            "report (written last: their presence means a finished run)", written_by="write_reports"),
     Output(("encoder.keras", "decoder.keras", "prior.npz"), "the trained models (plain Keras layers: image -> "
-           "`z_mean, z_log_var`; `z` -> image); the learned prior's parameters (`prior` mixture only)",
+           "`z_mean, z_log_var`; `z` -> image); the generator's mixture (weights, means, covariances) and the "
+           "trained prior's (`trained_*`; none when both are N(0, I))",
            written_by="save_models"),
     Output(("config.json", "run_status.json", "timings.csv"), "the settings, variables, precision, CPU and versions "
            "that ran; `running` / `finished` / `failed`; seconds per stage", written_by="run"),
@@ -1582,19 +1631,26 @@ METRICS = {
     "fd_vae_reconstruction": ("generation", "", "generation",
         "Fréchet distance of VAE outputs decoder(z_mean(noisy test)) to clean test images"),
     "fd_prior_samples": ("generation", "", "generation",
-        "Fréchet distance of decoder(z), z ~ the prior in use (N(0, I), or the learned mixture with "
-        "prior=mixture), to clean test images"),
+        "Fréchet distance of the generator's samples decoder(z) to clean test images; z ~ the generator: with "
+        "generator=expost a Gaussian mixture of expost_components full-covariance components fitted by EM to the "
+        "training z_mean (EXPOST_FIT_SAMPLES of them, seeded) after training (what 07_generated_prior.png and "
+        "prior.npz hold), with generator=prior the prior the KL trained against"),
     "fd_noisy_input": ("generation", "", "generation",
         "Fréchet distance of the noisy test images to clean test images (a worst-case reference)"),
     "prior_class_entropy": ("generation", "", "generation",
-        "entropy of the classifier's labels for the prior samples / log(10); 1 = every class equally often"),
+        "entropy of the classifier's labels for the generator's samples / log(10); 1 = every class equally often"),
     "prior_mean_confidence": ("generation", "", "generation",
-        "mean max-softmax probability of the classifier on the prior samples"),
-    "fd_expost_samples": ("generation", "", "generation",
-        "Fréchet distance of decoder(z), z ~ the ex-post density (a 10-component full-covariance Gaussian mixture"
-        " fitted to the training z_mean), to clean test images"),
-    "expost_class_entropy": ("generation", "", "generation", "as prior_class_entropy, for the ex-post samples"),
-    "expost_mean_confidence": ("generation", "", "generation", "as prior_mean_confidence, for the ex-post samples"),
+        "mean max-softmax probability of the classifier on the generator's samples"),
+    "fd_trained_prior_samples": ("generation", "", "generation",
+        "Fréchet distance of decoder(z), z ~ the prior the KL trained against (N(0, I), or the learned mixture "
+        "with prior=mixture), to clean test images"),
+    "trained_prior_class_entropy": ("generation", "", "generation",
+        "as prior_class_entropy, for the trained prior's samples"),
+    "trained_prior_mean_confidence": ("generation", "", "generation",
+        "as prior_mean_confidence, for the trained prior's samples"),
+    "fd_training_codes": ("generation", "", "generation",
+        "Fréchet distance of decoder(z_mean) of seeded noisy training images (as many as the samples) to clean "
+        "test images: the limit of any density of the training z_mean"),
     "fd_conditional_samples": ("generation", "", "generation",
         "Fréchet distance of class-conditional samples (decoder(z), z ~ a Gaussian fitted to one class's training"
         " z_mean; the same number from every class) to clean test images"),
@@ -1646,7 +1702,7 @@ def metrics_report(results: Results) -> str:
     n_images = dict(zip(table["name"], table["n_images"]))
     lines = report_head(values, n_images, results) + classical_report(values, n_images)
     if "fd_prior_samples" in values:
-        lines += generation_report(values)
+        lines += generation_report(values, config)
     lines += robustness_report(results.robustness, config.noise_factor)
     lines += ["Definitions"] + [f"- {column}: {definition}" for column, definition in QUALITY_DEFINITIONS.items()]
     lines += [f"- {name}: {definition}" for name, definition in zip(table["name"], table["definition"])]
@@ -1693,19 +1749,26 @@ def classical_report(values: dict, n_images: dict) -> list[str]:
     return lines + [f"- {name}: {definition}" for name, definition in CLASSICAL_DENOISERS.items()] + [""]
 
 
-def generation_report(values: dict) -> list[str]:
+def generation_report(values: dict, config: Config) -> list[str]:
+    reconstruction = values["fd_vae_reconstruction"]
+
+    def ratio(name: str) -> str:
+        return f"{values[name]:.3f}   = {values[name] / reconstruction:.3f} x the reconstructions'"
+
     return [
-        "Generation quality (Fréchet distance to clean test images, classifier features; lower is better)",
+        "Generation quality (Fréchet distance to clean test images, features of a small CNN trained in this run;",
+        "lower is better; not comparable with published FIDs)",
         f"classifier test accuracy:     {values['classifier_test_accuracy']:.4f}",
         f"clean training images:        {values['fd_clean_train']:.3f}   (real-image reference)",
-        f"VAE reconstructions:          {values['fd_vae_reconstruction']:.3f}",
-        f"prior samples:                {values['fd_prior_samples']:.3f}",
+        f"VAE reconstructions:          {reconstruction:.3f}",
+        f"generated samples:            {ratio('fd_prior_samples')}",
+        f"  (z ~ {generator_label(config)}; class entropy {values['prior_class_entropy']:.3f} (1 = uniform), "
+        f"mean confidence {values['prior_mean_confidence']:.3f})",
+        f"training codes, decoded:      {ratio('fd_training_codes')}   (the limit of any density of z_mean)",
+        f"trained prior's samples:      {ratio('fd_trained_prior_samples')}",
+        f"  (z ~ {prior_label(config)}; class entropy {values['trained_prior_class_entropy']:.3f}, "
+        f"mean confidence {values['trained_prior_mean_confidence']:.3f})",
         f"noisy test images:            {values['fd_noisy_input']:.3f}   (worst-case reference)",
-        f"prior samples' class entropy: {values['prior_class_entropy']:.3f} (1 = uniform), "
-        f"mean confidence {values['prior_mean_confidence']:.3f}",
-        f"ex-post samples (GMM on z):   {values['fd_expost_samples']:.3f}   = "
-        f"{values['fd_expost_samples'] / values['fd_prior_samples']:.2f} x the prior's; class entropy "
-        f"{values['expost_class_entropy']:.3f}, mean confidence {values['expost_mean_confidence']:.3f}",
         f"class-conditional samples:    {values['fd_conditional_samples']:.3f}   the classifier agrees with "
         f"the intended class for {100 * values['conditional_agreement']:.1f} % (for the VAE's reconstructions of "
         f"real test images: {100 * values['reconstruction_agreement']:.1f} %)",
@@ -1746,18 +1809,27 @@ def write_reports(results: Results, out: Path) -> None:
 
 
 def save_models(vae: VAE, out: Path) -> None:
-    """encoder.keras (image -> z_mean, z_log_var) and decoder.keras (z -> image).
+    """encoder.keras (image -> z_mean, z_log_var), decoder.keras (z -> image) and prior.npz.
 
-    Both hold only built-in Keras layers, so keras.models.load_model opens them
-    without this module or any custom-object registration. The posterior sample
-    belongs to the VAE, not the encoder: denoising uses z_mean.
+    The models hold only built-in Keras layers, so keras.models.load_model opens them without this module or
+    any custom-object registration. The posterior sample belongs to the VAE, not the encoder: denoising uses
+    z_mean. prior.npz holds the mixture sample_latents() draws from (weights, means, full covariances; README:
+    generating from the files) and, with prior=mixture, the trained prior's as trained_weights, trained_means,
+    trained_variances; there is none when both are N(0, I).
     """
     for model, name in ((vae.encoder, "encoder.keras"), (vae.decoder, "decoder.keras")):
         with atomic_path(out / name) as tmp:
             model.save(tmp)
-    if vae.prior is not None:  # the learned prior: weights, means, variances (README: generating from the files)
+    generator, trained = vae.code_density, {}
+    if vae.prior is not None:
+        trained = vae.prior.parameters()
+        if generator is None:  # the trained prior is the generator: its diagonal covariances as full ones
+            variances = trained["variances"]
+            generator = {"weights": trained["weights"], "means": trained["means"],
+                         "covariances": variances[:, :, None] * np.eye(variances.shape[1], dtype=variances.dtype)}
+    if generator is not None:
         with atomic_path(out / "prior.npz") as tmp:
-            np.savez(tmp, **vae.prior.parameters())
+            np.savez(tmp, **generator, **{f"trained_{name}": value for name, value in trained.items()})
 
 
 def effective_config_record(config: Config, precision: str | None = None, overrides: dict | None = None) -> dict:
@@ -1953,7 +2025,11 @@ def config_from_env(environ=None, overrides: dict | None = None) -> Config:
                  for field, value in PRESETS[preset].items()}, **values}
     if not values.get("out_dir"):
         values["out_dir"] = str(default_out_dir())
-    return Config(**values)
+    config = Config(**values)
+    if config.generator == "expost" and config.expost_components > (config.train_samples or 60_000):
+        raise ConfigError(f"VAE_EXPOST_COMPONENTS={config.expost_components} is more than the {config.train_samples} "
+                          "training images it is fitted to (VAE_TRAIN_SAMPLES); lower it, or set VAE_GENERATOR=prior")
+    return config
 
 
 # --- Several devices and precisions: MirroredStrategy, mixed precision, what this machine is ----------
@@ -2794,10 +2870,10 @@ if __name__ == "__main__":
 #   Turkish class names (`draw_pca`)
 # - `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png`: UMAP and t-SNE of a seeded test subset (no UMAP
 #   where umap-learn cannot be had; neither with `embed_samples` 0) (`draw_embeddings`)
-# - `07_generated_prior.png`: 10x10 samples `decoder(z)`, `z` from the prior the model was trained with
-#   (`draw_prior_samples`)
-# - `07B_generated_expost.png`: 10x10 samples of a 10-component GMM fitted to the training `z_mean` after training
-#   (the ex-post density) (`draw_expost_samples`)
+# - `07_generated_prior.png`: 10x10 samples `decoder(z)`, `z` from the generator: a Gaussian mixture fitted to the
+#   training `z_mean` after training (`generator` expost), or the prior (`draw_prior_samples`)
+# - `07B_generated_trained_prior.png`: 10x10 samples of the prior the KL trained against (N(0, I) or the learned
+#   mixture) (`draw_trained_prior_samples`)
 # - `12_class_conditional.png`: one row per class: samples of a Gaussian fitted to that class's training `z_mean`
 #   (`draw_class_conditional`)
 # - `08_latent_interpolation.png`: 8 straight lines between the `z_mean` of test images of two classes
@@ -2814,7 +2890,8 @@ if __name__ == "__main__":
 # - `metrics.csv`, `metrics.txt`: every figure with its unit, image count and definition; the readable report (written
 #   last: their presence means a finished run) (`write_reports`)
 # - `encoder.keras`, `decoder.keras`, `prior.npz`: the trained models (plain Keras layers: image -> `z_mean,
-#   z_log_var`; `z` -> image); the learned prior's parameters (`prior` mixture only) (`save_models`)
+#   z_log_var`; `z` -> image); the generator's mixture (weights, means, covariances) and the trained prior's
+#   (`trained_*`; none when both are N(0, I)) (`save_models`)
 # - `config.json`, `run_status.json`, `timings.csv`: the settings, variables, precision, CPU and versions that ran;
 #   `running` / `finished` / `failed`; seconds per stage (`run`)
 # - `checkpoint/`: the training state, for resuming an interrupted run (`Checkpoint`)

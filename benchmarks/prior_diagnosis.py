@@ -33,7 +33,7 @@ import vae_fashion as vf  # noqa: E402
 def responsibilities(z: np.ndarray, prior) -> np.ndarray:
     """(n, K) posterior component probabilities under the saved mixture (diagonal or full)."""
     weights, means = prior["weights"], prior["means"]
-    if "covariances" in prior.files:
+    if "covariances" in prior:
         factors = np.linalg.cholesky(prior["covariances"])
         centred = z[None, :, :] - means[:, None, :]
         whitened = np.linalg.solve(factors, np.transpose(centred, (0, 2, 1)))
@@ -59,7 +59,11 @@ def diagnose(folder: Path) -> dict:
     centres = np.array([z_test[y == c].mean(axis=0) for c in range(vf.NUM_CLASSES)])
     between = np.mean([np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]])
     rows = []
-    prior = np.load(folder / "prior.npz") if (folder / "prior.npz").exists() else None
+    prior = None
+    if (folder / "prior.npz").exists():  # the trained prior: trained_* since the generator is fitted after training
+        saved = np.load(folder / "prior.npz")
+        trained = {name.removeprefix("trained_"): saved[name] for name in saved.files if name.startswith("trained_")}
+        prior = trained or (dict(saved) if "variances" in saved.files else None)
     if prior is not None:
         owner_train = responsibilities(z_train, prior).argmax(axis=1)
         majority = np.array([np.bincount(data.y_train[owner_train == k], minlength=10).argmax()

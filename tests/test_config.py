@@ -21,6 +21,9 @@ def test_defaults_are_the_seed_hyper_parameters(tmp_path, monkeypatch):
     # the learned prior: its samples score near the reconstructions; the original's N(0, I) is the faithful preset's
     assert (config.prior, config.prior_components) == ("mixture", 10)
     assert vf.config_from_env({"VAE_PRESET": "faithful"}).prior == "normal"
+    # samples from a mixture fitted to the training codes after training; the faithful preset samples N(0, I)
+    assert (config.generator, config.expost_components) == ("expost", 80)
+    assert vf.config_from_env({"VAE_PRESET": "faithful"}).generator == "prior"
     assert config.train_samples is None and config.test_samples is None
     assert config.data_dir is None
 
@@ -69,6 +72,9 @@ def test_empty_variable_means_default():
         ("VAE_PRIOR_COMPONENTS", "0", "VAE_PRIOR_COMPONENTS='0' is out of range"),
         ("VAE_PRIOR_COMPONENTS", "2.5", "VAE_PRIOR_COMPONENTS='2.5' is not a whole number"),
         ("VAE_DEVICES", "both", "VAE_DEVICES='both' must be one or all"),
+        ("VAE_GENERATOR", "flow", "VAE_GENERATOR='flow' must be expost or prior"),
+        ("VAE_EXPOST_COMPONENTS", "0", "VAE_EXPOST_COMPONENTS='0' is out of range: it must lie in \\[1, 1000\\]"),
+        ("VAE_EXPOST_COMPONENTS", "1001", "VAE_EXPOST_COMPONENTS='1001' is out of range"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_default(name, value, message):
@@ -84,6 +90,13 @@ def _cli_error(tmp_path, monkeypatch, capsys, name, value):
     monkeypatch.setenv("VAE_OUT_DIR", str(out))
     monkeypatch.setenv(name, value)
     return vf.cli(), capsys.readouterr().err, out.exists()
+
+
+def test_more_mixture_components_than_training_images_is_refused_before_any_work():
+    with pytest.raises(vf.ConfigError, match="VAE_EXPOST_COMPONENTS=80 is more than the 50 training images"):
+        vf.config_from_env({"VAE_TRAIN_SAMPLES": "50"})
+    assert vf.config_from_env({"VAE_TRAIN_SAMPLES": "50", "VAE_GENERATOR": "prior"}).train_samples == 50
+    assert vf.config_from_env({"VAE_TRAIN_SAMPLES": "80"}).expost_components == 80
 
 
 def test_config_errors_stop_the_script_before_any_work(tmp_path, monkeypatch, capsys):

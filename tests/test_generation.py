@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import vae_fashion as vf
-from conftest import ROOT
+from conftest import ROOT, synthetic_split
 
 
 def test_frechet_distance_matches_gaussian_closed_forms():
@@ -60,14 +61,18 @@ def test_mixed_bfloat16_keeps_losses_in_float32():
     assert np.isfinite(float(logs["total_loss"])) and float(logs["total_loss"]) < float(before["total_loss"])
 
 
-def test_expost_density_recovers_the_means_of_a_known_mixture_and_shuffles_its_samples():
+def test_the_code_density_recovers_a_known_mixture_and_shuffles_its_samples():
     rng = np.random.default_rng(0)
     means = np.array([[-6.0, 0.0, 1.0], [0.0, 6.0, -1.0], [6.0, -3.0, 0.0]])
-    z = np.concatenate([m + 0.5 * rng.standard_normal((2000, 3)) for m in means])
-    density = vf.fit_expost_density(z, seed=1, components=3)
-    fitted = density.means_[np.argsort(density.means_[:, 0])]
-    np.testing.assert_allclose(fitted, means, atol=0.05)
-    samples = vf.sample_expost(density, 3000, seed=2)
+    scales = np.array([[0.5, 0.5, 0.5], [0.2, 1.0, 0.5], [1.0, 0.3, 0.3]])
+    z = np.concatenate([m + s * rng.standard_normal((2000, 3)) for m, s in zip(means, scales)])
+    density = vf.fit_code_density(z, components=3, seed=1)
+    order = np.argsort(density["means"][:, 0])
+    np.testing.assert_allclose(density["means"][order], means, atol=0.05)
+    np.testing.assert_allclose(density["weights"], [1 / 3] * 3, atol=0.01)
+    # full covariances, each its component's: diagonal here, with the per-axis variances of the data
+    np.testing.assert_allclose(np.diagonal(density["covariances"][order], axis1=1, axis2=2), scales ** 2, rtol=0.1)
+    samples = vf.sample_mixture(density, 3000, np.random.default_rng(2))
     assert samples.shape == (3000, 3) and samples.dtype == np.float32
     nearest = np.argmin(((samples[:, None, :] - means[None]) ** 2).sum(axis=2), axis=1)
     assert len(set(nearest[:30].tolist())) == 3  # shuffled, not grouped by component
@@ -159,14 +164,26 @@ def test_mixture_samples_follow_its_weights_and_components():
 
 def test_the_saved_files_work_without_this_module(tmp_path):
     """encoder.keras and decoder.keras reproduce the model's outputs, and README's snippet generates from
-    decoder.keras and prior.npz, in an interpreter that never imports vae_fashion."""
+    decoder.keras and prior.npz, in an interpreter that never imports vae_fashion. prior.npz holds the generator
+    (the mixture fitted to the codes after training) and the trained prior beside it."""
     vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, prior="mixture", prior_components=3))
-    vae.prior.fit(np.random.default_rng(3).normal(0, 1, (300, 4)) + np.repeat([[4, 0, 0, 0], [0, 0, 0, 0]], 150, 0),
-                  seed=0)
+    codes = np.random.default_rng(3).normal(0, 1, (300, 4)) + np.repeat([[4, 0, 0, 0], [0, 0, 0, 0]], 150, 0)
+    vae.prior.fit(codes, seed=0)
+    vf.save_models(vae, tmp_path)  # no density fitted yet: the trained prior is the generator
+    saved = np.load(tmp_path / "prior.npz")
+    trained = vae.prior.parameters()
+    np.testing.assert_allclose(np.diagonal(saved["covariances"], axis1=1, axis2=2), trained["variances"], rtol=1e-6)
+    vae.code_density = vf.fit_code_density(codes, 2, seed=0)
     vf.save_models(vae, tmp_path)
     saved = np.load(tmp_path / "prior.npz")
-    for name, value in vae.prior.parameters().items():
+    for name, value in vae.code_density.items():
         np.testing.assert_allclose(saved[name], value, rtol=1e-6)
+    for name, value in trained.items():
+        np.testing.assert_allclose(saved[f"trained_{name}"], value, rtol=1e-6)
+    # sample_latents() draws from the saved generator: its samples cluster at the two fitted means
+    latents = vae.sample_latents(2000, seed=1)
+    nearest = np.argmin(((latents[:, None] - saved["means"][None]) ** 2).sum(axis=2), axis=1)
+    np.testing.assert_allclose(np.bincount(nearest) / 2000, saved["weights"], atol=0.03)
     x = np.random.default_rng(2).random((6, 28, 28, 1)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     z_mean, _z_log_var = vae.encoder(x)
@@ -207,3 +224,34 @@ def test_gaussian_samples_have_the_given_full_covariance():
     mixture = vf.sample_mixture({"weights": np.array([1.0]), "means": np.zeros((1, 3)), "covariances": cov[None]}, n,
                                 np.random.default_rng(2))
     np.testing.assert_allclose(np.cov(mixture, rowvar=False), cov, atol=0.03)
+
+
+def test_generation_quality_scores_each_set_against_the_test_images_and_the_test_labels():
+    """A stand-in model whose reconstructions are the clean test images themselves and whose decoder draws the
+    mean training image of the class a latent points to: the reconstructions' Fréchet distance is 0, their
+    agreement is the classifier's own test accuracy (so it counts against the test labels), and every decoded
+    set lands on its class."""
+    x_train, y_train = synthetic_split(600, 0)
+    x_test, y_test = synthetic_split(200, 1)
+    clean_test = vf.to_unit_float(x_test)
+    data = vf.FashionMNIST(vf.to_unit_float(x_train), y_train.astype(np.int32), clean_test, y_test.astype(np.int32),
+                           "bars", x_test_noisy=vf.add_noise(clean_test, 0.45, 0))
+    templates = np.stack([data.x_train[data.y_train == c].mean(axis=0) for c in range(10)])
+    rng = np.random.default_rng(0)
+    codes = np.eye(10)[data.y_train] * 3 + rng.normal(0, 0.1, (600, 10))
+
+    def class_codes(n, seed):
+        return np.eye(10)[np.random.default_rng(seed).integers(0, 10, n)] * 3
+
+    vae = types.SimpleNamespace(generate=lambda latents: templates[np.argmax(latents, axis=1)],
+                                sample_latents=class_codes, sample_prior=class_codes)
+    config = vf.Config(seed=0)
+    result = vf.generation_quality(vae, data, config, codes, data.x_test.copy())
+    assert result["fd_samples"] == 200 and result["conditional_per_class"] == 20
+    assert abs(result["fd_vae_reconstruction"]) < 1e-3, result
+    assert result["reconstruction_agreement"] == pytest.approx(result["classifier_test_accuracy"])
+    assert result["classifier_test_accuracy"] > 0.9
+    assert result["conditional_agreement"] > 0.9 and result["fd_training_codes"] > result["fd_vae_reconstruction"]
+    assert result["fd_clean_train"] < result["fd_noisy_input"]
+    for c in range(10):
+        assert result[f"conditional_agreement_{c}"] > 0.5, c

@@ -21,8 +21,9 @@ def reduced_run():
     vae = vf.build_distributed_vae(config, len(data.x_train))
     history = vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
     evaluated = vf.evaluate(vae, data, config)
-    density = vf.fit_expost_density(evaluated["z_mean_train"], config.seed)
-    generation = vf.generation_quality(vae, data, config, evaluated["z_mean_train"], evaluated["denoised"], density)
+    vae.code_density = vf.fit_code_density(evaluated["z_mean_train"], config.expost_components,
+                                           vf.seed_for(config, "expost_fit"))
+    generation = vf.generation_quality(vae, data, config, evaluated["z_mean_train"], evaluated["denoised"])
     return data, history, evaluated, vf.denoising_summary(evaluated["quality"]), generation
 
 
@@ -42,20 +43,25 @@ def test_a_reduced_run_denoises_and_separates_the_classes_near_the_measured_figu
     assert evaluated["representation"]["silhouette"] > MEASURED["silhouette"] - 0.04
 
 
-def test_generation_from_the_learned_prior_stays_near_the_reconstructions(reduced_run):
+def test_the_generator_samples_as_well_as_the_model_reconstructs(reduced_run):
     generation = reduced_run[4]
     assert generation["classifier_test_accuracy"] > 0.8, generation
     assert generation["fd_samples"] == 2000
-    # the ex-post GMM is fitted to the final codes; the learned prior follows them during training (measured
-    # 51.8 vs 54.5), and its samples stay near the reconstructions' 48.9 (N(0, I): 72.1, 1.4 times)
-    assert generation["fd_expost_samples"] < generation["fd_prior_samples"], generation
-    assert generation["fd_prior_samples"] < 1.25 * generation["fd_vae_reconstruction"], generation
+    # measured at this size (seed 42): reconstructions 48.9, the generator (a mixture of 80 full-covariance
+    # Gaussians fitted to the training z_mean after training) 48.2, the training codes decoded 49.7, the trained
+    # prior 56.4 (seed 7: 45.6 / 45.6 / 45.5 / 54.6)
+    assert generation["fd_prior_samples"] < 1.05 * generation["fd_vae_reconstruction"], generation
+    assert generation["fd_prior_samples"] < 0.95 * generation["fd_trained_prior_samples"], generation
+    assert 0.9 < generation["fd_training_codes"] / generation["fd_vae_reconstruction"] < 1.1, generation
     assert generation["fd_clean_train"] < generation["fd_vae_reconstruction"] < generation["fd_noisy_input"], generation
     assert generation["fd_vae_reconstruction"] < MEASURED["fd_reconstruction"] * 1.3, generation
     assert generation["conditional_agreement"] > MEASURED["conditional_agreement"] - 0.08, generation
+    # against the test labels (measured 0.616); the training labels' first 2000 would give about 0.1
+    assert generation["reconstruction_agreement"] > 0.55, generation
 
 
-# Measured with this test's settings on a 2-core AMD EPYC (family 25, model 17), bfloat16.
+# Measured with this test's settings on a 2-core AMD EPYC (family 25, model 17), bfloat16 (the same to 0.01 dB
+# in float32 on an AMD EPYC of family 23: 16.63 dB, 0.555, probe 0.765, silhouette 0.181, FD 48.9).
 # (The same with VAE_PRIOR=normal: 16.50 dB, 0.544, probe 0.765, silhouette 0.179, FD 50.3 / prior 72.1 / ex-post 53.0.)
 MEASURED = {"vae_psnr": 16.64, "vae_ssim": 0.553, "probe": 0.761, "silhouette": 0.180, "fd_reconstruction": 48.9,
             "conditional_agreement": 0.664}

@@ -80,7 +80,7 @@ def test_kill_mid_training_then_resume_equals_an_uninterrupted_run(uninterrupted
     assert "resuming after epoch 1" in log
     assert "Epoch 1/4" not in log and "Epoch 2/4" in log
     assert_same_run(out, root / "ref")  # weights, prior, metrics and history
-    assert len(np.unique(np.load(out / "prior.npz")["means"][:, 0])) == 10  # fitted: no longer all at 0
+    assert len(np.unique(np.load(out / "prior.npz")["trained_means"][:, 0])) == 10  # fitted: no longer all at 0
     # (a rerun of a finished training: test_a_kill_during_the_analysis_reruns_it_from_the_finished_training)
 
 
