@@ -76,7 +76,7 @@
 #   over every GPU
 # - generation: `generator` (`VAE_GENERATOR`), default `expost`: the density the shown and saved samples come from:
 #   expost, a Gaussian mixture fitted to the training z_mean after training; prior, the prior the KL trained against
-#   (the original's N(0, I) with prior normal)
+#   (N(0, I) with prior normal, as in the original)
 # - generation: `expost_components` (`VAE_EXPOST_COMPONENTS`), default `80`: components of the expost mixture (full
 #   covariances)
 # - evaluation: `embed_samples` (`VAE_EMBED_SAMPLES`), default `3000`: seeded test subset for t-SNE and UMAP (0:
@@ -216,7 +216,7 @@ class Config:
     # generation
     generator: str = setting("expost", "generation", "the density the shown and saved samples come from: expost, a "
                              "Gaussian mixture fitted to the training z_mean after training; prior, the prior the "
-                             "KL trained against (the original's N(0, I) with prior normal)", ("expost", "prior"),
+                             "KL trained against (N(0, I) with prior normal, as in the original)", ("expost", "prior"),
                              trains=False)
     expost_components: int = setting(80, "generation", "components of the expost mixture (full covariances)", low=1,
                                      high=1000, trains=False)

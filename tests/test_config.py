@@ -196,7 +196,7 @@ def test_an_unknown_vae_variable_stops_the_run_naming_the_setting_it_probably_me
 
 
 def test_every_setting_is_declared_once_with_its_variable_group_and_meaning():
-    groups = ["preset", "data", "model", "loss", "optimisation", "evaluation", "output"]
+    groups = ["preset", "data", "model", "loss", "optimisation", "generation", "evaluation", "output"]
     assert [rule["group"] for rule in vf.SETTINGS.values()] == sorted(
         (rule["group"] for rule in vf.SETTINGS.values()), key=groups.index)  # fields in group order
     for field, rule in vf.SETTINGS.items():
@@ -207,6 +207,7 @@ def test_every_setting_is_declared_once_with_its_variable_group_and_meaning():
     trained = {field for field, rule in vf.SETTINGS.items() if rule["trains"]}
     assert set(vf.training_fingerprint(vf.Config())) == trained | {"replicas"}
     assert {"epochs", "latent_dim", "seed", "precision"} <= trained and not {"out_dir", "devices", "preset"} & trained
+    assert not {"generator", "expost_components"} & trained  # fitted after training: a rerun reuses the training
 
 
 def test_preset_values_pass_the_same_validation(monkeypatch):
