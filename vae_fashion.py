@@ -545,15 +545,20 @@ def gaussian_samples(rng, means: np.ndarray, covariances: np.ndarray) -> np.ndar
     return means + np.einsum("nij,nj->ni", factors, rng.standard_normal(means.shape))
 
 
+def full_covariances(parameters: dict) -> np.ndarray:
+    """A mixture's full "covariances", or its diagonal "variances" (MixturePrior.parameters()) as full ones."""
+    if "covariances" in parameters:
+        return parameters["covariances"]
+    variances = parameters["variances"]
+    return variances[:, :, None] * np.eye(variances.shape[1], dtype=variances.dtype)
+
+
 def sample_mixture(parameters: dict, n: int, rng) -> np.ndarray:
     """n latents from a Gaussian mixture: a component by its weight, then a draw from it. `parameters`
-    holds weights, means, and full "covariances" or diagonal "variances" (MixturePrior.parameters())."""
-    covariances = parameters.get("covariances")
-    if covariances is None:
-        variances = parameters["variances"]
-        covariances = variances[:, :, None] * np.eye(variances.shape[1], dtype=variances.dtype)
+    holds weights, means, and full "covariances" or diagonal "variances" (see full_covariances)."""
     component = rng.choice(len(parameters["weights"]), size=n, p=parameters["weights"])
-    return gaussian_samples(rng, parameters["means"][component], covariances[component]).astype(np.float32)
+    return gaussian_samples(rng, parameters["means"][component],
+                            full_covariances(parameters)[component]).astype(np.float32)
 
 
 # The loss terms in the order of history.csv; train_step reports them and beta, one value per epoch.
@@ -1823,10 +1828,9 @@ def save_models(vae: VAE, out: Path) -> None:
     generator, trained = vae.code_density, {}
     if vae.prior is not None:
         trained = vae.prior.parameters()
-        if generator is None:  # the trained prior is the generator: its diagonal covariances as full ones
-            variances = trained["variances"]
+        if generator is None:  # the trained prior is the generator
             generator = {"weights": trained["weights"], "means": trained["means"],
-                         "covariances": variances[:, :, None] * np.eye(variances.shape[1], dtype=variances.dtype)}
+                         "covariances": full_covariances(trained)}
     if generator is not None:
         with atomic_path(out / "prior.npz") as tmp:
             np.savez(tmp, **generator, **{f"trained_{name}": value for name, value in trained.items()})
