@@ -1533,7 +1533,8 @@ OUTPUTS = [
     Output(("history.csv", "noise_robustness.csv", "pca_explained_variance.txt"),
            "losses per epoch; the noise-robustness table; PCA variance per component", written_by="write_reports"),
     Output(("metrics.csv", "metrics.txt"), "every figure with its unit, image count and definition; the readable "
-           "report (written last: their presence means a finished run)", written_by="write_reports"),
+           "report (written after every other result: their presence means the run's figures, models and tables "
+           "are all there)", written_by="write_reports"),
     Output(("encoder.keras", "decoder.keras", "prior.npz"), "the trained models (plain Keras layers: image -> "
            "`z_mean, z_log_var`; `z` -> image); the generator's mixture (weights, means, covariances) and the "
            "trained prior's (`trained_*`; none when both are N(0, I))",
@@ -1805,12 +1806,14 @@ def pca_report(ratios: np.ndarray) -> str:
 
 
 def write_reports(results: Results, out: Path) -> None:
-    """The tables and text reports; metrics.csv and metrics.txt last (their presence marks a finished run)."""
+    """The tables and text reports; metrics.csv and metrics.txt last, both from text made before either is
+    written, so that their presence means every figure, model and table of the run is there."""
     write_csv(out / "history.csv", results.history)
     write_csv(out / "noise_robustness.csv", results.robustness)
     write_text(out / "pca_explained_variance.txt", pca_report(results.pca_ratios))
+    report = metrics_report(results)
     write_csv(out / "metrics.csv", results.metrics)
-    write_text(out / "metrics.txt", metrics_report(results))
+    write_text(out / "metrics.txt", report)
 
 
 def save_models(vae: VAE, out: Path) -> None:
@@ -2749,25 +2752,24 @@ def open_checkpoint(out: Path, config: Config, replicas: int = 1, precision: str
 
 # --- Output folder, run status, stage timings -------------------------------------------
 
-# Written last, so a folder holding them is a finished run (see run_status.json).
-RESULT_FILES = ("metrics.csv", "metrics.txt")
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def prepare_output_dir(out_dir) -> Path:
-    """Create the output folder, prove it is writable, and remove the result
-    files of any earlier run so they can never be mistaken for this one's."""
+    """Create the output folder, prove it is writable, and remove every output file of an earlier run (all of
+    OUTPUTS but the checkpoint) so that none can be mistaken for this one's, such as a UMAP plot or a prior.npz
+    this run does not write."""
     out = Path(out_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
         probe.write_text("ok")
         probe.unlink()
-        for name in RESULT_FILES + ("run_status.json",):
-            (out / name).unlink(missing_ok=True)
+        for output in OUTPUTS:
+            for name in output.files:
+                if not name.endswith("/"):  # the checkpoint stays: it is how a run resumes
+                    (out / name).unlink(missing_ok=True)
     except OSError as error:
         raise OutputDirError(
             f"output folder {out} is not writable ({error.strerror or error}); "
@@ -2892,7 +2894,8 @@ if __name__ == "__main__":
 # - `history.csv`, `noise_robustness.csv`, `pca_explained_variance.txt`: losses per epoch; the noise-robustness table;
 #   PCA variance per component (`write_reports`)
 # - `metrics.csv`, `metrics.txt`: every figure with its unit, image count and definition; the readable report (written
-#   last: their presence means a finished run) (`write_reports`)
+#   after every other result: their presence means the run's figures, models and tables are all there)
+#   (`write_reports`)
 # - `encoder.keras`, `decoder.keras`, `prior.npz`: the trained models (plain Keras layers: image -> `z_mean,
 #   z_log_var`; `z` -> image); the generator's mixture (weights, means, covariances) and the trained prior's
 #   (`trained_*`; none when both are N(0, I)) (`save_models`)

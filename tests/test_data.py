@@ -203,6 +203,9 @@ def test_load_fashion_mnist_preprocesses_and_takes_first_n(dataset_dir):
     np.testing.assert_allclose(data.x_train[..., 0] * 255.0, raw_x[:100], atol=1e-4)
     np.testing.assert_array_equal(data.y_train, raw_y[:100])
     assert data.x_test.shape == (50, 28, 28, 1)
+    raw_x_test, raw_y_test = synthetic_split(200, 1)  # the first 50 test images, with their own labels
+    np.testing.assert_allclose(data.x_test[..., 0] * 255.0, raw_x_test[:50], atol=1e-4)
+    np.testing.assert_array_equal(data.y_test, raw_y_test[:50])
 
 
 def test_sample_count_larger_than_dataset_names_the_variable(dataset_dir):

@@ -226,25 +226,32 @@ def test_gaussian_samples_have_the_given_full_covariance():
     np.testing.assert_allclose(np.cov(mixture, rowvar=False), cov, atol=0.03)
 
 
-def test_generation_quality_scores_each_set_against_the_test_images_and_the_test_labels():
+def test_generation_quality_scores_each_set_against_the_test_images_and_the_test_labels(monkeypatch):
     """A stand-in model whose reconstructions are the clean test images themselves and whose decoder draws the
     mean training image of the class a latent points to: the reconstructions' Fréchet distance is 0, their
     agreement is the classifier's own test accuracy (so it counts against the test labels), and every decoded
-    set lands on its class."""
-    x_train, y_train = synthetic_split(600, 0)
-    x_test, y_test = synthetic_split(200, 1)
-    clean_test = vf.to_unit_float(x_test)
-    data = vf.FashionMNIST(vf.to_unit_float(x_train), y_train.astype(np.int32), clean_test, y_test.astype(np.int32),
-                           "bars", x_test_noisy=vf.add_noise(clean_test, 0.45, 0))
-    templates = np.stack([data.x_train[data.y_train == c].mean(axis=0) for c in range(10)])
-    rng = np.random.default_rng(0)
-    codes = np.eye(10)[data.y_train] * 3 + rng.normal(0, 0.1, (600, 10))
+    set lands on its class. The generator (sample_latents, stream prior_fd: only T-shirts here) and the trained
+    prior (sample_prior, stream trained_prior_fd: every class) are scored under their own names;
+    fd_training_codes decodes a seeded subset of the training codes; each class's conditional FD compares with
+    that class's *test* images."""
+    data, templates, codes = _bars_with_templates()
+    drawn, decoded, calls = [], [], []
 
-    def class_codes(n, seed):
+    def generate(latents):
+        decoded.append(np.array(latents))
+        return templates[np.argmax(latents, axis=1)]
+
+    def only_class_0(n, seed):
+        drawn.append(("generator", seed))
+        return np.tile(np.eye(10)[0] * 3, (n, 1))
+
+    def every_class(n, seed):
+        drawn.append(("trained prior", seed))
         return np.eye(10)[np.random.default_rng(seed).integers(0, 10, n)] * 3
 
-    vae = types.SimpleNamespace(generate=lambda latents: templates[np.argmax(latents, axis=1)],
-                                sample_latents=class_codes, sample_prior=class_codes)
+    frechet = vf.frechet_distance
+    monkeypatch.setattr(vf, "frechet_distance", lambda a, b: calls.append((a, b)) or frechet(a, b))
+    vae = types.SimpleNamespace(generate=generate, sample_latents=only_class_0, sample_prior=every_class)
     config = vf.Config(seed=0)
     result = vf.generation_quality(vae, data, config, codes, data.x_test.copy())
     assert result["fd_samples"] == 200 and result["conditional_per_class"] == 20
@@ -255,3 +262,37 @@ def test_generation_quality_scores_each_set_against_the_test_images_and_the_test
     assert result["fd_clean_train"] < result["fd_noisy_input"]
     for c in range(10):
         assert result[f"conditional_agreement_{c}"] > 0.5, c
+
+    assert ("generator", vf.seed_for(config, "prior_fd")) in drawn
+    assert ("trained prior", vf.seed_for(config, "trained_prior_fd")) in drawn
+    assert result["prior_class_counts"][0] == 200 and result["prior_class_entropy"] < 0.05
+    assert result["trained_prior_class_entropy"] > 0.9
+    assert result["fd_prior_samples"] > 2 * result["fd_trained_prior_samples"]
+    subset = codes[vf.seeded_subset(600, 200, vf.seed_for(config, "training_codes"))]
+    assert any(d.shape == subset.shape and np.array_equal(d, subset) for d in decoded)
+    reference = calls[0][1]
+    for c, (_mine, theirs) in enumerate(calls[-10:]):
+        np.testing.assert_array_equal(theirs, reference[data.y_test[:200] == c])
+
+
+def _bars_with_templates(shift_test_labels: int = 0):
+    x_train, y_train = synthetic_split(600, 0)
+    x_test, y_test = synthetic_split(200, 1)
+    clean_test = vf.to_unit_float(x_test)
+    data = vf.FashionMNIST(vf.to_unit_float(x_train), y_train.astype(np.int32), clean_test,
+                           ((y_test + shift_test_labels) % 10).astype(np.int32), "bars",
+                           x_test_noisy=vf.add_noise(clean_test, 0.45, 0))
+    templates = np.stack([data.x_train[data.y_train == c].mean(axis=0) for c in range(10)])
+    codes = np.eye(10)[data.y_train] * 3 + np.random.default_rng(0).normal(0, 0.1, (600, 10))
+    return data, templates, codes
+
+
+def test_the_fd_classifier_learns_from_the_training_images_not_the_test_images():
+    """METRICS: the small CNN trains "3 epochs on clean training images". With every test label shifted by one
+    class, a classifier trained on the training images scores near 0 on the test set (and the reconstructions'
+    agreement with it too); one trained on the test images would score near 1."""
+    data, templates, codes = _bars_with_templates(shift_test_labels=1)
+    vae = types.SimpleNamespace(generate=lambda latents: templates[np.argmax(latents, axis=1)],
+                                sample_latents=lambda n, seed: codes[:n], sample_prior=lambda n, seed: codes[:n])
+    result = vf.generation_quality(vae, data, vf.Config(seed=0), codes, data.x_test.copy())
+    assert result["classifier_test_accuracy"] < 0.2 and result["reconstruction_agreement"] < 0.2

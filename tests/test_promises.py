@@ -147,3 +147,14 @@ def test_the_interpolation_lines_join_test_images_of_two_different_classes_and_a
     # each line starts at its first image's code and ends at its second's (coordinate 0: 3 for class 0, else 0)
     for line, (a, b) in zip(paths["interpolation"], chosen):
         assert line[0, 0, 0, 0] == z[a, 0] and line[-1, 0, 0, 0] == z[b, 0]
+
+
+def test_the_supcon_term_uses_the_supcon_temperature_setting():
+    """Config: supcon_temperature is SupCon's temperature (a slip that drops it trains at the default 0.1)."""
+    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, supcon_temperature=0.5), n_train=64)
+    x = np.random.default_rng(0).random((16, 28, 28, 1)).astype(np.float32)
+    labels = np.arange(16, dtype=np.int32) % 4
+    z_mean = vae.encode(x)[0]
+    supcon = float(vae.compute_losses(x, x, labels)["supcon_loss"])
+    assert supcon == pytest.approx(float(vf.supcon_loss(z_mean, labels, 0.5)), rel=1e-4)
+    assert supcon != pytest.approx(float(vf.supcon_loss(z_mean, labels, 0.1)), rel=1e-2)

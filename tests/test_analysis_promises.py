@@ -1,0 +1,253 @@
+"""Promises of the analysis (section 5) and the saved files that a one-line slip would break while a run still
+finishes with plausible numbers: the wrong split, the wrong stream, the wrong setting, the wrong set. Each test
+names the slip it catches; the references are small and independent of the code under test."""
+
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import vae_fashion as vf
+from conftest import synthetic_split
+
+LATENT = 8
+
+
+def _encode(images):
+    """A stand-in encoder: the mean of each eighth of the image, as both z_mean and z_log_var."""
+    codes = np.asarray(images, np.float64).reshape(len(images), LATENT, -1).mean(axis=-1)
+    return codes, codes
+
+
+def _generate(latents):
+    """A stand-in decoder: an image filled with the latent's mean (so a set of decoded images shows its codes)."""
+    values = np.asarray(latents, np.float32).mean(axis=1)
+    return np.broadcast_to(values[:, None, None, None], (len(values), 28, 28, 1)).copy()
+
+
+def _stand_in_vae():
+    vae = types.SimpleNamespace(code_density=None, sampled=[])
+    vae.encode, vae.generate = _encode, _generate
+    vae.denoise = lambda images: _generate(_encode(images)[0])
+
+    def sample_latents(n, seed):  # the generator's codes decode to 0.9, the trained prior's to 0.1
+        vae.sampled.append(("generator", n, seed))
+        return np.full((n, LATENT), 0.9, np.float32)
+
+    def sample_prior(n, seed):
+        vae.sampled.append(("trained prior", n, seed))
+        return np.full((n, LATENT), 0.1, np.float32)
+
+    vae.sample_latents, vae.sample_prior = sample_latents, sample_prior
+    return vae
+
+
+def _bars(n_train=80, n_test=40):
+    x_train, y_train = synthetic_split(n_train, 0)
+    x_test, y_test = synthetic_split(n_test, 1)
+    return vf.FashionMNIST(vf.to_unit_float(x_train), y_train.astype(np.int32), vf.to_unit_float(x_test),
+                           y_test.astype(np.int32), "bars")
+
+
+@pytest.mark.parametrize("generator", ["expost", "prior"])
+def test_analyse_fits_the_generator_to_the_noisy_training_codes_and_keeps_each_set_apart(monkeypatch, generator):
+    """analyse(): the density is fitted to z_mean of the *noisy training* images (not test, not clean) with
+    expost_components (not prior_components) and its own stream, and only with generator=expost; 07 shows the
+    generator's samples and 07B the trained prior's; the probes encode the noisy training copy; PCA covers every
+    test code."""
+    fits = []
+    monkeypatch.setattr(vf, "fit_code_density", lambda z, components, seed: fits.append((z, components, seed)) or {})
+    config = vf.Config(latent_dim=LATENT, seed=3, embed_samples=0, gen_metrics=False, classical_samples=5,
+                       expost_components=3, prior_components=7, generator=generator)
+    data = vf.with_noise(_bars(), config)
+    vae = _stand_in_vae()
+    results = vf.analyse(vae, data, pd.DataFrame(), config, vf.StageTimer())
+
+    z_noisy_train = _encode(data.x_train_noisy)[0]
+    if generator == "expost":
+        assert len(fits) == 1
+        z, components, seed = fits[0]
+        np.testing.assert_array_equal(z, z_noisy_train)
+        assert components == 3 and seed == vf.seed_for(config, "expost_fit")
+    else:
+        assert fits == [] and vae.code_density is None
+    assert ("generator", 100, vf.seed_for(config, "prior_grid")) in vae.sampled
+    assert ("trained prior", 100, vf.seed_for(config, "trained_prior_grid")) in vae.sampled
+    np.testing.assert_allclose(results.prior_grid, 0.9, atol=1e-6)
+    np.testing.assert_allclose(results.trained_prior_grid, 0.1, atol=1e-6)
+    np.testing.assert_array_equal(results.z_mean_train, z_noisy_train)
+    np.testing.assert_array_equal(results.z_mean_test, _encode(data.x_test_noisy)[0])
+    assert results.representation == vf.representation_quality(
+        z_noisy_train, data.y_train, _encode(data.x_test_noisy)[0], data.y_test,
+        vf.seed_for(config, "silhouette_subset"))
+    assert len(results.pca_coords) == len(data.x_test)
+
+
+def test_with_noise_draws_each_split_from_its_own_stream_at_noise_factor():
+    """with_noise(): the test copy from the test_noise stream, the training copy from train_noise_fixed, both at
+    noise_factor (not 0.45, not the bare seed, not swapped)."""
+    data, config = _bars(30, 20), vf.Config(seed=5, noise_factor=0.2)
+    out = vf.with_noise(data, config)
+    np.testing.assert_array_equal(out.x_test_noisy, vf.add_noise(data.x_test, 0.2, vf.seed_for(config, "test_noise")))
+    np.testing.assert_array_equal(out.x_train_noisy,
+                                  vf.add_noise(data.x_train, 0.2, vf.seed_for(config, "train_noise_fixed")))
+
+
+def test_seed_streams_are_distinct_and_apart_from_the_seed_itself():
+    """README: the weights and batch order use `seed` itself, every other draw a stream of its own."""
+    offsets = list(vf.SEED_OFFSETS.values())
+    robustness = [vf.SEED_OFFSETS["robustness_noise"] + i for i in range(len(vf.ROBUSTNESS_SIGMAS))]
+    others = [value for name, value in vf.SEED_OFFSETS.items() if name != "robustness_noise"]
+    assert len(set(offsets)) == len(offsets) and 0 not in offsets
+    assert not set(robustness) & set(others)
+
+
+def test_silhouette_is_of_a_seeded_subset_of_test_codes_and_knn_asks_ten_neighbours():
+    """METRICS: "silhouette_score of test z_mean" (not the training codes) on a seeded subset of
+    silhouette_samples; "10-nearest-neighbour classifier" (not sklearn's default of 5)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (10, 3))
+    y_train = np.arange(300) % 10
+    z_train = centres[y_train] + rng.normal(0, 0.3, (300, 3))
+    y_test = rng.integers(0, 10, 200)
+    z_test = rng.normal(0, 1, (200, 3))  # no structure: the test silhouette is near 0, the training one near 1
+    result = vf.representation_quality(z_train, y_train, z_test, y_test, seed=4, silhouette_samples=50)
+    from sklearn.metrics import silhouette_score
+
+    subset = vf.seeded_subset(200, 50, 4, in_order=False)
+    assert result["silhouette_samples"] == 50
+    assert result["silhouette"] == pytest.approx(silhouette_score(z_test[subset], y_test[subset]))
+    assert result["silhouette"] < 0.2
+
+    # one test point at the origin: its 4 nearest training codes are class 0 (radius 1), the next 7 class 1
+    # (radius 2). Ten neighbours vote class 1; five or one would vote class 0.
+    angles = np.linspace(0, 2 * np.pi, 8)[:-1]
+    z_train = np.vstack([np.eye(2), -np.eye(2), 2 * np.stack([np.cos(angles), np.sin(angles)], axis=1)])
+    y_train = np.array([0] * 4 + [1] * 7)
+    result = vf.representation_quality(z_train, y_train, np.zeros((1, 2)), np.array([1]), seed=0)
+    assert result["knn10_accuracy"] == 1.0
+
+
+def test_classical_references_use_noise_factor_and_score_the_vae_on_the_same_subset():
+    """CLASSICAL_DENOISERS: non-local means with sigma = noise_factor (not a fixed 0.45); vae_subset scores the
+    VAE's output of the same seeded images (not the first ones)."""
+    clean = np.zeros((60, 28, 28, 1), np.float32)
+    clean[:, 6:22, 6:22] = 0.8
+    config = vf.Config(classical_samples=25, noise_factor=0.2, seed=3)
+    noisy = vf.add_noise(clean, 0.2, seed=1)
+    denoised = clean + 0.002 * np.arange(60, dtype=np.float32)[:, None, None, None]  # each image its own error
+    result = vf.classical_references(clean, noisy, denoised, config)
+    from skimage.restoration import denoise_nl_means
+
+    subset = vf.seeded_subset(60, 25, vf.seed_for(config, "classical_subset"))
+    nlm = np.stack([denoise_nl_means(x, h=0.15 * 0.2, sigma=0.2, patch_size=3, patch_distance=2, fast_mode=True)
+                    for x in noisy[subset, ..., 0].astype(np.float64)])
+    assert result["nl_means_psnr"] == pytest.approx(vf.image_quality(clean[subset], nlm)["psnr"].mean())
+    assert result["vae_subset_mse"] == pytest.approx(np.mean((denoised[subset] - clean[subset]) ** 2))
+
+
+def test_frechet_distance_handles_covariances_that_do_not_commute():
+    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)), here against the symmetric form
+    Tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2) of the same sample moments. Diagonal covariances cannot tell
+    this from sqrtm(C_a) @ sqrtm(C_b) or sqrt(C_a * C_b); these two can."""
+    from scipy.linalg import sqrtm
+
+    rng = np.random.default_rng(0)
+    a = rng.multivariate_normal([0, 0], [[4, 0], [0, 0.25]], 50_000)
+    b = rng.multivariate_normal([1, 0], [[2.125, 1.875], [1.875, 2.125]], 50_000)  # a's covariance turned by 45°
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root_a = sqrtm(ca).real
+    expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb - 2 * sqrtm(root_a @ cb @ root_a).real)
+    wrong = [np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb - 2 * root) for root in
+             (root_a @ sqrtm(cb).real, np.sqrt(np.abs(ca * cb)))]
+    assert all(abs(w - expected) > 0.3 for w in wrong)
+    assert vf.frechet_distance(a, b) == pytest.approx(expected, rel=1e-4)
+
+
+def test_class_conditional_samples_have_each_class_s_own_full_covariance():
+    """A Gaussian fitted to each class's training z_mean: its full covariance (not the identity, not the
+    diagonal, not the covariance of all codes)."""
+    rng = np.random.default_rng(1)
+    z0 = rng.multivariate_normal([3, 0], [[1, 0.8], [0.8, 1]], 3000)
+    z1 = rng.multivariate_normal([-3, 0], [[1, -0.8], [-0.8, 1]], 3000)
+    z, labels = np.vstack([z0, z1]), np.repeat([0, 1], 3000)
+    latents, intended = vf.class_conditional_latents(z, labels, 4000, seed=2)
+    for c, codes in ((0, z0), (1, z1)):
+        np.testing.assert_allclose(np.cov(latents[intended == c], rowvar=False), np.cov(codes, rowvar=False),
+                                   atol=0.08)
+
+
+def test_the_code_density_is_fitted_to_size_seeded_codes():
+    """fit_code_density(): EM on `size` codes drawn by seeded_subset (not all codes, not the first ones)."""
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    z = np.vstack([rng.normal(-2, 0.5, (300, 2)), rng.normal(2, 0.5, (300, 2))])
+    density = vf.fit_code_density(z, 2, seed=1, size=100)
+    reference = GaussianMixture(2, covariance_type="full", random_state=1).fit(z[vf.seeded_subset(600, 100, 1)])
+    np.testing.assert_allclose(density["means"], reference.means_)
+    np.testing.assert_allclose(density["covariances"], reference.covariances_)
+
+
+def test_the_embedding_plots_label_the_seeded_subset_and_put_each_method_in_its_file(monkeypatch, tmp_path):
+    """06C is UMAP and 06D t-SNE, each point labelled with its own test image's class (labels[subset], not the
+    first labels), and latent_embeddings() embeds exactly the seeded subset of embed_samples test codes."""
+    z = np.random.default_rng(0).normal(size=(300, 3))
+    y_test = np.arange(300) % 10
+    embedded = []
+    monkeypatch.setattr(vf, "project_tsne", lambda codes, seed: embedded.append((codes, seed)) or codes[:, :2])
+    monkeypatch.setattr(vf, "import_umap", lambda: (None, "not here"))
+    config = vf.Config(embed_samples=40, seed=2)
+    embeddings, warnings = vf.latent_embeddings(z, config, vf.StageTimer())
+    subset = vf.seeded_subset(300, 40, vf.seed_for(config, "embed_subset"))
+    np.testing.assert_array_equal(embeddings["subset"], subset)
+    np.testing.assert_array_equal(embedded[0][0], z[subset])
+    assert embedded[0][1] == vf.seed_for(config, "tsne") and warnings and "UMAP" not in embeddings
+    embedded.clear()
+    assert vf.latent_embeddings(z, vf.Config(embed_samples=0), vf.StageTimer())[0].keys() == {"subset"}
+    assert embedded == []
+
+    drawn = {}
+    monkeypatch.setattr(vf, "plot_latent_scatter",
+                        lambda coords, labels, title, path, *args: drawn.update({path: (coords, labels)}))
+    results = types.SimpleNamespace(config=config, y_test=y_test, embeddings={
+        "subset": subset, "t-SNE": np.full((40, 2), 1.0), "UMAP": np.full((40, 2), 2.0)})
+    vf.draw_embeddings(results, [tmp_path / "06C", tmp_path / "06D"])
+    assert drawn[tmp_path / "06D"][0][0, 0] == 1.0 and drawn[tmp_path / "06C"][0][0, 0] == 2.0
+    for _coords, labels in drawn.values():
+        np.testing.assert_array_equal(labels, y_test[subset])
+
+
+def test_prior_npz_holds_the_generator_and_the_trained_prior_and_is_absent_when_both_are_n01(tmp_path):
+    """save_models(): no prior.npz when the generator and the trained prior are both N(0, I); with a fitted
+    density it holds weights, means, covariances (and trained_* only with a learned prior)."""
+    vae = vf.build_vae(vf.Config(latent_dim=4, prior="normal"), n_train=64)
+    vf.save_models(vae, tmp_path)
+    assert not (tmp_path / "prior.npz").exists()
+    vae.code_density = {"weights": np.array([0.5, 0.5]), "means": np.zeros((2, 4)),
+                        "covariances": np.stack([np.eye(4)] * 2)}
+    vf.save_models(vae, tmp_path)
+    with np.load(tmp_path / "prior.npz") as saved:
+        assert set(saved.files) == {"weights", "means", "covariances"}
+    mixture = vf.build_vae(vf.Config(latent_dim=4, prior="mixture", prior_components=3), n_train=64)
+    mixture.code_density = vae.code_density
+    vf.save_models(mixture, tmp_path)
+    with np.load(tmp_path / "prior.npz") as saved:
+        assert set(saved.files) == {"weights", "means", "covariances", "trained_weights", "trained_means",
+                                    "trained_variances"}
+        np.testing.assert_array_equal(saved["weights"], [0.5, 0.5])
+
+
+def test_a_new_run_removes_every_output_of_the_previous_one_but_the_checkpoint(tmp_path):
+    """prepare_output_dir(): an earlier run's files (a prior.npz or UMAP plot this run may not write, the models,
+    the reports) are gone before any work, so none can pass for this run's; the checkpoint stays for resuming."""
+    names = [name for output in vf.OUTPUTS for name in output.files if not name.endswith("/")]
+    for name in names:
+        (tmp_path / name).write_text("old")
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("the user's")
+    vf.prepare_output_dir(tmp_path)
+    assert [name for name in names if (tmp_path / name).exists()] == []
+    assert (tmp_path / "checkpoint" / "state.json").exists() and (tmp_path / "notes.txt").exists()

@@ -1,0 +1,235 @@
+"""Promises of the reports (section 7), run() (section 8) and the appendix's settings and timers that a one-line
+slip would break while a run still finishes: the order of the stages and files, the counts and units of
+metrics.csv, the columns of metrics.txt, the bounds of every setting, the time estimate."""
+
+import json
+import os
+import re
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import vae_fashion as vf
+from conftest import synthetic_split
+
+
+def _metrics_values():
+    """A distinct value for every metric, and the counts of each kind of image set."""
+    values = {name: float(i + 1) for i, name in enumerate(vf.METRICS)}
+    representation = {name: values[name] for name in ("linear_probe_accuracy", "knn10_accuracy", "silhouette")}
+    classical = {name: value for name, value in values.items() if vf.METRICS[name][2] == "classical"}
+    generation = {name: value for name, value in values.items() if vf.METRICS[name][2] in ("generation",
+                                                                                          "conditional")}
+    summary = {name: value for name, value in values.items() if vf.METRICS[name][2] == "test"
+               and name not in representation}
+    table = vf.metrics_table(summary, {**representation, "silhouette_samples": 7}, 100,
+                             {**classical, "classical_samples": 20},
+                             {**generation, "fd_samples": 50, "conditional_per_class": 5})
+    return values, table
+
+
+def test_metrics_csv_names_each_figure_with_its_own_value_unit_and_image_count():
+    values, table = _metrics_values()
+    assert list(table["name"]) == list(vf.METRICS)
+    rows = table.set_index("name")
+    for name, row in rows.iterrows():
+        assert row["value"] == values[name], name
+        assert row["unit"] == ("dB" if "psnr" in name else "%" if name == "mse_improvement_pct" else ""), name
+    expected = {"vae_psnr": 100, "noisy_ssim": 100, "psnr_gain_db": 100, "clean_input_psnr_pooled": 100,
+                "linear_probe_accuracy": 100, "knn10_accuracy": 100, "silhouette": 7, "tv_chambolle_psnr": 20,
+                "vae_subset_mse": 20, "noisy_subset_psnr_pooled": 20, "fd_prior_samples": 50,
+                "fd_vae_reconstruction": 50, "reconstruction_agreement": 50, "fd_conditional_3": 5,
+                "conditional_agreement_9": 5}
+    assert {name: rows.loc[name, "n_images"] for name in expected} == expected
+
+
+def test_metrics_txt_puts_each_figure_in_its_column_and_names_the_counts_and_the_noise():
+    values, table = _metrics_values()
+    config = vf.Config(noise_factor=0.3, seed=11, prior="mixture", generator="expost")
+    robustness = pd.DataFrame({"sigma": [0.3, 0.3, 0.3], "method": ["noisy input", "TV (Chambolle)", "VAE"],
+                               "psnr": [10.0, 12.0, 18.0], "ssim": [0.3, 0.4, 0.6], "mse": [0.1, 0.06, 0.02],
+                               "n_images": [40, 40, 40]})
+    results = types.SimpleNamespace(metrics=table, config=config, source="bars", n_train=600, robustness=robustness,
+                                    warnings=[])
+    report = vf.metrics_report(results)
+    vae_row = next(line for line in report.splitlines() if re.match(r"VAE +\d", line))
+    assert [float(x) for x in vae_row.split()[1:]] == pytest.approx(
+        [values["vae_mse"], values["vae_psnr"], values["vae_ssim"], values["vae_psnr_pooled"]])
+    noisy_row = next(line for line in report.splitlines() if re.match(r"noisy input +\d", line))
+    assert float(noisy_row.split()[2]) == pytest.approx(values["noisy_mse"])
+    assert "600 training and 100 test images" in report
+    assert "a seeded subset of 20 test images" in report
+    assert f"clip(x + 0.3 * N(0,1), 0, 1), test noise drawn once (seed {vf.seed_for(config, 'test_noise')})" in report
+    assert "subset of 40 test images" in report and "trained at sigma 0.3" in report
+
+
+def test_the_generation_report_gives_each_ratio_to_the_reconstructions_and_each_class_its_row():
+    values = {name: 1.0 for name in vf.METRICS}
+    values.update(fd_vae_reconstruction=2.0, fd_prior_samples=3.0, fd_training_codes=1.0,
+                  fd_trained_prior_samples=5.0, prior_class_entropy=0.111, trained_prior_class_entropy=0.222)
+    values.update({f"conditional_agreement_{c}": c / 10 for c in range(10)})
+    values.update({f"fd_conditional_{c}": c + 10.0 for c in range(10)})
+    config = vf.Config(generator="expost", prior="mixture", expost_components=80)
+    lines = vf.generation_report(values, config)
+    text = "\n".join(lines)
+    assert re.search(r"generated samples: +3\.000 += 1\.500 x", text)
+    assert re.search(r"training codes, decoded: +1\.000 += 0\.500 x", text)
+    assert re.search(r"trained prior's samples: +5\.000 += 2\.500 x", text)
+    generator_line = text.index(vf.generator_label(config))
+    assert text.index("class entropy 0.111") > generator_line > text.index("generated samples")
+    assert text.index("class entropy 0.222") > text.index(vf.prior_label(config)) > text.index("trained prior's")
+    for c in range(10):
+        row = next(line for line in lines if line.startswith(vf.CLASS_NAMES_EN[c] + " / "))
+        assert row.split()[-2:] == [f"{10 * c:.1f}%", f"{c + 10:.3f}"]
+
+
+def test_the_pca_report_counts_components_from_one_and_sums_the_first_two():
+    report = vf.pca_report(np.array([0.5, 0.3, 0.2]))
+    assert re.findall(r"^PC(\d+) +([\d.]+) +([\d.]+)$", report, re.M) == [
+        ("1", "0.50000", "0.50000"), ("2", "0.30000", "0.80000"), ("3", "0.20000", "1.00000")]
+    assert "show 80.0 % of the variance" in report
+
+
+def test_a_report_that_cannot_be_made_leaves_no_metrics_file(tmp_path):
+    """README: a failed run leaves no metrics.csv/metrics.txt; write_reports makes the text before either."""
+    _values, table = _metrics_values()
+    broken = table[table["name"] != "fd_vae_reconstruction"]  # generation_report needs it
+    results = types.SimpleNamespace(metrics=broken, config=vf.Config(), source="bars", n_train=600,
+                                    robustness=pd.DataFrame(), warnings=[], history=pd.DataFrame(),
+                                    pca_ratios=np.array([0.6, 0.4]))
+    with pytest.raises(KeyError):
+        vf.write_reports(results, tmp_path)
+    assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "metrics.txt").exists()
+
+
+class _Clock:
+    def __init__(self, now=0.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_stage_timer_keeps_seconds_per_stage_and_the_total_since_it_started(monkeypatch):
+    clock = _Clock(1.0)
+    monkeypatch.setattr(vf.time, "perf_counter", clock)
+    timer = vf.StageTimer()
+    clock.now = 2.0
+    with timer.stage("a"):
+        clock.now = 4.0
+    with timer.stage("b"):
+        clock.now = 7.0
+    frame = timer.frame()
+    assert frame.values.tolist() == [["a", 2.0], ["b", 3.0], ["total", 6.0]]
+
+
+def test_the_time_estimate_counts_the_steps_after_the_first_and_the_epochs_left(monkeypatch, capsys):
+    """After the first epoch of this fit (epoch 2 of 10 after a resume): ms per step from the steps after the
+    first, all epochs' time and what is left."""
+    clock = _Clock(0.0)
+    monkeypatch.setattr(vf.time, "perf_counter", clock)
+    monkeypatch.setattr(vf, "cpu_model_name", lambda: "a CPU")
+    estimate = vf.TrainingTimeEstimate(epochs=10)
+    estimate.set_params({"steps": 5})
+    estimate.on_epoch_begin(2)
+    clock.now = 3.0  # the first step traced the graph
+    estimate.on_train_batch_end(0)
+    estimate.on_train_batch_end(1)
+    clock.now = 7.0  # four more steps of one second
+    estimate.on_epoch_end(2)
+    printed = capsys.readouterr().out
+    assert "1000 ms per step" in printed and "the 10 epochs take about 50 s" in printed
+    assert "35 s from now" in printed  # epochs 4-10 of 10 (counting from 1): 7 x 5 s
+    estimate.on_epoch_begin(3)
+    estimate.on_epoch_end(3)
+    assert capsys.readouterr().out == ""
+
+
+BOUNDED = [field for field, rule in vf.SETTINGS.items() if rule["low"] is not None]
+
+
+@pytest.mark.parametrize("field", BOUNDED)
+def test_every_bound_bounds_and_admits_its_edges(field):
+    """parse_setting: [low, high], or (low, high] with open_low; the edges of each declared setting."""
+    rule = vf.SETTINGS[field]
+    low, high = rule["low"], rule["high"]
+    step = 1 if rule["kind"] is int else max(abs(high), 1.0) * 1e-9
+
+    def parse(value):
+        return vf.parse_setting(field, str(value), rule["env"], "unset it")
+
+    assert parse(high) == high
+    with pytest.raises(vf.ConfigError, match=rf"{rule['env']}=.* is out of range"):
+        parse(high + (1 if rule["kind"] is int else max(abs(high), 1.0) * 1e-6))
+    if rule["open_low"]:
+        with pytest.raises(vf.ConfigError, match="out of range"):
+            parse(low)
+        assert parse(low + step) > low
+    else:
+        assert parse(low) == low
+        with pytest.raises(vf.ConfigError, match="out of range"):
+            parse(low - (1 if rule["kind"] is int else 1e-6))
+
+
+def test_a_test_split_too_large_names_its_own_variable(dataset_dir):
+    with pytest.raises(vf.ConfigError, match="VAE_TEST_SAMPLES=201 is larger than the 200"):
+        vf.load_fashion_mnist(vf.Config(data_dir=str(dataset_dir), test_samples=201))
+
+
+def test_run_goes_through_its_stages_in_order_and_marks_the_folder_at_the_end(monkeypatch, tmp_path):
+    """run(): load -> noise -> build -> train -> analyse -> save models -> plots -> report; run_status.json
+    `running` with this process's pid until `finished`, the same started_at; timings.csv in stage order;
+    config.json and the checkpoint's fingerprint name the precision that ran. A drawing that fails leaves no
+    metrics file and the status `failed`."""
+    x_train, y_train = synthetic_split(40, 0)
+    x_test, y_test = synthetic_split(20, 1)
+    data = vf.FashionMNIST(vf.to_unit_float(x_train), y_train.astype(np.int32), vf.to_unit_float(x_test),
+                           y_test.astype(np.int32), "bars")
+    calls, statuses = [], []
+
+    def record(name, result=None):
+        def stage(*args, **kwargs):
+            calls.append(name)
+            statuses.append(json.loads((tmp_path / "run_status.json").read_text()))
+            return result
+        return stage
+
+    def analyse(vae, data, history, config, timer):
+        calls.append("analyse")
+        with timer.stage("evaluate"):
+            pass
+        return types.SimpleNamespace(metrics=pd.DataFrame({"name": ["x"]}), warnings=[])
+
+    def write_reports(results, out):
+        calls.append("report")
+        (out / "metrics.csv").write_text("name\nx\n")
+        (out / "metrics.txt").write_text("report\n")
+
+    monkeypatch.setattr(vf, "load_fashion_mnist", record("load", data))
+    monkeypatch.setattr(vf, "build_distributed_vae", record("build", object()))
+    monkeypatch.setattr(vf, "train_vae", record("train", pd.DataFrame()))
+    monkeypatch.setattr(vf, "analyse", analyse)
+    monkeypatch.setattr(vf, "save_models", record("save models"))
+    monkeypatch.setattr(vf, "render", record("plots"))
+    monkeypatch.setattr(vf, "write_reports", write_reports)
+    config = vf.Config(out_dir=str(tmp_path), precision="mixed_bfloat16")
+    vf.run(config)
+    assert calls == ["load", "build", "train", "analyse", "save models", "plots", "report"]
+    assert {(s["status"], s["pid"]) for s in statuses} == {("running", os.getpid())}
+    final = json.loads((tmp_path / "run_status.json").read_text())
+    assert final["status"] == "finished" and final["started_at"] == statuses[0]["started_at"]
+    stages = pd.read_csv(tmp_path / "timings.csv")["stage"].tolist()
+    assert stages == ["load", "noise", "build", "train", "evaluate", "save models", "plots", "report", "total"]
+    assert json.loads((tmp_path / "config.json").read_text())["dtype_policy"] == "mixed_bfloat16"
+    assert json.loads((tmp_path / "checkpoint" / "fingerprint.json").read_text())["precision"] == "mixed_bfloat16"
+
+    def broken_render(*args):
+        raise RuntimeError("a figure failed")
+
+    monkeypatch.setattr(vf, "render", broken_render)
+    with pytest.raises(RuntimeError):
+        vf.run(config)
+    assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "metrics.txt").exists()
+    assert json.loads((tmp_path / "run_status.json").read_text())["status"] == "failed"
