@@ -1,0 +1,87 @@
+"""Issue 33's slip check: apply each one-line slip to a copy of vae_fashion.py and run the test module that must
+catch it; prints CAUGHT or MISSED per slip (41 slips; each takes 10-110 s on 2 cores).
+
+    python3 tools/try_slips.py [SLIP NAME ...]
+
+A slip whose text no longer occurs once in vae_fashion.py prints "??": update it with the code.
+"""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+A, G, P, D = "tests/test_analysis_promises.py", "tests/test_generation.py", "tests/test_promises.py", "tests/test_data.py"
+R = "tests/test_report_promises.py"
+# (name, text in vae_fashion.py, the slip, the tests that must fail)
+SLIPS = [
+ ("fit on test codes", "fit_code_density(z_mean_train, config.expost_components", "fit_code_density(z_mean_test, config.expost_components", [A]),
+ ("prior_components", "z_mean_train, config.expost_components,", "z_mean_train, config.prior_components,", [A]),
+ ("always fit", 'if config.generator == "expost":', "if True:", [A]),
+ ("07 from trained prior", "prior_grid = vae.generate(vae.sample_latents(100", "prior_grid = vae.generate(vae.sample_prior(100", [A]),
+ ("pca on train", "project_pca(z_mean_test)", "project_pca(z_mean_train)", [A]),
+ ("probes on clean train", "z_mean_train, _ = vae.encode(data.x_train_noisy)", "z_mean_train, _ = vae.encode(data.x_train)", [A]),
+ ("silhouette on train", "silhouette_score(z_test[subset], y_test[subset])", "silhouette_score(z_train[subset], y_train[subset])", [A]),
+ ("knn k=5", "n_neighbors=min(10, len(z_train))", "n_neighbors=min(5, len(z_train))", [A]),
+ ("classifier on test", "classifier.fit(data.x_train, data.y_train,", "classifier.fit(data.x_test, data.y_test,", [G]),
+ ("generator stream", 'vae.sample_latents(n, seed_for(config, "prior_fd"))', 'vae.sample_latents(n, seed_for(config, "trained_prior_fd"))', [G]),
+ ("swap sets", '("prior", samples), ("noisy", data.x_test_noisy),\n        ("trained_prior", trained_prior)', '("prior", trained_prior), ("noisy", data.x_test_noisy),\n        ("trained_prior", samples)', [G]),
+ ("first training codes", 'codes = z_mean_train[seeded_subset(len(z_mean_train), n, seed_for(config, "training_codes"))]', "codes = z_mean_train[:n]", [G]),
+ ("per-class FD vs train labels", "mine, theirs = intended == c, data.y_test[:n] == c", "mine, theirs = intended == c, data.y_train[:n] == c", [G]),
+ ("sqrtm product", "root = linalg.sqrtm(cov_a @ cov_b)", "root = linalg.sqrtm(cov_a) @ linalg.sqrtm(cov_b)", [A]),
+ ("class cov of all", "np.cov(z_train[y_train == c], rowvar=False) + ridge", "np.cov(z_train, rowvar=False) + ridge", [A]),
+ ("supcon temperature", "supcon_loss(z_mean, labels, self.config.supcon_temperature)", "supcon_loss(z_mean, labels)", [P]),
+ ("test labels from train", 'for a in (x_test, y_test))', 'for a in (x_test, y_train))', [D]),
+ ("noise streams swapped", 'seed_for(config, "train_noise_fixed")),\n        x_test_noisy=add_noise(data.x_test, config.noise_factor, seed_for(config, "test_noise"))', 'seed_for(config, "test_noise")),\n        x_test_noisy=add_noise(data.x_test, config.noise_factor, seed_for(config, "train_noise_fixed"))', [A]),
+ ("test noise 0.45", 'x_test_noisy=add_noise(data.x_test, config.noise_factor,', 'x_test_noisy=add_noise(data.x_test, 0.45,', [A]),
+ ("nlm sigma fixed", "sigma = max(config.noise_factor, 1e-3)", "sigma = 0.45", [A]),
+ ("vae subset first", '"vae_subset": denoised[subset],', '"vae_subset": denoised[: len(subset)],', [A]),
+ ("density all codes", "codes = z_train[seeded_subset(len(z_train), size, seed)]", "codes = z_train", [A]),
+ ("embedding labels first", "labels[subset],\n", "labels[: len(subset)],\n", [A]),
+ ("tsne on all", 'project_tsne(z_mean_test[subset], seed_for(config, "tsne"))', 'project_tsne(z_mean_test, seed_for(config, "tsne"))', [A]),
+ ("duplicate stream", '"expost_fit": 13', '"expost_fit": 12', [A]),
+ ("stale files kept", "                if not name.endswith(\"/\"):  # the checkpoint stays: it is how a run resumes\n                    (out / name).unlink(missing_ok=True)", "                if name.startswith(\"metrics\"):\n                    (out / name).unlink(missing_ok=True)", [A]),
+ ("prior.npz with N(0,I)", "    if generator is not None:\n        with atomic_path(out / \"prior.npz\")", "    if True:\n        generator = generator or {}\n        with atomic_path(out / \"prior.npz\")", [A]),
+ ("metrics.csv before the text", '    report = metrics_report(results)\n    write_csv(out / "metrics.csv", results.metrics)\n    write_text(out / "metrics.txt", report)', '    write_csv(out / "metrics.csv", results.metrics)\n    write_text(out / "metrics.txt", metrics_report(results))', [R]),
+ ("report before plots", '        with timer.stage("plots"):\n            render(results, out, show_plots)\n        with timer.stage("report"):\n            write_reports(results, out)', '        with timer.stage("report"):\n            write_reports(results, out)\n        with timer.stage("plots"):\n            render(results, out, show_plots)', [R]),
+ ("silhouette count", '"silhouette": representation["silhouette_samples"]', '"silhouette": n_test', [R]),
+ ("psnr unit", 'unit = "dB" if metric.startswith("psnr") else ""', 'unit = "dB" if metric == "psnr" else ""', [R]),
+ ("columns swapped", "{values[method + '_psnr']:>12.2f}\"\n                     f\"{values[method + '_ssim']:>9.4f}{values[method + '_psnr_pooled']:>13.2f}", "{values[method + '_psnr_pooled']:>12.2f}\"\n                     f\"{values[method + '_ssim']:>9.4f}{values[method + '_psnr']:>13.2f}", [R]),
+ ("ratio to clean train", 'reconstruction = values["fd_vae_reconstruction"]', 'reconstruction = values["fd_clean_train"]', [R]),
+ ("pca from 0", "enumerate(zip(ratios, np.cumsum(ratios)), start=1)", "enumerate(zip(ratios, np.cumsum(ratios)), start=0)", [R]),
+ ("estimate over all steps", "per_step = (time.perf_counter() - self.after_first_step) / (steps - 1)", "per_step = (time.perf_counter() - self.after_first_step) / steps", [R]),
+ ("estimate left", "left = self.epochs - epoch - 1", "left = self.epochs - epoch", [R]),
+ ("total from first stage", 'total = pd.DataFrame([{"stage": "total", "seconds": round(time.perf_counter() - self.start, 3)}])', 'total = pd.DataFrame([{"stage": "total", "seconds": round(sum(r["seconds"] for r in self.rows), 3)}])', [R]),
+ ("high open", "or value > high:", "or value >= high:", [R]),
+ ("open_low ignored", "if (value <= low if rule[\"open_low\"] else value < low)", "if (value < low)", [R]),
+ ("test var name", 'take_first(a, config.test_samples, "VAE_TEST_SAMPLES")', 'take_first(a, config.test_samples, "VAE_TRAIN_SAMPLES")', [R]),
+ ("ppid", '"pid": os.getpid(),', '"pid": os.getppid(),', [R]),
+]
+
+
+def main(only) -> int:
+    src = (ROOT / "vae_fashion.py").read_text()
+    missed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = pathlib.Path(tmp) / "repo"
+        for name, old, new, tests in SLIPS:
+            if only and name not in only:
+                continue
+            if src.count(old) != 1:
+                print(f"?? {name}: its text occurs {src.count(old)} times", flush=True)
+                continue
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.ipynb"))
+            (work / "vae_fashion.py").write_text(src.replace(old, new))
+            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
+                                     *tests], cwd=work, capture_output=True, text=True)
+            last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-200:]
+            missed += result.returncode == 0
+            print(("CAUGHT " if result.returncode else "MISSED ") + name + " :: " + last, flush=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
