@@ -1545,6 +1545,11 @@ OUTPUTS = [
 ]
 
 
+def output_files() -> list[str]:
+    """The name of every file of OUTPUTS, without the checkpoint folder."""
+    return [name for output in OUTPUTS for name in output.files if not name.endswith("/")]
+
+
 def outputs_table() -> str:
     """README's outputs table (tools/sync_docs.py writes it; a test checks it)."""
     rows = ["| file | what it shows | written by |", "|---|---|---|"]
@@ -2757,8 +2762,8 @@ def _now() -> str:
 
 
 def prepare_output_dir(out_dir) -> Path:
-    """Create the output folder, prove it is writable, and remove every output file of an earlier run (all of
-    OUTPUTS but the checkpoint) so that none can be mistaken for this one's, such as a UMAP plot or a prior.npz
+    """Create the output folder, prove it is writable, and remove every output file of an earlier run
+    (output_files()) so that none can be mistaken for this one's, such as a UMAP plot or a prior.npz
     this run does not write."""
     out = Path(out_dir).expanduser()
     try:
@@ -2766,10 +2771,8 @@ def prepare_output_dir(out_dir) -> Path:
         probe = out / ".write_test"
         probe.write_text("ok")
         probe.unlink()
-        for output in OUTPUTS:
-            for name in output.files:
-                if not name.endswith("/"):  # the checkpoint stays: it is how a run resumes
-                    (out / name).unlink(missing_ok=True)
+        for name in output_files():  # the checkpoint stays: it is how a run resumes
+            (out / name).unlink(missing_ok=True)
     except OSError as error:
         raise OutputDirError(
             f"output folder {out} is not writable ({error.strerror or error}); "

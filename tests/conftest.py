@@ -60,6 +60,16 @@ def synthetic_split(n: int, seed: int):
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
 
+def bars_data(n_train: int = 80, n_test: int = 40):
+    """synthetic_split's images as the cell's FashionMNIST: float32 in [0, 1], int32 labels, no noisy copies."""
+    import vae_fashion as vf
+
+    x_train, y_train = synthetic_split(n_train, 0)
+    x_test, y_test = synthetic_split(n_test, 1)
+    return vf.FashionMNIST(vf.to_unit_float(x_train), y_train.astype(np.int32), vf.to_unit_float(x_test),
+                           y_test.astype(np.int32), "bars")
+
+
 def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     x_train, y_train = synthetic_split(n_train, 0)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import vae_fashion as vf
-from conftest import synthetic_split
+from conftest import bars_data
 
 LATENT = 8
 
@@ -43,13 +43,6 @@ def _stand_in_vae():
     return vae
 
 
-def _bars(n_train=80, n_test=40):
-    x_train, y_train = synthetic_split(n_train, 0)
-    x_test, y_test = synthetic_split(n_test, 1)
-    return vf.FashionMNIST(vf.to_unit_float(x_train), y_train.astype(np.int32), vf.to_unit_float(x_test),
-                           y_test.astype(np.int32), "bars")
-
-
 @pytest.mark.parametrize("generator", ["expost", "prior"])
 def test_analyse_fits_the_generator_to_the_noisy_training_codes_and_keeps_each_set_apart(monkeypatch, generator):
     """analyse(): the density is fitted to z_mean of the *noisy training* images (not test, not clean) with
@@ -60,7 +53,7 @@ def test_analyse_fits_the_generator_to_the_noisy_training_codes_and_keeps_each_s
     monkeypatch.setattr(vf, "fit_code_density", lambda z, components, seed: fits.append((z, components, seed)) or {})
     config = vf.Config(latent_dim=LATENT, seed=3, embed_samples=0, gen_metrics=False, classical_samples=5,
                        expost_components=3, prior_components=7, generator=generator)
-    data = vf.with_noise(_bars(), config)
+    data = vf.with_noise(bars_data(), config)
     vae = _stand_in_vae()
     results = vf.analyse(vae, data, pd.DataFrame(), config, vf.StageTimer())
 
@@ -87,7 +80,7 @@ def test_analyse_fits_the_generator_to_the_noisy_training_codes_and_keeps_each_s
 def test_with_noise_draws_each_split_from_its_own_stream_at_noise_factor():
     """with_noise(): the test copy from the test_noise stream, the training copy from train_noise_fixed, both at
     noise_factor (not 0.45, not the bare seed, not swapped)."""
-    data, config = _bars(30, 20), vf.Config(seed=5, noise_factor=0.2)
+    data, config = bars_data(30, 20), vf.Config(seed=5, noise_factor=0.2)
     out = vf.with_noise(data, config)
     np.testing.assert_array_equal(out.x_test_noisy, vf.add_noise(data.x_test, 0.2, vf.seed_for(config, "test_noise")))
     np.testing.assert_array_equal(out.x_train_noisy,

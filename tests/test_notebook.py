@@ -20,8 +20,7 @@ from conftest import ROOT, TINY_RUN, write_dataset
 jupytext = pytest.importorskip("jupytext")
 
 # Every file a finished default run writes, from the one table of outputs (checkpoint/ is a folder).
-OUTPUT_FILES = [name for output in vf.OUTPUTS for name in output.files
-                if name != "checkpoint/"]  # the default writes prior.npz: its generator is fitted after training
+OUTPUT_FILES = vf.output_files()  # the default writes prior.npz: its generator is fitted after training
 DRAWN_FILES = {name for output in vf.OUTPUTS if output.draw is not None for name in output.files}
 
 

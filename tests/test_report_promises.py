@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import vae_fashion as vf
-from conftest import synthetic_split
+from conftest import bars_data
 
 
 def _metrics_values():
@@ -183,10 +183,7 @@ def test_run_goes_through_its_stages_in_order_and_marks_the_folder_at_the_end(mo
     `running` with this process's pid until `finished`, the same started_at; timings.csv in stage order;
     config.json and the checkpoint's fingerprint name the precision that ran. A drawing that fails leaves no
     metrics file and the status `failed`."""
-    x_train, y_train = synthetic_split(40, 0)
-    x_test, y_test = synthetic_split(20, 1)
-    data = vf.FashionMNIST(vf.to_unit_float(x_train), y_train.astype(np.int32), vf.to_unit_float(x_test),
-                           y_test.astype(np.int32), "bars")
+    data = bars_data(40, 20)
     calls, statuses = [], []
 
     def record(name, result=None):
