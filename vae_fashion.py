@@ -107,6 +107,7 @@ import dataclasses
 import datetime as _dt
 import difflib
 import gzip
+import itertools
 import json
 import math
 import os
@@ -1091,16 +1092,18 @@ def interpolate_latents(z_a: np.ndarray, z_b: np.ndarray, steps: int) -> np.ndar
 
 
 def interpolation_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> list[tuple[int, int]]:
-    """Pairs of test indices from different classes, seeded."""
+    """Pairs of test indices from two different classes, seeded, taking the classes present in turn;
+    DatasetError when the test images hold fewer than two classes."""
     rng = np.random.default_rng(seed)
+    classes = rng.permutation(np.unique(labels))
+    if len(classes) < 2:
+        raise DatasetError(f"the {len(labels)} test images hold only one class, and the interpolation (08) joins "
+                           "two: use more test images (VAE_TEST_SAMPLES)")
     pairs = []
-    classes = rng.permutation(NUM_CLASSES)
     for k in range(n_pairs):
-        a_class, b_class = classes[k % NUM_CLASSES], classes[(k + 1) % NUM_CLASSES]
-        a_pool, b_pool = np.flatnonzero(labels == a_class), np.flatnonzero(labels == b_class)
-        if len(a_pool) == 0 or len(b_pool) == 0:
-            a_pool = b_pool = np.arange(len(labels))
-        pairs.append((int(rng.choice(a_pool)), int(rng.choice(b_pool))))
+        a_class, b_class = classes[k % len(classes)], classes[(k + 1) % len(classes)]
+        pairs.append((int(rng.choice(np.flatnonzero(labels == a_class))),
+                      int(rng.choice(np.flatnonzero(labels == b_class)))))
     return pairs
 
 
@@ -1844,12 +1847,15 @@ def save_models(vae: VAE, out: Path) -> None:
             np.savez(tmp, **generator, **{f"trained_{name}": value for name, value in trained.items()})
 
 
-def effective_config_record(config: Config, precision: str | None = None, overrides: dict | None = None) -> dict:
-    """config.json: the settings that ran, where they came from, and the versions."""
+def effective_config_record(config: Config, precision: str | None = None, overrides: dict | None = None,
+                            environ=None) -> dict:
+    """config.json: the settings that ran, where they came from (environ: the variables config_from_env read,
+    os.environ unless given), and the versions."""
+    environ = os.environ if environ is None else environ
     return {
         "config": dataclasses.asdict(config),
         "overrides": dict(OVERRIDES if overrides is None else overrides),
-        "environment_variables": {rule["env"]: os.environ.get(rule["env"]) for rule in SETTINGS.values()},
+        "environment_variables": {rule["env"]: environ.get(rule["env"]) for rule in SETTINGS.values()},
         "dtype_policy": precision or resolve_precision(config),  # what precision="auto" resolved to
         "cpu": cpu_model_name(),
         "versions": {
@@ -1867,8 +1873,9 @@ def effective_config_record(config: Config, precision: str | None = None, overri
 # =============================================================================
 
 
-def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
-    """Run the whole pipeline into config.out_dir; returns the metrics table."""
+def run(config: Config, show_plots: bool = False, environ=None, **search) -> pd.DataFrame:
+    """Run the whole pipeline into config.out_dir; returns the metrics table. environ: the variables config
+    was made from (config_from_env's; os.environ unless given), as config.json records them."""
     out = prepare_output_dir(config.out_dir)
     started_at = _now()
     write_run_status(out, "running", started_at)
@@ -1876,7 +1883,8 @@ def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
     try:
         strategy = setup_devices(config)
         precision = keras.mixed_precision.global_policy().name  # what setup_devices resolved "auto" to
-        write_text(out / "config.json", json.dumps(effective_config_record(config, precision), indent=2) + "\n")
+        record = effective_config_record(config, precision, environ=environ)
+        write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
         print(f"  {device_summary(strategy)}")
         checkpoint = open_checkpoint(out, config, strategy.num_replicas_in_sync, precision)
         with timer.stage("load"):
@@ -1909,7 +1917,7 @@ def run(config: Config, show_plots: bool = False, **search) -> pd.DataFrame:
 
 
 def main(environ=None, show_plots: bool = False) -> pd.DataFrame:
-    return run(config_from_env(environ), show_plots=show_plots)
+    return run(config_from_env(environ), show_plots=show_plots, environ=environ)
 
 
 def cli() -> int:
@@ -1969,7 +1977,7 @@ def parse_setting(field: str, raw: str, source: str, hint: str):
     (VAE_EPOCHS, OVERRIDES['epochs'] or PRESETS['faithful']['epochs'])."""
     rule = SETTINGS[field]
     kind = ("0", "1") if rule["kind"] is bool else rule["kind"]
-    hint = f"{hint} to use the default ({rule['default']})"
+    hint = f"{hint} to use the default ({shown_default(rule)})"
     text = raw.strip()
     if kind is str:
         return text or None
@@ -2308,8 +2316,8 @@ def train_vae(
     first_epoch = len(rows)
     if first_epoch:
         print(f"  resuming after epoch {first_epoch} from {checkpoint.epoch_weights(first_epoch)}")
-    history = EpochHistoryLog(checkpoint, rows)
     guard = StopOnNonFinite()
+    history = EpochHistoryLog(checkpoint, rows, guard)
     replicas = vae.distribute_strategy.num_replicas_in_sync
     if first_epoch < config.epochs:
         vae.fit(
@@ -2332,11 +2340,13 @@ def train_vae(
 
 def diverged_message(term: str, value: float, epoch: int, batch: int) -> str:
     return (f"training stopped: {term} became {value} in epoch {epoch}, batch {batch}. "
-            "Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX, or check the input data.")
+            "No epoch from it on was backed up. Lower VAE_LEARNING_RATE, VAE_GAMMA_SC or VAE_BETA_MAX (with "
+            "VAE_FRESH=1), or check the input data.")
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
-    """Like keras.callbacks.TerminateOnNaN, but remembers which loss term failed."""
+    """Like keras.callbacks.TerminateOnNaN, but remembers which loss term failed; an epoch that ends with a
+    weight not finite (a last step whose loss was finite) fails too. EpochHistoryLog backs up no failed epoch."""
 
     def __init__(self):
         super().__init__()
@@ -2353,6 +2363,11 @@ class StopOnNonFinite(keras.callbacks.Callback):
                 self.failure = (term, float(value), self.epoch + 1, batch)
                 self.model.stop_training = True
                 return
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.failure is None and not all(np.isfinite(w.numpy()).all() for w in self.model.weights):
+            self.failure = ("a weight", float("nan"), epoch + 1, self.params.get("steps"))
+            self.model.stop_training = True
 
 
 class TrainingTimeEstimate(keras.callbacks.Callback):
@@ -2689,8 +2704,9 @@ class Checkpoint:
 
     def restore(self, vae: keras.Model) -> list[dict]:
         """Load the newest readable epoch backup into vae and return the history up
-        to it; [] (and vae as it was) when there is none to resume from."""
-        rows = self.history()
+        to it; [] (and vae as it was) when there is none to resume from. No epoch from the first whose
+        losses are not finite on is resumed (older versions backed such an epoch up)."""
+        rows = list(itertools.takewhile(lambda row: all(map(math.isfinite, row.values())), self.history()))
         if not rows:
             return []
         with vae.distribute_strategy.scope():  # MirroredStrategy creates and loads variables only there
@@ -2712,15 +2728,19 @@ class Checkpoint:
 
 
 class EpochHistoryLog(keras.callbacks.Callback):
-    """Collects one history row per epoch and, with a checkpoint, backs up the
-    training state after every epoch (see Checkpoint.save_epoch)."""
+    """Collects one history row per finished epoch and, with a checkpoint, backs up the
+    training state after it (see Checkpoint.save_epoch). An epoch the guard stopped is not
+    finished: Keras calls on_epoch_end after a stop too."""
 
-    def __init__(self, checkpoint: Checkpoint | None, rows: list[dict]):
+    def __init__(self, checkpoint: Checkpoint | None, rows: list[dict], guard: StopOnNonFinite):
         super().__init__()
         self.checkpoint = checkpoint
         self.rows = rows
+        self.guard = guard
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.guard.failure is not None:
+            return
         logs = logs or {}
         self.rows.append({"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_COLUMNS[1:] if k in logs}})
         if self.checkpoint is not None:

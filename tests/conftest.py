@@ -127,7 +127,7 @@ def run_here(env: dict) -> str:
 
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        vf.run(vf.config_from_env(env, {}))
+        vf.run(vf.config_from_env(env, {}), environ=env)
     return log.getvalue()
 
 

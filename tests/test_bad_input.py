@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vae_fashion as vf
-from conftest import IDX_NAMES, ROOT, TINY_RUN, idx_bytes, start_run, write_dataset, write_idx
+from conftest import IDX_NAMES, ROOT, TINY_RUN, idx_bytes, saved_weights, start_run, write_dataset, write_idx
 
 
 def _cli(monkeypatch, capsys, env):
@@ -240,3 +240,88 @@ def test_stale_results_of_an_earlier_run_are_removed(tmp_path, monkeypatch, caps
     code, _err = _cli(monkeypatch, capsys, {"VAE_DATA_DIR": str(tmp_path / "none"), "VAE_OUT_DIR": str(out)})
     assert code == 1
     _assert_not_a_finished_run(out)
+
+
+def _checkpoint_holds_only_finite_epochs(out):
+    """No epoch after a NaN or infinite loss: state.json's rows and every backed-up weight are finite, and no
+    finished training is saved."""
+    checkpoint = vf.Checkpoint(out / "checkpoint")
+    rows = checkpoint.history()
+    assert all(np.isfinite(value) for row in rows for value in row.values()), rows
+    assert not checkpoint.weights.exists()
+    for path in checkpoint.root.glob("epoch-*.weights.h5"):
+        assert int(path.name[6:10]) <= len(rows), path.name  # no backup of an epoch state.json does not list
+        assert all(np.isfinite(array).all() for array in saved_weights(path).values()), path.name
+    return rows
+
+
+def test_a_diverged_run_backs_up_no_nan_epoch_and_its_rerun_does_not_train_on_from_it(tmp_path, monkeypatch,
+                                                                                        capsys, dataset_dir):
+    """The reproduction of issue 40: a learning rate that makes training diverge in epoch 1, then the same command
+    again. Keras calls on_epoch_end after a stop too; the NaN epoch must not be backed up as finished."""
+    out = tmp_path / "out"
+    env = {**TINY_RUN, "VAE_LEARNING_RATE": "10", "VAE_EPOCHS": "3", "VAE_DATA_DIR": str(dataset_dir),
+           "VAE_OUT_DIR": str(out)}
+    for _attempt in range(2):
+        code, err = _cli(monkeypatch, capsys, env)
+        assert code == 1 and "training stopped:" in err and "in epoch 1," in err, err
+        _assert_not_a_finished_run(out)
+        assert _checkpoint_holds_only_finite_epochs(out) == []
+    assert "resuming" not in capsys.readouterr().out
+
+
+class DivergesInEpoch(vf.DistributedVAE):
+    """A VAE whose logged losses become NaN from epoch `bad_epoch` (1-based) on, or, with weights_only, whose
+    weights become NaN in that epoch's last step while every logged loss stays finite."""
+
+    bad_epoch, weights_only = 0, False
+
+    def train_step(self, batch):
+        logs = super().train_step(batch)
+        epoch, step = batch["step_key"][0] // vf.STEP_KEY_STRIDE, batch["step_key"][0] % vf.STEP_KEY_STRIDE
+        bad = vf.ops.greater_equal(epoch, self.bad_epoch - 1)
+        if self.weights_only:
+            kernel = self.decoder.trainable_weights[0]
+            last_step = vf.ops.logical_and(vf.ops.equal(epoch, self.bad_epoch - 1),
+                                           vf.ops.equal(step, self.steps_per_epoch - 1))
+            kernel.assign(vf.ops.where(last_step, kernel * np.nan, kernel))
+            return logs
+        return {name: vf.ops.where(bad, np.nan, value) if name != "beta" else value for name, value in logs.items()}
+
+
+@pytest.mark.parametrize("bad_epoch, weights_only", [(2, False), (3, False), (2, True)])
+def test_a_run_that_diverges_later_keeps_the_finite_epochs_and_resumes_from_them(tmp_path, dataset_dir, capsys,
+                                                                                 bad_epoch, weights_only):
+    """Divergence in a middle or the last epoch, by the loss or only by the weights: the checkpoint keeps the
+    epochs before it, saves no finished training, and the same settings resume from the last finite epoch."""
+    config = vf.Config(epochs=3, warmup_epochs=1, batch_size=64, latent_dim=4, train_samples=256,
+                       data_dir=str(dataset_dir), seed=3)
+    data = vf.load_fashion_mnist(config)
+    noisy = vf.add_noise(data.x_train, config.noise_factor, config.seed)
+    checkpoint = vf.open_checkpoint(tmp_path, config)
+    DivergesInEpoch.bad_epoch, DivergesInEpoch.weights_only = bad_epoch, weights_only
+    vae = vf.build_vae(config, len(noisy), model_class=DivergesInEpoch)
+    message = "a weight became nan" if weights_only else "became nan"
+    with pytest.raises(vf.TrainingDivergedError, match=f"{message} in epoch {bad_epoch}, batch"):
+        vf.train_vae(vae, noisy, data.x_train, data.y_train, config, checkpoint, 0)
+    rows = _checkpoint_holds_only_finite_epochs(tmp_path)
+    assert [row["epoch"] for row in rows] == list(range(1, bad_epoch))
+    capsys.readouterr()
+    history = vf.train_vae(vf.build_distributed_vae(config, len(noisy)), noisy, data.x_train, data.y_train, config,
+                           vf.open_checkpoint(tmp_path, config), 0)
+    assert f"resuming after epoch {bad_epoch - 1}" in capsys.readouterr().out
+    assert history["epoch"].tolist() == [1, 2, 3] and np.isfinite(history.drop(columns="epoch").to_numpy()).all()
+
+
+def test_a_checkpoint_that_holds_a_nan_epoch_is_not_resumed_from_it(tmp_path, dataset_dir, capsys):
+    """A checkpoint written before this fix backed up the diverged epoch: its NaN row and weights are skipped."""
+    config = vf.Config(epochs=2, warmup_epochs=1, batch_size=64, latent_dim=4, train_samples=128,
+                       data_dir=str(dataset_dir), seed=3)
+    checkpoint = vf.open_checkpoint(tmp_path, config)
+    vae = vf.build_distributed_vae(config, 128)
+    for weight in vae.decoder.trainable_weights:
+        weight.assign(weight * np.nan)
+    checkpoint.save_epoch(vae, [{"epoch": 1, **dict.fromkeys(vf.LOSS_TERMS, float("nan")), "beta": 1.0}])
+    fresh = vf.build_distributed_vae(config, 128)
+    assert checkpoint.restore(fresh) == []
+    assert all(np.isfinite(w.numpy()).all() for w in fresh.weights)

@@ -83,6 +83,26 @@ def test_bad_values_name_the_variable_and_the_default(name, value, message):
     assert f"unset {name} to use the default" in str(info.value)
 
 
+def test_an_on_off_setting_names_its_default_as_users_type_it():
+    with pytest.raises(vf.ConfigError, match=r"VAE_FRESH_NOISE='yes' must be 0 or 1; unset VAE_FRESH_NOISE to use "
+                       r"the default \(1\)"):
+        vf.config_from_env({"VAE_FRESH_NOISE": "yes"})
+    with pytest.raises(vf.ConfigError, match=r"remove 'fresh' from OVERRIDES to use the default \(0\)"):
+        vf.config_from_env({}, {"fresh": "maybe"})
+
+
+def test_config_json_records_the_variables_the_run_was_made_from(monkeypatch):
+    """main(environ) runs with environ's settings, and config.json lists those, not the process's variables."""
+    monkeypatch.setenv("VAE_EPOCHS", "9")
+    seen = {}
+    monkeypatch.setattr(vf, "run", lambda config, **kwargs: seen.update(config=config, **kwargs))
+    vf.main({"VAE_EPOCHS": "3", "VAE_SEED": "7"})
+    assert seen["config"].epochs == 3
+    record = vf.effective_config_record(seen["config"], "float32", environ=seen["environ"])
+    assert record["environment_variables"]["VAE_EPOCHS"] == "3" and record["environment_variables"]["VAE_SEED"] == "7"
+    assert record["environment_variables"]["VAE_BATCH_SIZE"] is None
+
+
 def _cli_error(tmp_path, monkeypatch, capsys, name, value):
     """Run the script entry point with one variable set; the exit code, its stderr, and whether it made
     the output folder."""

@@ -149,6 +149,17 @@ def test_the_interpolation_lines_join_test_images_of_two_different_classes_and_a
         assert line[0, 0, 0, 0] == z[a, 0] and line[-1, 0, 0, 0] == z[b, 0]
 
 
+def test_interpolation_pairs_join_two_classes_present_and_refuse_a_test_set_of_one_class():
+    """A small test set may lack classes: every pair still joins two different classes, among those present."""
+    labels = np.repeat([3, 7, 8], 4)
+    for seed in range(20):
+        pairs = vf.interpolation_pairs(labels, 8, seed)
+        assert len(pairs) == 8 and all(labels[a] != labels[b] for a, b in pairs), (seed, pairs)
+    assert {labels[a] for pair in vf.interpolation_pairs(labels, 8, 0) for a in pair} == {3, 7, 8}
+    with pytest.raises(vf.DatasetError, match="the 20 test images hold only one class.*VAE_TEST_SAMPLES"):
+        vf.interpolation_pairs(np.full(20, 5), 8, 0)
+
+
 def test_the_supcon_term_uses_the_supcon_temperature_setting():
     """Config: supcon_temperature is SupCon's temperature (a slip that drops it trains at the default 0.1)."""
     vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, supcon_temperature=0.5), n_train=64)

@@ -17,10 +17,12 @@ def _config(dataset_dir, out, **environ):
 
 
 def test_one_epoch_of_the_faithful_preset_runs_the_original_model_to_the_end(tmp_path, dataset_dir):
-    config = _config(dataset_dir, tmp_path / "out", VAE_PRESET="faithful", VAE_EPOCHS="1")
-    metrics = vf.run(config)
+    environ = {**TINY_RUN, "VAE_DATA_DIR": str(dataset_dir), "VAE_OUT_DIR": str(tmp_path / "out"),
+               "VAE_PRESET": "faithful", "VAE_EPOCHS": "1"}
+    metrics = vf.run(vf.config_from_env(environ, {}), environ=environ)
     out = tmp_path / "out"
     record = json.loads((out / "config.json").read_text())
+    assert record["environment_variables"]["VAE_PRESET"] == "faithful"  # the mapping's, not os.environ's
     assert record["dtype_policy"] == "float32" and record["config"]["output_layer"] == "conv"
     assert (record["config"]["fresh_noise"], record["config"]["supcon_scale"], record["config"]["hidden_units"]) == (
         False, "none", 128)

@@ -1,5 +1,5 @@
 """Issue 33's slip check: apply each one-line slip to a copy of vae_fashion.py and run the test module that must
-catch it; prints CAUGHT or MISSED per slip (41 slips; each takes 10-110 s on 2 cores).
+catch it; prints CAUGHT or MISSED per slip (41 of issue 33, 25 of issue 40; each takes 10-110 s on 2 cores).
 
     python3 tools/try_slips.py [SLIP NAME ...]
 
@@ -15,6 +15,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 A, G, P, D = "tests/test_analysis_promises.py", "tests/test_generation.py", "tests/test_promises.py", "tests/test_data.py"
 R = "tests/test_report_promises.py"
+T, B = "tests/test_derived_figures.py", "tests/test_bad_input.py"
 # (name, text in vae_fashion.py, the slip, the tests that must fail)
 SLIPS = [
  ("fit on test codes", "fit_code_density(z_mean_train, config.expost_components", "fit_code_density(z_mean_test, config.expost_components", [A]),
@@ -58,6 +59,32 @@ SLIPS = [
  ("open_low ignored", "if (value <= low if rule[\"open_low\"] else value < low)", "if (value < low)", [R]),
  ("test var name", 'take_first(a, config.test_samples, "VAE_TEST_SAMPLES")', 'take_first(a, config.test_samples, "VAE_TRAIN_SAMPLES")', [R]),
  ("ppid", '"pid": os.getpid(),', '"pid": os.getppid(),', [R]),
+ # issue 40: a derived figure computed from a sibling; a diverged epoch backed up or resumed
+ ("recon agreement is test accuracy", 'result["reconstruction_agreement"] = float(np.mean(sets["reconstruction"][1].argmax(axis=1) == data.y_test[:n]))', 'result["reconstruction_agreement"] = result["classifier_test_accuracy"]', [T]),
+ ("gain from pooled", 'summary["vae_psnr"] - summary["noisy_psnr"]', 'summary["vae_psnr_pooled"] - summary["noisy_psnr"]', [T]),
+ ("gain from both pooled", 'summary["vae_psnr"] - summary["noisy_psnr"]', 'summary["vae_psnr_pooled"] - summary["noisy_psnr_pooled"]', [T]),
+ ("mse gain of clean input", '100.0 * (1.0 - summary["vae_mse"] / baseline)', '100.0 * (1.0 - summary["clean_input_mse"] / baseline)', [T]),
+ ("ssim gain of clean input", 'summary["vae_ssim"] - summary["noisy_ssim"]', 'summary["clean_input_ssim"] - summary["noisy_ssim"]', [T]),
+ ("per-class agreement is overall", 'float(np.mean(predicted[mine] == c))', 'result["conditional_agreement"]', [T]),
+ ("classical reference first clean", 'image_quality(clean[subset], output)', 'image_quality(clean[: len(subset)], output)', [T]),
+ ("ssim verdict from psnr", 'wide = table.pivot(index="sigma", columns="method", values=column)', 'wide = table.pivot(index="sigma", columns="method", values="psnr")', [T]),
+ ("robustness VAE is noisy", '("VAE", denoise(noisy))', '("VAE", noisy)', [T]),
+ ("robustness TV is VAE", '("TV (Chambolle)", denoise_tv(noisy))', '("TV (Chambolle)", denoise(noisy))', [T]),
+ ("class FD mask swapped", 'frechet_distance(conditional_features[mine], reference[theirs])', 'frechet_distance(conditional_features[theirs], reference[theirs])', [T]),
+ ("confidence of generator", 'float(probs.max(axis=1).mean())', 'float(sets["prior"][1].max(axis=1).mean())', [T]),
+ ("clean-train FD on test", '("train", data.x_train), ("reconstruction", denoised)', '("train", data.x_test), ("reconstruction", denoised)', [T]),
+ ("conditional FD of codes", '"fd_conditional_samples": frechet_distance(sets["conditional"][0], reference)', '"fd_conditional_samples": frechet_distance(sets["training_codes"][0], reference)', [T]),
+ ("clean-input row is vae", '("clean_input", "VAE on clean input")', '("vae", "VAE on clean input")', [T]),
+ ("classical VAE row full set", '("vae_subset", "VAE")', '("vae", "VAE")', [T]),
+ ("report recon agreement", "{100 * values['reconstruction_agreement']:.1f}", "{100 * values['conditional_agreement']:.1f}", [T]),
+ ("report trained confidence", "mean confidence {values['trained_prior_mean_confidence']:.3f}", "mean confidence {values['prior_mean_confidence']:.3f}", [T]),
+ ("report ssim gain", "{values['ssim_gain']:+.4f}", "{values['vae_ssim']:+.4f}", [T]),
+ ("tv first images", '"tv_chambolle": denoise_tv(noisy[subset])', '"tv_chambolle": denoise_tv(noisy[: len(subset)])', [T]),
+ ("classical count requested", 'return {"classical_samples": int(len(subset)),', 'return {"classical_samples": config.classical_samples,', [T]),
+ ("silhouette count requested", '"silhouette_samples": int(len(subset)),', '"silhouette_samples": silhouette_samples,', [T]),
+ ("diverged epoch backed up", "        if self.guard.failure is not None:\n            return\n        logs = logs or {}", "        logs = logs or {}", [B]),
+ ("weights not checked", "if self.failure is None and not all(np.isfinite(w.numpy()).all() for w in self.model.weights):", "if False:", [B]),
+ ("nan rows resumed", "rows = list(itertools.takewhile(lambda row: all(map(math.isfinite, row.values())), self.history()))", "rows = self.history()", [B]),
 ]
 
 
