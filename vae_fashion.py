@@ -38,11 +38,11 @@
 #    validation, checkpoints, run status, atomic writes.
 #
 # **Settings**: a key of `OVERRIDES`, or the environment variable `VAE_<KEY>` (made from `Config`
-# by `settings_list()`)
+# by `tools/sync_docs.py`)
 #
 # <!-- settings table -->
-# - preset: `preset` (`VAE_PRESET`), default `default`: a named set of defaults: faithful = the original notebook's,
-#   quality = latent 32, decoder depth 3, dense 512, 40 epochs
+# - preset: `preset` (`VAE_PRESET`), default `default`: a named set of defaults: faithful, the original notebook's;
+#   quality, a larger model trained longer (PRESETS)
 # - data: `data_dir` (`VAE_DATA_DIR`), default `unset`: folder with the four IDX files or the Kaggle CSVs (unset:
 #   searched)
 # - data: `train_samples` (`VAE_TRAIN_SAMPLES`), default `unset`: use the first N training images (unset: all 60000)
@@ -116,7 +116,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 import zlib
 from collections.abc import Callable
@@ -170,8 +169,8 @@ def setting(default, group: str, meaning: str, kind=None, low=None, high=None, *
 class Config:
     """Every setting of a run: the key of OVERRIDES, and the environment variable VAE_<KEY in capitals>."""
 
-    preset: str = setting("default", "preset", "a named set of defaults: faithful = the original notebook's, "
-                          "quality = latent 32, decoder depth 3, dense 512, 40 epochs", tuple(PRESETS), trains=False)
+    preset: str = setting("default", "preset", "a named set of defaults: faithful, the original notebook's; "
+                          "quality, a larger model trained longer (PRESETS)", tuple(PRESETS), trains=False)
     # data
     data_dir: str | None = setting(None, "data", "folder with the four IDX files or the Kaggle CSVs (unset: searched)",
                                    str, trains=False)
@@ -246,29 +245,6 @@ def shown_default(rule: dict):
     if rule["default"] is None:
         return "unset"
     return int(rule["default"]) if rule["kind"] is bool else rule["default"]
-
-
-def markdown_item(text: str) -> str:
-    """A markdown list item wrapped to fit the cell's 120 columns (its continuation lines indented)."""
-    return textwrap.fill(text, 116, initial_indent="- ", subsequent_indent="  ", break_long_words=False,
-                         break_on_hyphens=False)
-
-
-def settings_list() -> str:
-    """The notebook's list of settings, with every meaning, made from SETTINGS (tools/sync_docs.py writes it
-    there; a test checks it)."""
-    return "\n".join(markdown_item(f"{rule['group']}: `{name}` (`{rule['env']}`), default `{shown_default(rule)}`: "
-                                   f"{rule['meaning']}") for name, rule in SETTINGS.items())
-
-
-def settings_summary() -> str:
-    """README's settings table: one row per group, each setting as its OVERRIDES key, variable and default (the
-    meanings are in settings_table(), the notebook's)."""
-    groups: dict[str, list[str]] = {}
-    for name, rule in SETTINGS.items():
-        groups.setdefault(rule["group"], []).append(f"`{name}` (`{rule['env']}`) {shown_default(rule)}")
-    return "\n".join(["| group | `OVERRIDES` key (variable) default |", "|---|---|"]
-                     + [f"| {group} | {', '.join(cells)} |" for group, cells in groups.items()])
 
 
 IMAGE_SIZE = 28
@@ -1505,7 +1481,7 @@ class Output:
 
 
 # Every file a run writes, in the order the notebook shows the figures. render() draws the figures from here;
-# the outputs tables of the notebook and README are made from it (outputs_table()), and the tests read it.
+# the outputs tables of the notebook and README are made from it (tools/sync_docs.py), and the tests read it.
 OUTPUTS = [
     Output(("01_train_total_loss.png", "02_train_recon_loss.png", "03_train_kl_loss.png", "03B_train_supcon_loss.png",
             "04_beta_warmup.png"), "training curves per epoch: total loss, BCE, KL, SupCon, beta",
@@ -1551,20 +1527,6 @@ OUTPUTS = [
 def output_files() -> list[str]:
     """The name of every file of OUTPUTS, without the checkpoint folder."""
     return [name for output in OUTPUTS for name in output.files if not name.endswith("/")]
-
-
-def outputs_table() -> str:
-    """README's outputs table (tools/sync_docs.py writes it; a test checks it)."""
-    rows = ["| file | what it shows | written by |", "|---|---|---|"]
-    for output in OUTPUTS:
-        rows.append(f"| {', '.join(f'`{name}`' for name in output.files)} | {output.shows} | `{output.by}` |")
-    return "\n".join(rows)
-
-
-def outputs_list() -> str:
-    """The same as a list, for the notebook's last cell."""
-    return "\n".join(markdown_item(f"{', '.join(f'`{name}`' for name in output.files)}: {output.shows} "
-                                   f"(`{output.by}`)") for output in OUTPUTS)
 
 
 def render(results: Results, out: Path, show: bool = False) -> None:
@@ -2062,6 +2024,11 @@ def setup_devices(config: Config) -> tf.distribute.Strategy:
     MirroredStrategy over every GPU, or, with no GPU, over the logical CPU devices the CPU was split
     into (how the tests exercise it); with a single device it is the default strategy again."""
     keras.mixed_precision.set_global_policy(resolve_precision(config))
+    # TensorFlow's own choice (0) ran the default's step at 49 or 90 ms, by chance, on 2 cores of an Intel Xeon
+    # with AMX; the same count set explicitly always at 49 ms, the same numbers (docs/RESULTS.md). Only
+    # before TensorFlow's first operation: later (a second run in one process) it keeps what it has.
+    with contextlib.suppress(RuntimeError):
+        tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count() or 0)
     if config.devices == "all":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         if len(devices) > 1:
@@ -2887,8 +2854,8 @@ if __name__ == "__main__":
 # %% [markdown]
 # ## What the run wrote
 #
-# Everything is in `vae_outputs_v3/` (`/kaggle/working/vae_outputs_v3` on Kaggle); the table is made
-# from `OUTPUTS` by `outputs_table()`:
+# Everything is in `vae_outputs_v3/` (`/kaggle/working/vae_outputs_v3` on Kaggle); the list is made
+# from `OUTPUTS` by `tools/sync_docs.py`:
 #
 # <!-- outputs table -->
 # - `01_train_total_loss.png`, `02_train_recon_loss.png`, `03_train_kl_loss.png`, `03B_train_supcon_loss.png`,

@@ -18,6 +18,8 @@ import vae_fashion as vf
 from conftest import ROOT, TINY_RUN, write_dataset
 
 jupytext = pytest.importorskip("jupytext")
+sys.path.insert(0, str(ROOT / "tools"))
+import sync_docs  # noqa: E402
 
 # Every file a finished default run writes, from the one table of outputs (checkpoint/ is a folder).
 OUTPUT_FILES = vf.output_files()  # the default writes prior.npz: its generator is fitted after training
@@ -42,14 +44,15 @@ def test_notebook_matches_the_script():
 def test_the_settings_and_outputs_tables_are_made_from_their_declarations():
     cells = jupytext.read(ROOT / "vae_fashion.py").cells
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for table, where in ((vf.settings_list(), [cells[0].source]), (vf.settings_summary(), [readme]),
-                         (vf.outputs_list(), [cells[-1].source]), (vf.outputs_table(), [readme])):
+    for table, where in ((sync_docs.settings_list(), [cells[0].source]), (sync_docs.settings_table(), [readme]),
+                         (sync_docs.outputs_list(), [cells[-1].source]), (sync_docs.outputs_table(), [readme])):
         for text in where:
             assert table in text, "stale table: run `python3 tools/sync_docs.py`"
     # both names of a setting, as a user types them
     assert "- output: `fresh` (`VAE_FRESH`), default `0`: 1: discard a checkpoint" in cells[0].source
     assert "- `05_denoising_grid.png`: clean / noisy / denoised" in cells[-1].source
-    assert "`epochs` (`VAE_EPOCHS`) 17" in readme and "`fresh` (`VAE_FRESH`) 0" in readme
+    assert "| `epochs` (`VAE_EPOCHS`) | 17 | training epochs |" in readme and "| `fresh` (`VAE_FRESH`) | 0 |" in readme
+    assert "faithful: supcon_scale none, gamma_sc 1.0, fresh_noise 0," in readme and "quality: epochs 40," in readme
     assert "| `05_denoising_grid.png` |" in readme
 
 

@@ -5,29 +5,138 @@ with jupytext. The tests fail, naming this script, when one is stale.
     python3 tools/sync_docs.py
 """
 
+import json
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pandas as pd  # noqa: E402
+
 import vae_fashion as vf  # noqa: E402
 
+
+def markdown_item(text: str) -> str:
+    """A markdown list item wrapped to fit the cell's 120 columns (its continuation lines indented)."""
+    return textwrap.fill(text, 116, initial_indent="- ", subsequent_indent="  ", break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def settings_list() -> str:
+    """The notebook's list of settings, with every meaning, made from SETTINGS."""
+    return "\n".join(markdown_item(f"{rule['group']}: `{name}` (`{rule['env']}`), default `{vf.shown_default(rule)}`: "
+                                   f"{rule['meaning']}") for name, rule in vf.SETTINGS.items())
+
+
+def presets_text() -> str:
+    """What each preset sets, made from PRESETS."""
+    return "; ".join(f"{name}: " + (", ".join(f"{key} {vf.shown_default({'default': value, 'kind': type(value)})}"
+                                             for key, value in values.items()) or "the defaults")
+                     for name, values in vf.PRESETS.items())
+
+
+def settings_table() -> str:
+    """README's settings table: one row per setting, its variable, default and meaning (the preset's, with what
+    each preset sets)."""
+    rows = ["| setting (variable) | default | meaning |", "|---|---|---|"]
+    for name, rule in vf.SETTINGS.items():
+        meaning = f"{rule['meaning']} ({presets_text()})" if name == "preset" else rule["meaning"]
+        rows.append(f"| `{name}` (`{rule['env']}`) | {vf.shown_default(rule)} | {meaning} |")
+    return "\n".join(rows)
+
+
+def outputs_table() -> str:
+    """README's outputs table, made from OUTPUTS."""
+    rows = ["| file | what it shows | written by |", "|---|---|---|"]
+    for output in vf.OUTPUTS:
+        rows.append(f"| {', '.join(f'`{name}`' for name in output.files)} | {output.shows} | `{output.by}` |")
+    return "\n".join(rows)
+
+
+def outputs_list() -> str:
+    """The same as a list, for the notebook's last cell."""
+    return "\n".join(markdown_item(f"{', '.join(f'`{name}`' for name in output.files)}: {output.shows} "
+                                   f"(`{output.by}`)") for output in vf.OUTPUTS)
+
+
+# README's results: docs/runs/<folder> holds the metrics.csv, config.json and timings.csv of one full run of the
+# current code, each a column; the noisy input and the training-free denoisers come from the first run.
+RUNS = {"default-42": "**default**", "default-7": "**default**, seed 7", "prior-normal-42": "`PRIOR=normal`",
+        "faithful-42": "`PRESET=faithful`"}
+RESULT_ROWS = [  # label, the figure of the noisy / TV / NLM columns and of each run, its format
+    ("PSNR, mean of per-image (dB)", ("noisy_psnr", "tv_chambolle_psnr", "nl_means_psnr"), "vae_psnr", ".2f"),
+    ("PSNR, pooled over all pixels (dB)", ("noisy_psnr_pooled", "tv_chambolle_psnr_pooled", "nl_means_psnr_pooled"),
+     "vae_psnr_pooled", ".2f"),
+    ("SSIM", ("noisy_ssim", "tv_chambolle_ssim", "nl_means_ssim"), "vae_ssim", ".3f"),
+    ("linear probe accuracy", (), "linear_probe_accuracy", ".3f"),
+    ("kNN (k = 10) accuracy", (), "knn10_accuracy", ".3f"),
+    ("silhouette", (), "silhouette", ".3f"),
+    ("FD of the reconstructions (noisy: of the input)", ("fd_noisy_input",), "fd_vae_reconstruction", ".1f"),
+    ("FD of the generated samples ÷ the reconstructions'", (), "fd_prior_samples", "ratio"),
+    ("FD of the trained prior's samples ÷ the reconstructions'", (), "fd_trained_prior_samples", "ratio"),
+]
+
+
+def committed_run(folder: str) -> dict:
+    """One committed run: its figures and image counts by name, its config.json, its seconds per stage."""
+    root = ROOT / "docs" / "runs" / folder
+    metrics = pd.read_csv(root / "metrics.csv").set_index("name")
+    timings = pd.read_csv(root / "timings.csv").set_index("stage")["seconds"].to_dict()
+    return {"metrics": metrics["value"].to_dict(), "n_images": metrics["n_images"].to_dict(),
+            "config": json.loads((root / "config.json").read_text()), "timings": timings}
+
+
+def run_command(record: dict) -> str:
+    variables = {k: v for k, v in record["environment_variables"].items() if v and k != "VAE_OUT_DIR"}
+    return " ".join([*(f"{k}={v}" for k, v in variables.items()), "python3 vae_fashion.py"])
+
+
+def results_table() -> str:
+    """README's results table, made from the committed runs of RUNS."""
+    runs = {folder: committed_run(folder) for folder in RUNS}
+    reference = runs[next(iter(RUNS))]["metrics"]
+    rows = ["| | noisy input | TV (Chambolle)¹ | non-local means¹ | " + " | ".join(RUNS.values()) + " |",
+            "|---" * (4 + len(RUNS)) + "|"]
+    for label, references, name, form in RESULT_ROWS:
+        cells = [format(reference[r], form) for r in references] + [""] * (3 - len(references))
+        for run in runs.values():
+            value = run["metrics"].get(name)
+            ratio = form == "ratio" and value is not None
+            cells.append("" if value is None else format(value / run["metrics"]["fd_vae_reconstruction"], ".3f")
+                         if ratio else format(value, form))
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    walls = [f"{run['timings']['total'] / 60:.1f} min, {run['config']['dtype_policy']}" for run in runs.values()]
+    rows.append("| run's time (`timings.csv` total), precision | | | | " + " | ".join(walls) + " |")
+    cpus = sorted({run["config"]["cpu"] for run in runs.values()})
+    commands = "; ".join(f"{label.strip('*`')}: `{run_command(runs[folder]['config'])}`"
+                         for folder, label in RUNS.items())
+    subset = runs[next(iter(RUNS))]["n_images"]["tv_chambolle_psnr"]
+    return "\n".join(rows) + (
+        f"\n\n¹ On the first run's seeded subset of {subset} test images. Each column is one full run (60 000 / 10 000 "
+        f"images) of the current code on 2 cores of {', '.join(cpus)}; its `metrics.csv`, `config.json` and "
+        f"`timings.csv` are in [docs/runs/](docs/runs). Commands: {commands}.")
+
+
 # marker name -> the list or table, in the notebook's markdown cells and in README.md
-NOTEBOOK_TABLES = {"settings": vf.settings_list, "outputs": vf.outputs_list}
-README_TABLES = {"settings": vf.settings_summary, "outputs": vf.outputs_table}
+NOTEBOOK_TABLES = {"settings": settings_list, "outputs": outputs_list}
+README_TABLES = {"settings": settings_table, "outputs": outputs_table, "results": results_table}
 
 
 def replace_table(text: str, name: str, table: str, prefix: str) -> str:
-    """The block after the marker line `<prefix><!-- <name> table -->`, up to the first blank line, is replaced
-    by `table`."""
-    marker = f"{prefix}<!-- {name} table -->\n"
+    """The block after the marker line `<prefix><!-- <name> table -->` is replaced by `table`: up to the line
+    `<prefix><!-- /<name> table -->` where there is one, else up to the first blank line."""
+    marker, end = f"{prefix}<!-- {name} table -->\n", f"{prefix}<!-- /{name} table -->\n"
     if marker not in text:
         raise SystemExit(f"no '{marker.strip()}' line to put the {name} table after")
     head, rest = text.split(marker, 1)
-    old = re.match(rf"(?:{re.escape(prefix)}\S.*\n|{re.escape(prefix)}  .*\n)*", rest).group(0)  # up to a blank
+    if end in rest:
+        old = rest[: rest.index(end)]
+    else:
+        old = re.match(rf"(?:{re.escape(prefix)}\S.*\n|{re.escape(prefix)}  .*\n)*", rest).group(0)  # up to a blank
     new = "".join(f"{prefix}{line}".rstrip() + "\n" for line in table.splitlines())
     return head + marker + new + rest[len(old):]
 
