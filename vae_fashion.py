@@ -83,8 +83,8 @@
 #   neither, for a quick run)
 # - evaluation: `classical_samples` (`VAE_CLASSICAL_SAMPLES`), default `1000`: seeded test subset for the TV and
 #   non-local-means rows
-# - evaluation: `gen_metrics` (`VAE_GEN_METRICS`), default `1`: 0 skips the generation-quality classifier (saves ~20
-#   s)
+# - evaluation: `gen_metrics` (`VAE_GEN_METRICS`), default `1`: 0 skips the generation-quality classifier and its
+#   figures
 # - output: `out_dir` (`VAE_OUT_DIR`), default `vae_outputs_v3`: where every output goes (/kaggle/working/... on
 #   Kaggle)
 # - output: `fresh` (`VAE_FRESH`), default `0`: 1: discard a checkpoint made with other settings and train afresh
@@ -226,7 +226,7 @@ class Config:
                                  trains=False)
     classical_samples: int = setting(1000, "evaluation", "seeded test subset for the TV and non-local-means rows",
                                      low=1, high=10**6, trains=False)
-    gen_metrics: bool = setting(True, "evaluation", "0 skips the generation-quality classifier (saves ~20 s)",
+    gen_metrics: bool = setting(True, "evaluation", "0 skips the generation-quality classifier and its figures",
                                 trains=False)
     # output
     out_dir: str = setting(OUT_FOLDER, "output", "where every output goes (/kaggle/working/... on Kaggle)",
@@ -1792,7 +1792,7 @@ def save_models(vae: VAE, out: Path) -> None:
     The models hold only built-in Keras layers, so keras.models.load_model opens them without this module or
     any custom-object registration. The posterior sample belongs to the VAE, not the encoder: denoising uses
     z_mean. prior.npz holds the mixture sample_latents() draws from (weights, means, full covariances; README:
-    generating from the files) and, with prior=mixture, the trained prior's as trained_weights, trained_means,
+    the notebook's last cell) and, with prior=mixture, the trained prior's as trained_weights, trained_means,
     trained_variances; there is none when both are N(0, I).
     """
     for model, name in ((vae.encoder, "encoder.keras"), (vae.decoder, "decoder.keras")):
@@ -2024,9 +2024,8 @@ def setup_devices(config: Config) -> tf.distribute.Strategy:
     MirroredStrategy over every GPU, or, with no GPU, over the logical CPU devices the CPU was split
     into (how the tests exercise it); with a single device it is the default strategy again."""
     keras.mixed_precision.set_global_policy(resolve_precision(config))
-    # TensorFlow's own choice (0) ran the default's step at 49 or 90 ms, by chance, on 2 cores of an Intel Xeon
-    # with AMX; the same count set explicitly always at 49 ms, the same numbers (docs/RESULTS.md). Only
-    # before TensorFlow's first operation: later (a second run in one process) it keeps what it has.
+    # TensorFlow's own choice (0) trained 1.5x slower in 2 processes of 3 on an Intel Xeon with AMX, the count set
+    # explicitly never, with the same numbers (docs/RESULTS.md). Settable only before TensorFlow's first operation.
     with contextlib.suppress(RuntimeError):
         tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count() or 0)
     if config.devices == "all":
@@ -2892,3 +2891,15 @@ if __name__ == "__main__":
 # - `config.json`, `run_status.json`, `timings.csv`: the settings, variables, precision, CPU and versions that ran;
 #   `running` / `finished` / `failed`; seconds per stage (`run`)
 # - `checkpoint/`: the training state, for resuming an interrupted run (`Checkpoint`)
+#
+# `decoder.predict(encoder.predict(x)[0])` denoises images `x` (N, 28, 28, 1) in [0, 1]. New images need only
+# `decoder.keras` and `prior.npz`, the generator's mixture:
+#
+# ```python
+# import keras, numpy as np
+# decoder, prior = keras.models.load_model("decoder.keras"), np.load("prior.npz")
+# rng = np.random.default_rng(0)
+# k = rng.choice(len(prior["weights"]), size=16, p=prior["weights"])  # a component per sample, then a draw from it
+# z = np.stack([rng.multivariate_normal(prior["means"][i], prior["covariances"][i]) for i in k])
+# images = decoder.predict(z.astype("float32"), verbose=0)  # (16, 28, 28, 1) in [0, 1]
+# ```

@@ -163,7 +163,7 @@ def test_mixture_samples_follow_its_weights_and_components():
 
 
 def test_the_saved_files_work_without_this_module(tmp_path):
-    """encoder.keras and decoder.keras reproduce the model's outputs, and README's snippet generates from
+    """encoder.keras and decoder.keras reproduce the model's outputs, and the notebook's snippet generates from
     decoder.keras and prior.npz, in an interpreter that never imports vae_fashion. prior.npz holds the generator
     (the mixture fitted to the codes after training) and the trained prior beside it."""
     vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, prior="mixture", prior_components=3))
@@ -188,8 +188,9 @@ def test_the_saved_files_work_without_this_module(tmp_path):
     np.save(tmp_path / "x.npy", x)
     z_mean, _z_log_var = vae.encoder(x)
     expected = vae.decoder(z_mean).numpy()
-    readme = (ROOT / "README.md").read_text()
-    snippet = next(block for block in (part.split("```")[0] for part in readme.split("```python\n")[1:])
+    notebook_text = "\n".join(line[2:] for line in (ROOT / "vae_fashion.py").read_text().splitlines()
+                              if line.startswith("# "))  # the markdown cells, as the notebook shows them
+    snippet = next(block for block in (part.split("```")[0] for part in notebook_text.split("```python\n")[1:])
                    if "prior.npz" in block)
     assert "prior.npz" in snippet and "decoder.keras" in snippet
     code = (

@@ -1,5 +1,6 @@
 """The generated notebook: in sync with the script, and runs end to end."""
 
+import dataclasses
 import json
 import os
 import re
@@ -51,7 +52,7 @@ def test_the_settings_and_outputs_tables_are_made_from_their_declarations():
     # both names of a setting, as a user types them
     assert "- output: `fresh` (`VAE_FRESH`), default `0`: 1: discard a checkpoint" in cells[0].source
     assert "- `05_denoising_grid.png`: clean / noisy / denoised" in cells[-1].source
-    assert "| `epochs` (`VAE_EPOCHS`) | 17 | training epochs |" in readme and "| `fresh` (`VAE_FRESH`) | 0 |" in readme
+    assert "`epochs` **17**: training epochs;" in readme and "`fresh` **0**: 1: discard a checkpoint" in readme
     assert "faithful: supcon_scale none, gamma_sc 1.0, fresh_noise 0," in readme and "quality: epochs 40," in readme
     assert "| `05_denoising_grid.png` |" in readme
 
@@ -174,3 +175,21 @@ def test_the_live_progress_bar_only_where_a_person_watches(monkeypatch):
     assert vf.progress_verbosity("/opt/conda/bin/jupyter-notebook") == 2
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     assert vf.progress_verbosity() == 1  # a terminal
+
+
+def test_readme_results_are_the_committed_runs_of_the_current_settings():
+    """README's results table is made from docs/runs/*/ (a cell changed by hand fails), and every committed run
+    was made with the settings its recorded variables give today (a run of changed defaults fails)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert sync_docs.results_table() in readme, "stale results table: run `python3 tools/sync_docs.py`"
+    for folder in sync_docs.RUNS:
+        record = sync_docs.committed_run(folder)["config"]
+        variables = {k: v for k, v in record["environment_variables"].items() if v is not None}
+        today = dataclasses.asdict(vf.config_from_env(variables, {}))
+        ran = {k: v for k, v in record["config"].items() if k not in ("out_dir", "data_dir")}
+        assert ran == {k: today[k] for k in ran}, folder
+        assert record["config"]["train_samples"] is None and record["config"]["test_samples"] is None, folder
+
+
+def test_readme_is_a_product_page_of_at_most_170_lines():
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 170

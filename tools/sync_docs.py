@@ -40,13 +40,14 @@ def presets_text() -> str:
 
 
 def settings_table() -> str:
-    """README's settings table: one row per setting, its variable, default and meaning (the preset's, with what
-    each preset sets)."""
-    rows = ["| setting (variable) | default | meaning |", "|---|---|---|"]
+    """README's settings table: one row per group, each setting with its default and meaning (the preset's with
+    what each preset sets)."""
+    groups: dict[str, list[str]] = {}
     for name, rule in vf.SETTINGS.items():
         meaning = f"{rule['meaning']} ({presets_text()})" if name == "preset" else rule["meaning"]
-        rows.append(f"| `{name}` (`{rule['env']}`) | {vf.shown_default(rule)} | {meaning} |")
-    return "\n".join(rows)
+        groups.setdefault(rule["group"], []).append(f"`{name}` **{vf.shown_default(rule)}**: {meaning}")
+    return "\n".join(["| group | setting **default**: meaning |", "|---|---|"]
+                     + [f"| {group} | {'; '.join(cells)} |" for group, cells in groups.items()])
 
 
 def outputs_table() -> str:
@@ -65,15 +66,14 @@ def outputs_list() -> str:
 
 # README's results: docs/runs/<folder> holds the metrics.csv, config.json and timings.csv of one full run of the
 # current code, each a column; the noisy input and the training-free denoisers come from the first run.
-RUNS = {"default-42": "**default**", "default-7": "**default**, seed 7", "prior-normal-42": "`PRIOR=normal`",
+RUNS = {"default-42": "default, seed 42", "default-7": "default, seed 7", "prior-normal-42": "`PRIOR=normal`",
         "faithful-42": "`PRESET=faithful`"}
 RESULT_ROWS = [  # label, the figure of the noisy / TV / NLM columns and of each run, its format
     ("PSNR, mean of per-image (dB)", ("noisy_psnr", "tv_chambolle_psnr", "nl_means_psnr"), "vae_psnr", ".2f"),
     ("PSNR, pooled over all pixels (dB)", ("noisy_psnr_pooled", "tv_chambolle_psnr_pooled", "nl_means_psnr_pooled"),
      "vae_psnr_pooled", ".2f"),
     ("SSIM", ("noisy_ssim", "tv_chambolle_ssim", "nl_means_ssim"), "vae_ssim", ".3f"),
-    ("linear probe accuracy", (), "linear_probe_accuracy", ".3f"),
-    ("kNN (k = 10) accuracy", (), "knn10_accuracy", ".3f"),
+    ("linear probe / kNN (k = 10) accuracy", (), ("linear_probe_accuracy", "knn10_accuracy"), ".3f"),
     ("silhouette", (), "silhouette", ".3f"),
     ("FD of the reconstructions (noisy: of the input)", ("fd_noisy_input",), "fd_vae_reconstruction", ".1f"),
     ("FD of the generated samples ÷ the reconstructions'", (), "fd_prior_samples", "ratio"),
@@ -104,21 +104,25 @@ def results_table() -> str:
     for label, references, name, form in RESULT_ROWS:
         cells = [format(reference[r], form) for r in references] + [""] * (3 - len(references))
         for run in runs.values():
-            value = run["metrics"].get(name)
-            ratio = form == "ratio" and value is not None
-            cells.append("" if value is None else format(value / run["metrics"]["fd_vae_reconstruction"], ".3f")
-                         if ratio else format(value, form))
+            figures = run["metrics"]
+            if form == "ratio":
+                cells.append(f"{figures[name] / figures['fd_vae_reconstruction']:.3f}" if name in figures else "")
+            else:
+                cells.append(" / ".join(format(figures[n], form) for n in ((name,) if isinstance(name, str) else name)))
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     walls = [f"{run['timings']['total'] / 60:.1f} min, {run['config']['dtype_policy']}" for run in runs.values()]
     rows.append("| run's time (`timings.csv` total), precision | | | | " + " | ".join(walls) + " |")
     cpus = sorted({run["config"]["cpu"] for run in runs.values()})
-    commands = "; ".join(f"{label.strip('*`')}: `{run_command(runs[folder]['config'])}`"
+    commands = "; ".join(f"{label.strip('`')}: `{run_command(runs[folder]['config'])}`"
                          for folder, label in RUNS.items())
     subset = runs[next(iter(RUNS))]["n_images"]["tv_chambolle_psnr"]
     return "\n".join(rows) + (
         f"\n\n¹ On the first run's seeded subset of {subset} test images. Each column is one full run (60 000 / 10 000 "
-        f"images) of the current code on 2 cores of {', '.join(cpus)}; its `metrics.csv`, `config.json` and "
-        f"`timings.csv` are in [docs/runs/](docs/runs). Commands: {commands}.")
+        f"images) of the current code on 2 cores of {', '.join(cpus)}; its `metrics.csv` (every figure with its "
+        "definition), `config.json` and `timings.csv` are in [docs/runs/](docs/runs). PSNR and SSIM: against the "
+        "clean test images (scikit-image, data range 1). FD: Fréchet distance to the clean test images of the "
+        "64-d features of a small CNN trained in the run, 10 000 images a set; not comparable with published FIDs, "
+        f"and up to 8 % apart between CPU families ([docs/RESULTS.md](docs/RESULTS.md)). Commands: {commands}.")
 
 
 # marker name -> the list or table, in the notebook's markdown cells and in README.md
