@@ -70,8 +70,8 @@
 # - optimisation: `learning_rate` (`VAE_LEARNING_RATE`), default `0.002`: Adam's peak learning rate
 # - optimisation: `lr_schedule` (`VAE_LR_SCHEDULE`), default `cosine`: cosine: decay to 5 % over the run; constant
 # - optimisation: `seed` (`VAE_SEED`), default `42`: every random draw follows from it
-# - optimisation: `precision` (`VAE_PRECISION`), default `auto`: auto: bfloat16 or float16 where they are faster, else
-#   float32
+# - optimisation: `precision` (`VAE_PRECISION`), default `auto`: auto: bfloat16 on a CPU where it measured faster, on
+#   a GPU by compute capability (bfloat16 or float16), else float32
 # - optimisation: `devices` (`VAE_DEVICES`), default `one`: one: the first GPU, else the CPU; all: MirroredStrategy
 #   over every GPU
 # - generation: `generator` (`VAE_GENERATOR`), default `expost`: the density the shown and saved samples come from:
@@ -208,7 +208,8 @@ class Config:
     lr_schedule: str = setting("cosine", "optimisation", "cosine: decay to 5 % over the run; constant",
                                ("cosine", "constant"))
     seed: int = setting(42, "optimisation", "every random draw follows from it", low=0, high=2**31 - 1)
-    precision: str = setting("auto", "optimisation", "auto: bfloat16 or float16 where they are faster, else float32",
+    precision: str = setting("auto", "optimisation", "auto: bfloat16 on a CPU where it measured faster, on a GPU "
+                             "by compute capability (bfloat16 or float16), else float32",
                              ("auto", "float32", "mixed_float16", "mixed_bfloat16"))
     # the fingerprint records the replica count instead
     devices: str = setting("one", "optimisation", "one: the first GPU, else the CPU; all: MirroredStrategy over "

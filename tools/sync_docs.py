@@ -117,12 +117,14 @@ def results_table() -> str:
                          for folder, label in RUNS.items())
     subset = runs[next(iter(RUNS))]["n_images"]["tv_chambolle_psnr"]
     return "\n".join(rows) + (
-        f"\n\n¹ On the first run's seeded subset of {subset} test images. Each column is one full run (60 000 / 10 000 "
-        f"images) of the current code on 2 cores of {', '.join(cpus)}; its `metrics.csv` (every figure with its "
-        "definition), `config.json` and `timings.csv` are in [docs/runs/](docs/runs). PSNR and SSIM: against the "
-        "clean test images (scikit-image, data range 1). FD: Fréchet distance to the clean test images of the "
-        "64-d features of a small CNN trained in the run, 10 000 images a set; not comparable with published FIDs, "
-        f"and up to 8 % apart between CPU families ([docs/RESULTS.md](docs/RESULTS.md)). Commands: {commands}.")
+        f"\n\n¹ On the seeded subset of {subset} test images of the first column's run, which also gives the noisy "
+        f"input's figures. Each column is one full run (60 000 / 10 000 images) of the current code on 2 cores of "
+        f"{', '.join(cpus)} ([docs/RESULTS.md](docs/RESULTS.md#current-results): commit, seed spread); its "
+        "`metrics.csv` (every figure with its definition), `config.json` and `timings.csv` are in "
+        "[docs/runs/](docs/runs). PSNR and SSIM: against the clean test images (scikit-image, data range 1). FD: "
+        "Fréchet distance to the clean test images of the 64-d features of a small CNN trained in the run, 10 000 "
+        "images a set; not comparable with published FIDs. The run's time is not a model's cost: `PRIOR=normal` "
+        f"stepped at the default's rate, the rest of its training stage is unexplained. Commands: {commands}.")
 
 
 # marker name -> the list or table, in the notebook's markdown cells and in README.md
