@@ -2671,8 +2671,8 @@ class Checkpoint:
 
     def restore(self, vae: keras.Model) -> list[dict]:
         """Load the newest readable epoch backup into vae and return the history up
-        to it; [] (and vae as it was) when there is none to resume from. No epoch from the first whose
-        losses are not finite on is resumed (older versions backed such an epoch up)."""
+        to it; [] (and vae as it was) when there is none to resume from. Only the epochs before the first
+        row whose losses are not finite are resumed (an older version backed such an epoch up)."""
         rows = list(itertools.takewhile(lambda row: all(map(math.isfinite, row.values())), self.history()))
         if not rows:
             return []
