@@ -98,7 +98,8 @@ def run_command(record: dict) -> str:
 def results_table() -> str:
     """README's results table, made from the committed runs of RUNS."""
     runs = {folder: committed_run(folder) for folder in RUNS}
-    reference = runs[next(iter(RUNS))]["metrics"]
+    first = runs[next(iter(RUNS))]  # gives the noisy input's and the training-free denoisers' columns
+    reference = first["metrics"]
     rows = ["| | noisy input | TV (Chambolle)¹ | non-local means¹ | " + " | ".join(RUNS.values()) + " |",
             "|---" * (4 + len(RUNS)) + "|"]
     for label, references, name, form in RESULT_ROWS:
@@ -115,7 +116,7 @@ def results_table() -> str:
     cpus = sorted({run["config"]["cpu"] for run in runs.values()})
     commands = "; ".join(f"{label.strip('`')}: `{run_command(runs[folder]['config'])}`"
                          for folder, label in RUNS.items())
-    subset = runs[next(iter(RUNS))]["n_images"]["tv_chambolle_psnr"]
+    subset = first["n_images"]["tv_chambolle_psnr"]
     return "\n".join(rows) + (
         f"\n\n¹ On the seeded subset of {subset} test images of the first column's run, which also gives the noisy "
         f"input's figures. Each column is one full run (60 000 / 10 000 images) of the current code on 2 cores of "
