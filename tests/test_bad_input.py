@@ -313,7 +313,7 @@ def test_a_run_that_diverges_later_keeps_the_finite_epochs_and_resumes_from_them
     assert history["epoch"].tolist() == [1, 2, 3] and np.isfinite(history.drop(columns="epoch").to_numpy()).all()
 
 
-def test_a_checkpoint_that_holds_a_nan_epoch_is_not_resumed_from_it(tmp_path, dataset_dir, capsys):
+def test_a_checkpoint_that_holds_a_nan_epoch_is_not_resumed_from_it(tmp_path, dataset_dir):
     """A checkpoint written before this fix backed up the diverged epoch: its NaN row and weights are skipped."""
     config = vf.Config(epochs=2, warmup_epochs=1, batch_size=64, latent_dim=4, train_samples=128,
                        data_dir=str(dataset_dir), seed=3)

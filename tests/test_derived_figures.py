@@ -71,10 +71,10 @@ def test_the_classical_references_score_the_seeded_subset_of_distinct_images():
     subset = vf.seeded_subset(60, 25, vf.seed_for(config, "classical_subset"))
     tv = np.stack([denoise_tv_chambolle(x[..., 0].astype(np.float64), weight=vf.TV_WEIGHT)
                    for x in noisy[subset]])[..., None]
+    first = clean[: len(subset)]
     for method, images in (("tv_chambolle", tv), ("vae_subset", denoised[subset]), ("noisy_subset", noisy[subset])):
         assert result[f"{method}_psnr"] == pytest.approx(_psnr(clean[subset], images).mean(), abs=1e-6), method
         assert result[f"{method}_ssim"] == pytest.approx(_ssim(clean[subset], images).mean(), abs=1e-6), method
-        first = clean[: len(subset)]
         assert abs(_psnr(first, images).mean() - result[f"{method}_psnr"]) > 0.5  # the first images differ
     assert result["classical_samples"] == 25
     assert vf.classical_references(clean, noisy, denoised, vf.Config(classical_samples=100))["classical_samples"] == 60

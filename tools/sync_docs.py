@@ -34,7 +34,7 @@ def settings_list() -> str:
 
 def presets_text() -> str:
     """What each preset sets, made from PRESETS."""
-    return "; ".join(f"{name}: " + (", ".join(f"{key} {vf.shown_default({'default': value, 'kind': type(value)})}"
+    return "; ".join(f"{name}: " + (", ".join(f"{key} {int(value) if isinstance(value, bool) else value}"
                                              for key, value in values.items()) or "the defaults")
                      for name, values in vf.PRESETS.items())
 
