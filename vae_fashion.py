@@ -37,57 +37,8 @@
 #    trains it (`DistributedVAE`: several devices, exact resume, new noise every epoch), data loading and
 #    validation, checkpoints, run status, atomic writes.
 #
-# **Settings**: a key of `OVERRIDES`, or the environment variable `VAE_<KEY>` (made from `Config`
-# by `tools/sync_docs.py`)
-#
-# <!-- settings table -->
-# - preset: `preset` (`VAE_PRESET`), default `default`: a named set of defaults: faithful, the original notebook's;
-#   quality, a larger model trained longer (PRESETS)
-# - data: `data_dir` (`VAE_DATA_DIR`), default `unset`: folder with the four IDX files or the Kaggle CSVs (unset:
-#   searched)
-# - data: `train_samples` (`VAE_TRAIN_SAMPLES`), default `unset`: use the first N training images (unset: all 60000)
-# - data: `test_samples` (`VAE_TEST_SAMPLES`), default `unset`: use the first N test images (unset: all 10000)
-# - data: `noise_factor` (`VAE_NOISE_FACTOR`), default `0.45`: sigma of the Gaussian noise, before clipping to [0, 1]
-# - data: `fresh_noise` (`VAE_FRESH_NOISE`), default `1`: 1: new training noise every epoch; 0: one fixed noisy copy
-# - model: `latent_dim` (`VAE_LATENT_DIM`), default `16`: latent dimensions
-# - model: `hidden_units` (`VAE_HIDDEN_UNITS`), default `256`: width of the dense layer on each side of the latent
-# - model: `encoder_depth` (`VAE_ENCODER_DEPTH`), default `2`: convolutions per encoder level: a stride-2 one and
-#   depth - 1 at stride 1
-# - model: `decoder_depth` (`VAE_DECODER_DEPTH`), default `2`: the same for the decoder's transposed convolutions
-# - model: `output_layer` (`VAE_OUTPUT_LAYER`), default `subpixel`: decoder output: subpixel (a 14x14 convolution to 4
-#   channels and a pixel shuffle) or conv (28x28 layers)
-# - loss: `beta_max` (`VAE_BETA_MAX`), default `1.0`: KL weight after the warm-up
-# - loss: `warmup_epochs` (`VAE_WARMUP_EPOCHS`), default `8`: epochs over which beta rises linearly to beta_max
-# - loss: `gamma_sc` (`VAE_GAMMA_SC`), default `0.25`: weight of SupCon (0: a plain denoising VAE)
-# - loss: `supcon_scale` (`VAE_SUPCON_SCALE`), default `recon`: recon: gamma_sc is relative to the BCE term; none: raw
-#   nats
-# - loss: `supcon_temperature` (`VAE_SUPCON_TEMPERATURE`), default `0.1`: SupCon temperature
-# - loss: `prior` (`VAE_PRIOR`), default `mixture`: mixture: a learned Gaussian mixture, fitted to the posteriors
-#   after the first epoch and trained with the model; normal: N(0, I), the original's
-# - loss: `prior_components` (`VAE_PRIOR_COMPONENTS`), default `10`: components of the mixture prior
-# - optimisation: `epochs` (`VAE_EPOCHS`), default `17`: training epochs
-# - optimisation: `batch_size` (`VAE_BATCH_SIZE`), default `256`: batch size (SupCon needs pairs)
-# - optimisation: `learning_rate` (`VAE_LEARNING_RATE`), default `0.002`: Adam's peak learning rate
-# - optimisation: `lr_schedule` (`VAE_LR_SCHEDULE`), default `cosine`: cosine: decay to 5 % over the run; constant
-# - optimisation: `seed` (`VAE_SEED`), default `42`: every random draw follows from it
-# - optimisation: `precision` (`VAE_PRECISION`), default `auto`: auto: bfloat16 on a CPU where it measured faster, on
-#   a GPU by compute capability (bfloat16 or float16), else float32
-# - optimisation: `devices` (`VAE_DEVICES`), default `one`: one: the first GPU, else the CPU; all: MirroredStrategy
-#   over every GPU
-# - generation: `generator` (`VAE_GENERATOR`), default `expost`: the density the shown and saved samples come from:
-#   expost, a Gaussian mixture fitted to the training z_mean after training; prior, the prior the KL trained against
-#   (N(0, I) with prior normal, as in the original)
-# - generation: `expost_components` (`VAE_EXPOST_COMPONENTS`), default `80`: components of the expost mixture (full
-#   covariances)
-# - evaluation: `embed_samples` (`VAE_EMBED_SAMPLES`), default `3000`: seeded test subset for t-SNE and UMAP (0:
-#   neither, for a quick run)
-# - evaluation: `classical_samples` (`VAE_CLASSICAL_SAMPLES`), default `1000`: seeded test subset for the TV and
-#   non-local-means rows
-# - evaluation: `gen_metrics` (`VAE_GEN_METRICS`), default `1`: 0 skips the generation-quality classifier and its
-#   figures
-# - output: `out_dir` (`VAE_OUT_DIR`), default `vae_outputs_v3`: where every output goes (/kaggle/working/... on
-#   Kaggle)
-# - output: `fresh` (`VAE_FRESH`), default `0`: 1: discard a checkpoint made with other settings and train afresh
+# **Settings** are the fields of `Config`, at the top of the cell: each declares its default, bounds and
+# meaning (README lists them as a table).
 #
 # **Changing a setting on Kaggle**: edit the line `OVERRIDES = {}` at the top of the cell,
 # for example `OVERRIDES = {"epochs": 5, "train_samples": 10000}`. `OVERRIDES` wins over
@@ -140,7 +91,7 @@ OUT_FOLDER = "vae_outputs_v3"  # the original's name; below /kaggle/working on K
 # They win over the defaults below and lose to VAE_* environment variables.
 OVERRIDES: dict = {}
 
-# Named sets of defaults (VAE_PRESET or OVERRIDES["preset"]); settings named one by one still win.
+# Named sets of defaults (VAE_PRESET, OVERRIDES["preset"] or Config(preset=...)); settings named one by one win.
 PRESETS = {
     "default": {},
     # the original notebook: raw-nats SupCon, one fixed noisy copy, width 128, constant Adam 0.001,
@@ -154,10 +105,18 @@ PRESETS = {
 }
 
 
+class VAEFashionError(Exception):
+    """Base class of every error this pipeline reports to the user."""
+
+
+class ConfigError(VAEFashionError, ValueError):
+    """A setting (Config(...), an OVERRIDES entry or an environment variable) does not parse or is out of range."""
+
+
 def setting(default, group: str, meaning: str, kind=None, low=None, high=None, *, open_low: bool = False,
             trains: bool = True):
     """One setting, declared once: its default, type (int, float, str, bool (0 or 1), or a tuple of
-    allowed words), bounds, group and one-line meaning. Its environment variable VAE_<NAME>, the parser,
+    allowed words), bounds, group and one-line meaning. Its environment variable VAE_<NAME>, the checks,
     the settings tables and the training fingerprint (`trains`) read it here."""
     kind = kind if kind is not None else type(default)
     return dataclasses.field(default=default, metadata={
@@ -165,9 +124,12 @@ def setting(default, group: str, meaning: str, kind=None, low=None, high=None, *
         "trains": trains})
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Config:
-    """Every setting of a run: the key of OVERRIDES, and the environment variable VAE_<KEY in capitals>."""
+    """Every setting of a run: the key of OVERRIDES, and the environment variable VAE_<KEY in capitals>.
+
+    Config(preset="faithful", epochs=5) starts from the preset's values, the settings named win, and every
+    value is checked against its declaration (ConfigError)."""
 
     preset: str = setting("default", "preset", "a named set of defaults: faithful, the original notebook's; "
                           "quality, a larger model trained longer (PRESETS)", tuple(PRESETS), trains=False)
@@ -235,68 +197,53 @@ class Config:
     fresh: bool = setting(False, "output", "1: discard a checkpoint made with other settings and train afresh",
                           trains=False)
 
+    def __init__(self, preset: str = "default", **settings):
+        for name, value in {"preset": preset, **PRESETS.get(preset, {}), **settings}.items():
+            if name not in SETTINGS:
+                raise TypeError(f"Config() got an unexpected setting {name!r}")
+            problem = setting_problem(name, value)
+            if problem:
+                raise ConfigError(f"Config({name}={value!r}) {problem}")
+            object.__setattr__(self, name, bool(value) if SETTINGS[name]["kind"] is bool else value)
+
 
 # field -> its declaration (see setting())
 SETTINGS = {field.name: {**field.metadata, "env": f"VAE_{field.name.upper()}", "default": field.default}
             for field in dataclasses.fields(Config)}
 
 
-def shown_default(rule: dict):
-    """A setting's default as the tables show it: unset, 0/1 for on/off settings, else the value."""
-    if rule["default"] is None:
-        return "unset"
-    return int(rule["default"]) if rule["kind"] is bool else rule["default"]
+def setting_problem(name: str, value) -> str | None:
+    """What keeps `value` from being setting `name` (its type, words or bounds), or None when nothing does."""
+    rule = SETTINGS[name]
+    kind, low, high = rule["kind"], rule["low"], rule["high"]
+    if value is None and rule["default"] is None:
+        return None
+    if kind is bool or isinstance(kind, tuple):
+        words = (0, 1) if kind is bool else kind
+        return None if value in words and type(value) in (bool, int, str) else (
+            f"must be {', '.join(map(str, words[:-1]))} or {words[-1]}")
+    if kind is str:
+        return None if isinstance(value, str) else "must be text"
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        return "is not a whole number" if kind is int else "is not a number"
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if (value <= low if rule["open_low"] else value < low) or value > high:
+        return f"is out of range: it must lie in {'(' if rule['open_low'] else '['}{low}, {high}]"
+    return None
 
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
-CLASS_NAMES_EN = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
-CLASS_NAMES_TR = [
-    "Tişört/Üst", "Pantolon", "Kazak", "Elbise", "Ceket",
-    "Sandalet", "Gömlek", "Spor Ayakkabı", "Çanta", "Bilek Bot",
-]
-# Seeded subsets of the analysis and of the prior's fit (see seeded_subset):
-SILHOUETTE_SAMPLES = 5000  # test z_mean scored by the silhouette (O(n^2) distances)
-ROBUSTNESS_SAMPLES = 1000  # test images denoised at every noise level of 13_noise_robustness.png
-PRIOR_FIT_SAMPLES = 10_000  # training posteriors the mixture prior is fitted to by EM
-EXPOST_FIT_SAMPLES = 20_000  # training z_mean the generator's mixture is fitted to after training
+PRIOR_FIT_SAMPLES = 10_000  # training posteriors the mixture prior is fitted to by EM (FitPrior)
 
 # Every random draw has its own named stream, seed_for(config, name) = VAE_SEED + offset, so that a
 # change in one draw moves no other. The weights (Keras' global generator, set by build_vae) and the
-# batch order (TensorFlow's stateless generator keyed by (VAE_SEED, epoch)) use VAE_SEED itself, each
-# in a generator of its own. run()'s training draws are keyed by (epoch, step), never by a generator's
-# hidden state, so a resumed run repeats an uninterrupted one exactly (DistributedVAE).
-SEED_OFFSETS = {
-    # training
-    "train_noise": 1_000_000_007, "posterior": 2_000_000_011, "train_noise_fixed": 8,
-    # analysis
-    "test_noise": 1, "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "training_codes": 5, "conditional": 6,
-    "robustness_subset": 7, "silhouette_subset": 9, "embed_subset": 10, "tsne": 11, "umap": 12, "expost_fit": 13,
-    "interpolation_pairs": 14, "classifier": 15, "prior_fit": 17, "trained_prior_grid": 18, "trained_prior_fd": 19,
-    "robustness_noise": 1000,  # + the level's index
-    # drawing
-    "scatter_order": 16,
-}
-
-
-def prior_label(config: Config, short: bool = False) -> str:
-    """How titles and labels name the prior the KL trained against: the long form, or a short one."""
-    if config.prior == "normal":
-        return "prior N(0, I)" if short else "N(0, I)"
-    return "trained prior" if short else f"a learned mixture of {config.prior_components} Gaussians"
-
-
-def generator_label(config: Config, short: bool = False) -> str:
-    """How titles and labels name the density the shown and saved samples come from (the generator)."""
-    if config.generator == "prior":
-        return prior_label(config, short)
-    if short:
-        return f"ex-post GMM ({config.expost_components})"
-    return (f"a mixture of {config.expost_components} full-covariance Gaussians fitted to the training z_mean "
-            "after training")
+# batch order (TensorFlow's stateless generator keyed by (VAE_SEED, epoch)) use VAE_SEED itself. run()'s
+# training draws are keyed by (epoch, step), never by a generator's hidden state, so a resumed run
+# repeats an uninterrupted one exactly (DistributedVAE). Section 5 adds the analysis's streams.
+SEED_OFFSETS = {"train_noise": 1_000_000_007, "posterior": 2_000_000_011, "train_noise_fixed": 8, "test_noise": 1,
+                "prior_fit": 17}
 
 
 def seed_for(config: Config, draw: str) -> int:
@@ -317,8 +264,8 @@ def seeded_subset(n: int, size: int, rng, in_order: bool = True) -> np.ndarray:
 
 @keras.saving.register_keras_serializable(package="vae_fashion")
 class Sampling(layers.Layer):
-    """z = z_mean + exp(z_log_var / 2) * epsilon: the reparameterisation trick. epsilon ~ N(0, I) comes from
-    the layer's seed generator, unless the caller passes its own draw (run()'s exactly resumable training)."""
+    """z = z_mean + exp(z_log_var / 2) * epsilon, epsilon ~ N(0, I) from the layer's seed generator unless the
+    caller passes its own draw (run()'s exactly resumable training)."""
 
     def __init__(self, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -366,13 +313,9 @@ def subpixel_logits(x):
 
 
 def build_decoder(config: Config) -> keras.Model:
-    """z -> image: the mirror of the encoder, ending in a named 'logits' layer and its sigmoid
-    (training uses the stabler BCE-from-logits).
-
-    output_layer "conv": a last transposed convolution to 28x28x32, then a 3x3 convolution to one
-    channel. "subpixel": a 3x3 convolution at 14x14 predicts each pixel of a 2x2 block, and a pixel
-    shuffle lays the blocks out at 28x28. The 28x28 layers took about half of a training step and
-    added nothing measurable (docs/RESULTS.md)."""
+    """z -> image: the mirror of the encoder, ending in a named 'logits' layer and its sigmoid (training
+    uses the stabler BCE-from-logits). output_layer "conv": a last transposed convolution to 28x28x32 and a
+    3x3 convolution to one channel; "subpixel": subpixel_logits() at 14x14."""
     filters = ENCODER_FILTERS[::-1]
     latent = keras.Input(shape=(config.latent_dim,), name="z")
     x = layers.Dense(config.hidden_units, activation="relu")(latent)
@@ -389,9 +332,6 @@ def build_decoder(config: Config) -> keras.Model:
         logits = layers.Conv2D(1, 3, padding="same", name="logits")(x)
     image = layers.Activation("sigmoid", name="image", dtype="float32")(logits)
     return keras.Model(latent, image, name="decoder")
-
-
-# Loss terms: per-batch means of per-image quantities.
 
 
 def reconstruction_loss(clean, logits):
@@ -423,13 +363,9 @@ def kl_monte_carlo(z, z_mean, z_log_var, prior_log_prob):
 
 
 def supcon_loss(features, labels, temperature: float = 0.1):
-    """Supervised contrastive loss (Khosla et al. 2020, L_out).
-
-    Features are L2-normalised; each anchor's log-probabilities over all other
-    samples are averaged over its positives (same label, self excluded). Anchors
-    without a positive in the batch are left out, and a batch without any
-    positive pair gives 0 rather than NaN.
-    """
+    """Supervised contrastive loss (Khosla et al. 2020, L_out) of L2-normalised features: each anchor's
+    log-probabilities over the other samples, averaged over its positives (same label). Anchors without a
+    positive are left out; a batch without any positive pair gives 0, not NaN."""
     features = ops.cast(features, "float32")
     norm = ops.sqrt(ops.sum(ops.square(features), axis=1, keepdims=True) + 1e-12)
     unit = features / norm
@@ -449,41 +385,27 @@ def supcon_loss(features, labels, temperature: float = 0.1):
 
 
 def supcon_weight(recon, supcon, gamma_sc: float, scale: str = "recon"):
-    """The factor SupCon is multiplied by in the total loss.
-
-    "none": gamma_sc, in raw nats (the original; next to a BCE of ~240 nats per
-    image, SupCon's ~5 nats then barely move the encoder). "recon": gamma_sc *
-    recon / SupCon, held constant in the gradient, so the term's size is
-    gamma_sc times the reconstruction term's. The divisor is floored at 1 nat so
-    that a batch in which SupCon is nearly solved (few positives) cannot blow up
-    the weight.
-    """
+    """The factor SupCon is multiplied by in the total loss. "none": gamma_sc, in raw nats (the original's).
+    "recon": gamma_sc * recon / SupCon, constant in the gradient, so the term is gamma_sc times the
+    reconstruction term; the divisor is floored at 1 nat so that a nearly solved batch cannot blow it up."""
     if scale == "none":
         return gamma_sc
     return gamma_sc * ops.stop_gradient(recon / ops.maximum(supcon, 1.0))
 
 
 def warmup_beta(epoch, beta_max: float, warmup_epochs: int):
-    """Linear KL warm-up: beta_max * min(1, (epoch + 1) / warmup_epochs), a float32 scalar.
-
-    `epoch` counts from 0 (a number or a tensor), so beta reaches beta_max in epoch `warmup_epochs`
-    (1-based) and is never 0, which would leave z_log_var unconstrained.
-    """
+    """Linear KL warm-up: beta_max * min(1, (epoch + 1) / warmup_epochs), a float32 scalar. `epoch` counts
+    from 0, so beta reaches beta_max in epoch `warmup_epochs` (1-based) and is never 0."""
     if warmup_epochs <= 0:
         return ops.convert_to_tensor(beta_max, "float32")
     return beta_max * ops.minimum(1.0, ops.cast(epoch + 1, "float32") / warmup_epochs)
 
 
-# The learned prior: a Gaussian mixture (VAE_PRIOR=mixture), and sampling from Gaussian mixtures.
-
-
 @keras.saving.register_keras_serializable(package="vae_fashion")
 class MixturePrior(layers.Layer):
-    """A learned prior p(z) = sum_k w_k N(z; mu_k, diag(sigma_k^2)), w = softmax(logits).
-
-    It starts as N(0, I) (every component the standard normal). fit() moves it onto the aggregate
-    posterior once, after the first epoch (FitPrior); from then on the KL term's gradient keeps
-    fitting it, jointly with the model, so its samples land where the posteriors are."""
+    """The learned prior (VAE_PRIOR=mixture) p(z) = sum_k w_k N(z; mu_k, diag(sigma_k^2)), w = softmax(logits).
+    It starts as N(0, I); FitPrior fits it to the aggregate posterior before epoch 2, and from then on the KL
+    term's gradient trains it with the model."""
 
     def __init__(self, latent_dim: int, components: int, **kwargs):
         super().__init__(dtype="float32", **kwargs)
@@ -504,7 +426,7 @@ class MixturePrior(layers.Layer):
 
     def fit(self, latents: np.ndarray, seed: int) -> None:
         """Set the components to a diagonal Gaussian mixture fitted by EM to `latents`."""
-        from sklearn.mixture import GaussianMixture
+        from sklearn.mixture import GaussianMixture  # here: sections 1-4 otherwise need only TensorFlow and Keras
 
         mixture = GaussianMixture(len(self.logits.numpy()), covariance_type="diag", random_state=seed).fit(latents)
         self.set_parameters(mixture.weights_, mixture.means_, mixture.covariances_)
@@ -547,11 +469,12 @@ HISTORY_COLUMNS = ["epoch", *LOSS_TERMS, "beta"]
 class VAE(keras.Model):
     """Denoising VAE trained on BCE + beta * KL + gamma_sc * w * SupCon(z_mean); see supcon_weight().
 
-    Train it with fit(noisy, (clean, labels)); beta warms up by the epoch, counted from the optimizer's
-    steps. It owns its uses, on numpy batches of any size: encode() gives (z_mean, z_log_var), denoise()
-    gives decoder(z_mean(noisy)), generate() decodes latents, sample_latents() draws from the generator."""
+    Train it with fit(noisy, (clean, labels)) at any batch size: beta warms up, and the learning rate decays,
+    over the epochs fit runs. It owns its uses, on numpy batches of any size: encode() gives (z_mean,
+    z_log_var), denoise() gives decoder(z_mean(noisy)), generate() decodes latents, sample_generator() draws
+    from the generator."""
 
-    def __init__(self, encoder, decoder, config: Config, n_train: int, **kwargs):
+    def __init__(self, encoder, decoder, config: Config, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.decoder = decoder
@@ -560,22 +483,33 @@ class VAE(keras.Model):
         self.prior = MixturePrior(config.latent_dim, config.prior_components, name="prior") if (
             config.prior == "mixture") else None
         self.decoder_logits = keras.Model(decoder.input, decoder.get_layer("logits").output)
-        self.code_density = None  # a mixture fitted to the training codes after training (fit_code_density)
+        self.generator = None  # the mixture fitted to the training z_mean after training (fit_generator)
         self.config = config
-        self.steps_per_epoch = math.ceil(n_train / config.batch_size)  # what fit(batch_size=...) takes
+        # beta's epoch length and the learning-rate schedule (build_vae's), which fit() sets (FitSchedule)
+        self.steps_per_epoch, self.schedule = 1, None
         self.trackers = {name: keras.metrics.Mean(name=name) for name in HISTORY_COLUMNS[1:]}
 
     @property
     def metrics(self):
         return list(self.trackers.values())  # listed here so that Keras resets them every epoch
 
+    def fit(self, x=None, y=None, callbacks=None, **kwargs):
+        """Keras' fit, with what the objective needs: FitSchedule, and FitPrior on the noisy images x unless
+        the caller passes one (run() does)."""
+        callbacks = [FitSchedule(), *(callbacks or [])]
+        if self.prior is not None and not any(isinstance(callback, FitPrior) for callback in callbacks):
+            if not isinstance(x, np.ndarray):
+                raise ValueError("the mixture prior is fitted to the noisy training images: pass them to fit() as "
+                                 "an array, or pass callbacks=[FitPrior(noisy_images, config)]")
+            callbacks.insert(1, FitPrior(x, self.config))
+        return super().fit(x, y, callbacks=callbacks, **kwargs)
+
     def call(self, noisy, training=False):
         z_mean, _z_log_var = self.encoder(noisy, training=training)
         return self.decoder(z_mean, training=training)
 
     def encode(self, images: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        z_mean, z_log_var = self.encoder.predict(images, batch_size=batch_size, verbose=0)
-        return z_mean, z_log_var
+        return tuple(self.encoder.predict(images, batch_size=batch_size, verbose=0))
 
     def denoise(self, noisy: np.ndarray) -> np.ndarray:
         """decoder(z_mean(noisy)): the posterior's mean, decoded, is the denoised image."""
@@ -591,14 +525,14 @@ class VAE(keras.Model):
             return rng.standard_normal((n, self.decoder.input.shape[-1])).astype(np.float32)
         return sample_mixture(self.prior.parameters(), n, rng)
 
-    def sample_latents(self, n: int, seed: int) -> np.ndarray:
-        """n latents to decode: from the density of the training codes once one is fitted, else the prior."""
-        if self.code_density is None:
+    def sample_generator(self, n: int, seed: int) -> np.ndarray:
+        """n latents to decode: from the generator once one is fitted, else from the prior."""
+        if self.generator is None:
             return self.sample_prior(n, seed)
-        return sample_mixture(self.code_density, n, np.random.default_rng(seed))
+        return sample_mixture(self.generator, n, np.random.default_rng(seed))
 
     def beta(self):
-        """The KL weight of the current epoch (warmup_beta), from the optimizer's step count."""
+        """The KL weight of the current epoch (warmup_beta), from the optimizer's step count and fit's epochs."""
         epoch = self.optimizer.iterations // self.steps_per_epoch
         return warmup_beta(epoch, self.config.beta_max, self.config.warmup_epochs)
 
@@ -681,20 +615,19 @@ def with_noise(data: FashionMNIST, config: Config) -> FashionMNIST:
 # =============================================================================
 
 
-def learning_rate_schedule(config: Config, steps_per_epoch: int):
-    """Adam's learning rate: constant, or a cosine decay to 5 % of it over the run."""
+def learning_rate_schedule(config: Config):
+    """Adam's learning rate: constant, or a cosine decay to 5 % of it over the steps of fit (FitSchedule)."""
     if config.lr_schedule == "constant":
         return config.learning_rate
-    return keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch), alpha=0.05
-    )
+    return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=1, alpha=0.05)
 
 
-def build_vae(config: Config, n_train: int = 60_000, jit_compile="auto", model_class=VAE) -> VAE:
-    """The compiled VAE (or a subclass of it) for n_train training images, its weights seeded by VAE_SEED."""
+def build_vae(config: Config, jit_compile="auto", model_class=VAE) -> VAE:
+    """The compiled VAE (or a subclass of it), its weights seeded by VAE_SEED."""
     keras.utils.set_random_seed(config.seed)
-    vae = model_class(build_encoder(config), build_decoder(config), config, n_train, name="vae")
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, vae.steps_per_epoch))
+    vae = model_class(build_encoder(config), build_decoder(config), config, name="vae")
+    vae.schedule = learning_rate_schedule(config)
+    optimizer = keras.optimizers.Adam(learning_rate=vae.schedule)
     vae.compile(optimizer=optimizer, jit_compile=jit_compile)
     vae(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))  # build: fit, checkpoints and load_weights need it
     # the optimizer's variables now, not in fit's first trace: variables made while tracing cost a second trace
@@ -702,10 +635,23 @@ def build_vae(config: Config, n_train: int = 60_000, jit_compile="auto", model_c
     return vae
 
 
+class FitSchedule(keras.callbacks.Callback):
+    """Before fit trains, sets beta's epoch length and the cosine schedule's decay steps from Keras' own count of
+    fit's steps, so that both follow the epochs fit runs, at any batch size."""
+
+    def on_train_begin(self, logs=None):
+        steps = self.params.get("steps")
+        if not steps:
+            raise ValueError("fit() needs a known number of steps per epoch: pass steps_per_epoch")
+        self.model.steps_per_epoch = steps
+        if isinstance(self.model.schedule, keras.optimizers.schedules.CosineDecay):
+            self.model.schedule.decay_steps = max(1, steps * self.params["epochs"])
+        self.model.make_train_function(force=True)  # the training step takes both in when it is traced
+
+
 class FitPrior(keras.callbacks.Callback):
-    """Before the second epoch, fits the mixture prior to the aggregate posterior: one posterior sample of
-    each of PRIOR_FIT_SAMPLES seeded noisy training images. A resumed run past that epoch has the fitted
-    prior in its checkpoint."""
+    """Before the second epoch, fits the mixture prior to one posterior sample of each of PRIOR_FIT_SAMPLES
+    seeded noisy training images (a resumed run past it has the fitted prior in its checkpoint)."""
 
     def __init__(self, noisy: np.ndarray, config: Config):
         super().__init__()
@@ -726,15 +672,39 @@ class FitPrior(keras.callbacks.Callback):
 # 5. Analysis: every number and every image set of the outputs (analyse() at the end)
 # =============================================================================
 
-import pandas as pd  # noqa: E402 - from here on; sections 1-4 need only TensorFlow and Keras
+# here: sections 1-4 need only TensorFlow and Keras
+import pandas as pd  # noqa: E402
+from scipy import linalg  # noqa: E402
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity  # noqa: E402
+from skimage.restoration import denoise_nl_means, denoise_tv_chambolle  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
+from sklearn.metrics import silhouette_score  # noqa: E402
+from sklearn.mixture import GaussianMixture  # noqa: E402
+from sklearn.neighbors import KNeighborsClassifier  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+CLASS_NAMES_EN = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
+CLASS_NAMES_TR = ["Tişört/Üst", "Pantolon", "Kazak", "Elbise", "Ceket", "Sandalet", "Gömlek", "Spor Ayakkabı",
+                  "Çanta", "Bilek Bot"]
+# Seeded subsets (see seeded_subset):
+SILHOUETTE_SAMPLES = 5000  # test z_mean scored by the silhouette (O(n^2) distances)
+ROBUSTNESS_SAMPLES = 1000  # test images denoised at every noise level of 13_noise_robustness.png
+GENERATOR_FIT_SAMPLES = 20_000  # training z_mean the generator's mixture is fitted to after training
+SEED_OFFSETS |= {  # the analysis's random streams (seed_for)
+    "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "training_codes": 5, "conditional": 6,
+    "robustness_subset": 7, "silhouette_subset": 9, "embed_subset": 10, "tsne": 11, "umap": 12, "expost_fit": 13,
+    "interpolation_pairs": 14, "classifier": 15, "trained_prior_grid": 18, "trained_prior_fd": 19,
+    "scatter_order": 16, "robustness_noise": 1000}  # robustness_noise: + the level's index
 
 QUALITY_COLUMNS = ("mse", "psnr", "ssim")
 
 
 def image_quality(reference: np.ndarray, images: np.ndarray) -> pd.DataFrame:
     """Per-image MSE, PSNR (dB) and SSIM against the clean reference, data_range=1."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
     ref = reference.reshape(len(reference), IMAGE_SIZE, IMAGE_SIZE).astype(np.float64)
     img = images.reshape(len(images), IMAGE_SIZE, IMAGE_SIZE).astype(np.float64)
     mse = np.mean((ref - img) ** 2, axis=(1, 2))
@@ -770,12 +740,6 @@ def denoising_summary(quality: dict[str, pd.DataFrame]) -> dict:
 
 def representation_quality(z_train, y_train, z_test, y_test, seed: int, silhouette_samples: int = SILHOUETTE_SAMPLES):
     """Linear probe, kNN accuracy and silhouette of z_mean against the class labels."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import silhouette_score
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     probe.fit(z_train, y_train)
     knn = KNeighborsClassifier(n_neighbors=min(10, len(z_train)), n_jobs=-1).fit(z_train, y_train)
@@ -823,15 +787,11 @@ CLASSICAL_DENOISERS = {
 
 def denoise_tv(noisy: np.ndarray) -> np.ndarray:
     """The TV reference denoiser, image by image: (N, 28, 28, 1) -> (N, 28, 28)."""
-    from skimage.restoration import denoise_tv_chambolle
-
     return np.stack([denoise_tv_chambolle(x, weight=TV_WEIGHT) for x in noisy[..., 0].astype(np.float64)])
 
 
 def classical_references(clean, noisy, denoised, config: Config) -> dict:
     """PSNR/SSIM/MSE of two training-free denoisers, and of the VAE, on one seeded test subset."""
-    from skimage.restoration import denoise_nl_means
-
     subset = seeded_subset(len(clean), config.classical_samples, seed_for(config, "classical_subset"))
     images = noisy[subset, ..., 0].astype(np.float64)
     sigma = max(config.noise_factor, 1e-3)
@@ -865,8 +825,6 @@ def build_classifier(seed: int) -> keras.Model:
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets."""
-    from scipy import linalg
-
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
@@ -886,13 +844,10 @@ def normalised_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum() / np.log(NUM_CLASSES))
 
 
-def fit_code_density(z_train: np.ndarray, components: int, seed: int, size: int = EXPOST_FIT_SAMPLES) -> dict:
-    """A full-covariance Gaussian mixture fitted by EM to `size` seeded training z_mean after training (the
-    ex-post density of Ghosh et al. 2020): its weights, means and covariances, as sample_mixture() takes them.
-    Its size and the subset were chosen by the Fréchet distance of the samples and the fit's time
-    (docs/RESULTS.md)."""
-    from sklearn.mixture import GaussianMixture
-
+def fit_generator(z_train: np.ndarray, components: int, seed: int, size: int = GENERATOR_FIT_SAMPLES) -> dict:
+    """The generator: a full-covariance Gaussian mixture fitted by EM to `size` seeded training z_mean after
+    training (the ex-post density of Ghosh et al. 2020); its weights, means and covariances, as sample_mixture()
+    takes them."""
     codes = z_train[seeded_subset(len(z_train), size, seed)]
     mixture = GaussianMixture(components, covariance_type="full", random_state=seed).fit(codes)
     return {"weights": mixture.weights_, "means": mixture.means_, "covariances": mixture.covariances_}
@@ -919,7 +874,7 @@ def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_trai
     # one pass per image set gives both the features and the class probabilities
     two_heads = keras.Model(classifier.input, [classifier.get_layer("features").output, classifier.output])
     n = min(len(data.x_test), len(data.x_train))
-    samples = vae.generate(vae.sample_latents(n, seed_for(config, "prior_fd")))
+    samples = vae.generate(vae.sample_generator(n, seed_for(config, "prior_fd")))
     trained_prior = vae.generate(vae.sample_prior(n, seed_for(config, "trained_prior_fd")))
     codes = z_mean_train[seeded_subset(len(z_mean_train), n, seed_for(config, "training_codes"))]
     per_class = max(2, n // NUM_CLASSES)
@@ -930,6 +885,7 @@ def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_trai
         return two_heads.predict(images[:n], batch_size=1024, verbose=0)
 
     reference, _ = features_and_probs(data.x_test)
+    # "prior" names the generator's samples in the metrics, as in the original's 07_generated_prior.png
     sets = {name: features_and_probs(images) for name, images in (
         ("train", data.x_train), ("reconstruction", denoised), ("prior", samples), ("noisy", data.x_test_noisy),
         ("trained_prior", trained_prior), ("conditional", vae.generate(latents)),
@@ -1003,17 +959,7 @@ def robustness_summary(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def project_pca(z: np.ndarray):
-    """2-D PCA coordinates and the explained-variance ratio of every component (a full SVD: no random draw)."""
-    from sklearn.decomposition import PCA
-
-    full = PCA().fit(z)
-    return full.transform(z)[:, :2], full.explained_variance_ratio_
-
-
 def project_tsne(z: np.ndarray, seed: int) -> np.ndarray:
-    from sklearn.manifold import TSNE
-
     perplexity = float(min(30.0, max(2.0, (len(z) - 1) / 3.0)))
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, n_jobs=-1)
     return tsne.fit_transform(z)
@@ -1049,17 +995,13 @@ def project_umap(z: np.ndarray, seed: int, umap_module) -> np.ndarray:
 TRAVERSAL_SPAN = 2.5  # standard deviations either side of the mean
 
 
-def latent_traversal(z_mean: np.ndarray, n_directions: int = 5, steps: int = 9, span: float = TRAVERSAL_SPAN):
-    """Latents along the top principal directions of z_mean: mean + t * sd * direction,
-    t from -span to +span. Returns (n_directions, steps, latent_dim) and the variance ratios."""
-    from sklearn.decomposition import PCA
-
-    n_directions = min(n_directions, z_mean.shape[1])
-    pca = PCA(n_components=n_directions).fit(z_mean)
+def latent_traversal(pca: PCA, n_directions: int = 5, steps: int = 9, span: float = TRAVERSAL_SPAN):
+    """Latents along the top principal directions of the fitted `pca`: mean + t * sd * direction, t from
+    -span to +span. Returns (n_directions, steps, latent_dim) and the directions' variance ratios."""
     t = np.linspace(-span, span, steps)
-    sd = np.sqrt(pca.explained_variance_)
-    grid = pca.mean_[None, None, :] + (t[None, :, None] * sd[:, None, None]) * pca.components_[:, None, :]
-    return grid.astype(np.float32), pca.explained_variance_ratio_
+    sd = np.sqrt(pca.explained_variance_[:n_directions])
+    grid = pca.mean_[None, None, :] + (t[None, :, None] * sd[:, None, None]) * pca.components_[:n_directions, None, :]
+    return grid.astype(np.float32), pca.explained_variance_ratio_[:n_directions]
 
 
 def interpolate_latents(z_a: np.ndarray, z_b: np.ndarray, steps: int) -> np.ndarray:
@@ -1084,14 +1026,14 @@ def interpolation_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> list[tup
     return pairs
 
 
-def latent_paths(vae: VAE, z_mean_test: np.ndarray, y_test: np.ndarray, config: Config) -> dict:
+def latent_paths(vae: VAE, z_mean_test: np.ndarray, y_test: np.ndarray, pca: PCA, config: Config) -> dict:
     """The interpolation and traversal fields of Results: decoded straight lines between test images of
     two classes, and decoded steps along the top principal directions of z_mean."""
     pairs = interpolation_pairs(y_test, 8, seed_for(config, "interpolation_pairs"))
     a, b = (np.array(indices) for indices in zip(*pairs))
     steps = 10
     line_latents = interpolate_latents(z_mean_test[a], z_mean_test[b], steps)
-    grid, ratios = latent_traversal(z_mean_test)
+    grid, ratios = latent_traversal(pca)
     return {
         "interpolation": vae.generate(line_latents.reshape(-1, config.latent_dim)).reshape(
             len(pairs), steps, IMAGE_SIZE, IMAGE_SIZE, 1),
@@ -1102,16 +1044,16 @@ def latent_paths(vae: VAE, z_mean_test: np.ndarray, y_test: np.ndarray, config: 
     }
 
 
-def latent_embeddings(z_mean_test: np.ndarray, config: Config, timer) -> tuple[dict, list[str]]:
+def latent_embeddings(z_mean_test: np.ndarray, config: Config, stage) -> tuple[dict, list[str]]:
     """t-SNE and UMAP coordinates of a seeded test subset ({"t-SNE": ..., "UMAP": ...}, with the subset's
     indices under "subset"), and a warning when UMAP cannot be had; neither with embed_samples 0."""
     subset = seeded_subset(len(z_mean_test), config.embed_samples, seed_for(config, "embed_subset"))
     embeddings, warnings = {"subset": subset}, []
     if not config.embed_samples:
         return embeddings, warnings
-    with timer.stage("t-SNE"):
+    with stage("t-SNE"):
         embeddings["t-SNE"] = project_tsne(z_mean_test[subset], seed_for(config, "tsne"))
-    with timer.stage("UMAP"):
+    with stage("UMAP"):
         umap_module, reason = import_umap()
         if umap_module is None:
             warnings.append(f"06C_latent_umap_text_tr.png was not written: {reason}")
@@ -1145,7 +1087,7 @@ class Results:
     pca_ratios: np.ndarray
     embeddings: dict  # "subset" (test indices), "t-SNE", "UMAP" (absent when umap-learn is missing)
     # generation and interpolation: decoded images, (rows, columns, 28, 28, 1)
-    prior_grid: np.ndarray  # the generator's samples
+    generated_grid: np.ndarray  # the generator's samples
     trained_prior_grid: np.ndarray
     conditional_grid: np.ndarray
     conditional_classes: np.ndarray
@@ -1158,32 +1100,34 @@ class Results:
     warnings: list
 
 
-def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config, timer) -> Results:
-    """Every number and image of the outputs, stage by stage; nothing is drawn or written here."""
-    with timer.stage("evaluate"):
+def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config,
+            stage=lambda name: contextlib.nullcontext()) -> Results:
+    """Every number and image of the outputs, stage by stage (each in `with stage(name)`, which run() times);
+    nothing is drawn or written here."""
+    with stage("evaluate"):
         evaluated = evaluate(vae, data, config)
     z_mean_train, z_mean_test = evaluated["z_mean_train"], evaluated["z_mean_test"]
-    with timer.stage("pca"):
-        pca_coords, pca_ratios = project_pca(z_mean_test)
-    embeddings, warnings = latent_embeddings(z_mean_test, config, timer)
+    with stage("pca"):
+        pca = PCA().fit(z_mean_test)  # every component: a full decomposition, no random draw
+        pca_coords = pca.transform(z_mean_test)[:, :2]
+    embeddings, warnings = latent_embeddings(z_mean_test, config, stage)
     if config.generator == "expost":
-        with timer.stage("density of the training codes"):  # the generator: sample_latents() draws from it
-            vae.code_density = fit_code_density(z_mean_train, config.expost_components,
-                                                seed_for(config, "expost_fit"))
-    with timer.stage("generation and interpolation"):
-        prior_grid = vae.generate(vae.sample_latents(100, seed_for(config, "prior_grid")))
+        with stage("density of the training codes"):
+            vae.generator = fit_generator(z_mean_train, config.expost_components, seed_for(config, "expost_fit"))
+    with stage("generation and interpolation"):
+        generated_grid = vae.generate(vae.sample_generator(100, seed_for(config, "prior_grid")))
         trained_prior_grid = vae.generate(vae.sample_prior(100, seed_for(config, "trained_prior_grid")))
-        paths = latent_paths(vae, z_mean_test, data.y_test, config)
-    with timer.stage("class-conditional samples"):
+        paths = latent_paths(vae, z_mean_test, data.y_test, pca, config)
+    with stage("class-conditional samples"):
         latents, intended = class_conditional_latents(z_mean_train, data.y_train, 10, seed_for(config, "conditional"))
         conditional_grid = vae.generate(latents).reshape(-1, 10, IMAGE_SIZE, IMAGE_SIZE, 1)
-    with timer.stage("classical references"):
+    with stage("classical references"):
         classical = classical_references(data.x_test, data.x_test_noisy, evaluated["denoised"], config)
-    with timer.stage("noise robustness"):
+    with stage("noise robustness"):
         robustness = noise_robustness(vae.denoise, data.x_test, config)
     generation = None
     if config.gen_metrics:
-        with timer.stage("generation quality"):
+        with stage("generation quality"):
             generation = generation_quality(vae, data, config, z_mean_train, evaluated["denoised"])
     metrics = metrics_table(denoising_summary(evaluated["quality"]), evaluated["representation"], len(data.x_test),
                             classical, generation)
@@ -1192,8 +1136,9 @@ def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config,
         x_test=data.x_test,
         x_test_noisy=data.x_test_noisy, denoised=evaluated["denoised"], quality=evaluated["quality"],
         classical=classical, robustness=robustness, z_mean_train=z_mean_train, z_mean_test=z_mean_test,
-        representation=evaluated["representation"], pca_coords=pca_coords, pca_ratios=pca_ratios,
-        embeddings=embeddings, prior_grid=prior_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1),
+        representation=evaluated["representation"], pca_coords=pca_coords,
+        pca_ratios=pca.explained_variance_ratio_, embeddings=embeddings,
+        generated_grid=generated_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1),
         trained_prior_grid=trained_prior_grid.reshape(10, 10, IMAGE_SIZE, IMAGE_SIZE, 1),
         conditional_grid=conditional_grid,
         conditional_classes=np.unique(intended), interpolation=paths["interpolation"],
@@ -1205,46 +1150,57 @@ def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config,
 # 6. Drawing: render() draws Results; nothing here runs the model or an analysis
 # =============================================================================
 
+import matplotlib  # noqa: E402 - here: sections 1-4 need only TensorFlow and Keras
 
-def _plt():
-    import matplotlib
-
-    if "ipykernel" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")  # files only, no window
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
 
 def save_figure(fig, path: Path, show: bool = False, tight: bool = True) -> None:
-    """Save at 120 dpi; tight=False keeps the whole canvas (title panels). A notebook shows the saved file:
-    drawing the figure again for it took as long as saving it."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight" if tight else None)
-    _plt().close(fig)
+    """Save at 120 dpi; tight=False keeps the whole canvas (title cards). In place, not atomically: a run
+    that dies here has no metrics.csv, and the next run removes the file first (prepare_output_dir). A
+    notebook shows the saved file: drawing the figure again for it took as long as saving it."""
+    fig.savefig(path, dpi=120, bbox_inches="tight" if tight else None)
+    plt.close(fig)
     if show:
-        from IPython.display import Image, display
+        from IPython.display import Image, display  # here: only in a notebook
 
         display(Image(filename=str(path)))
 
 
+def prior_label(config: Config, short: bool = False) -> str:
+    """How titles and labels name the prior the KL trained against: the long form, or a short one."""
+    if config.prior == "normal":
+        return "prior N(0, I)" if short else "N(0, I)"
+    return "trained prior" if short else f"a learned mixture of {config.prior_components} Gaussians"
+
+
+def generator_label(config: Config, short: bool = False) -> str:
+    """How titles and labels name the density the shown and saved samples come from (the generator)."""
+    if config.generator == "prior":
+        return prior_label(config, short)
+    if short:
+        return f"ex-post GMM ({config.expost_components})"
+    return (f"a mixture of {config.expost_components} full-covariance Gaussians fitted to the training z_mean "
+            "after training")
+
+
 def plot_training_curve(history: pd.DataFrame, column: str, title: str, ylabel: str, path, show=False):
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(history["epoch"], history[column], marker="o", label=column)
     ax.set(title=title, xlabel="epoch", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    save_figure(fig, Path(path), show)
+    save_figure(fig, path, show)
 
 
 def plot_latent_scatter(coords, labels, title, path, class_names=None, axis_names=("dim 1", "dim 2"),
                         show=False, seed: int = 0):
     """Scatter of 2-D latent coordinates drawn in one seeded random order, so that no
     class is painted over another; the legend uses digits 0-9 or class names."""
-    plt = _plt()
-    from matplotlib.lines import Line2D
-
     cmap = plt.get_cmap("tab10")
     order = np.random.default_rng(seed).permutation(len(labels))
     fig, ax = plt.subplots(figsize=(9, 6.5), layout="constrained")
@@ -1254,13 +1210,12 @@ def plot_latent_scatter(coords, labels, title, path, class_names=None, axis_name
                for c in range(NUM_CLASSES) if np.any(labels == c)]
     ax.set(title=title, xlabel=axis_names[0], ylabel=axis_names[1])
     ax.legend(handles=handles, fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), title="class")
-    save_figure(fig, Path(path), show)
+    save_figure(fig, path, show)
 
 
 def plot_images(images, title, path, row_labels=None, column_labels=None, show=False):
     """A grid of images (rows, columns, 28, 28, 1), optionally with a label per row and per column. One mosaic in
     one axes, as keras-io's VAE draws its grid: an axes per image takes seconds for a 10x10 grid."""
-    plt = _plt()
     n_rows, n_columns, height, width = images.shape[:4]
     gap = 2  # white pixels between the images
     padded = np.pad(images[..., 0], ((0, 0), (0, 0), (0, gap), (0, gap)), constant_values=1.0)
@@ -1273,12 +1228,12 @@ def plot_images(images, title, path, row_labels=None, column_labels=None, show=F
     ax.tick_params(length=0)
     ax.set_frame_on(False)
     fig.suptitle(title)
-    save_figure(fig, Path(path), show)
+    save_figure(fig, path, show)
 
 
-def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
+def draw_per_class_psnr(results: Results, paths, show=False) -> None:
     """Mean PSNR per class for the noisy input and the VAE output."""
-    plt = _plt()
+    noisy_quality, vae_quality, labels = results.quality["noisy"], results.quality["vae"], results.y_test
     classes = [c for c in range(NUM_CLASSES) if np.any(labels == c)]
     noisy = [noisy_quality["psnr"][labels == c].mean() for c in classes]
     vae = [vae_quality["psnr"][labels == c].mean() for c in classes]
@@ -1292,13 +1247,17 @@ def plot_per_class_psnr(noisy_quality, vae_quality, labels, path, show=False):
     ax.set_ylim(0, 1.25 * max(max(vae), max(noisy)))
     ax.legend(loc="upper left", ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    save_figure(fig, Path(path), show)
+    save_figure(fig, paths[0], show)
 
 
-def plot_generation_quality(generation: dict, path, generator_name: str, trained_prior_name: str | None, show=False):
+def draw_generation_quality(results: Results, paths, show=False) -> None:
     """Fréchet distances of every image set, and the classes of the generator's and the trained prior's samples
-    (trained_prior_name None: the generator is the trained prior, drawn once)."""
-    plt = _plt()
+    (the trained prior's once when it is the generator); nothing with gen_metrics 0."""
+    generation, config = results.generation, results.config
+    if generation is None:
+        return
+    generator_name = generator_label(config, short=True)
+    trained_prior_name = prior_label(config, short=True) if config.generator == "expost" else None
     bars = {"fd_clean_train": ("clean train\n(real images)", "#2ca02c"),
             "fd_vae_reconstruction": ("VAE recon-\nstructions", "#1f77b4"),
             "fd_training_codes": ("training codes\ndecoded (limit)", "#17becf"),
@@ -1330,12 +1289,12 @@ def plot_generation_quality(generation: dict, path, generator_name: str, trained
     ax2.set_xticks(x, CLASS_NAMES_TR, fontsize=7, rotation=45)
     ax2.set(title="Classes of the samples, as the classifier labels them", xlabel="predicted class", ylabel="count")
     ax2.legend(fontsize=8)
-    save_figure(fig, Path(path), show)
+    save_figure(fig, paths[0], show)
 
 
-def plot_noise_robustness(table: pd.DataFrame, trained_sigma: float, path, show=False):
+def draw_noise_robustness(results: Results, paths, show=False) -> None:
     """PSNR and SSIM against the noise level, one line per method."""
-    plt = _plt()
+    table, trained_sigma = results.robustness, results.config.noise_factor
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     for ax, column, label in zip(axes, ("psnr", "ssim"), ("mean PSNR (dB)", "mean SSIM")):
         for method, color in (("noisy input", "#999999"), ("TV (Chambolle)", "#2ca02c"), ("VAE", "#1f77b4")):
@@ -1346,7 +1305,7 @@ def plot_noise_robustness(table: pd.DataFrame, trained_sigma: float, path, show=
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Noise robustness: x_noisy = clip(x + sigma*N(0,1), 0, 1)")
-    save_figure(fig, Path(path), show)
+    save_figure(fig, paths[0], show)
 
 
 TITLE_PANELS = [  # the original's title cards: file, title, subtitle
@@ -1358,18 +1317,16 @@ TITLE_PANELS = [  # the original's title cards: file, title, subtitle
 ]
 
 
-def plot_title_panel(title: str, subtitle: str, path, show=False):
-    """A framed 16:9 title card, 1536x864 px; the whole canvas is kept (no tight crop)."""
-    plt = _plt()
-    from matplotlib.patches import FancyBboxPatch
-
-    fig = plt.figure(figsize=(12.8, 7.2), facecolor="white")
-    fig.patches.append(FancyBboxPatch((0.04, 0.06), 0.92, 0.88, boxstyle="round,pad=0,rounding_size=0.02",
-                                      transform=fig.transFigure, fill=False, edgecolor="#1f77b4", linewidth=3))
-    fig.text(0.5, 0.58, title, ha="center", va="center", fontsize=40, weight="bold")
-    fig.text(0.5, 0.40, subtitle, ha="center", va="center", fontsize=18, color="#444444")
-    fig.text(0.5, 0.12, "VAE on Fashion-MNIST", ha="center", fontsize=12, color="#888888")
-    save_figure(fig, Path(path), show, tight=False)
+def draw_title_cards(results: Results, paths, show=False) -> None:
+    """Framed 16:9 title cards, 1536x864 px; the whole canvas is kept (no tight crop)."""
+    for path, (_name, title, subtitle) in zip(paths, TITLE_PANELS, strict=True):
+        fig = plt.figure(figsize=(12.8, 7.2), facecolor="white")
+        fig.patches.append(FancyBboxPatch((0.04, 0.06), 0.92, 0.88, boxstyle="round,pad=0,rounding_size=0.02",
+                                          transform=fig.transFigure, fill=False, edgecolor="#1f77b4", linewidth=3))
+        fig.text(0.5, 0.58, title, ha="center", va="center", fontsize=40, weight="bold")
+        fig.text(0.5, 0.40, subtitle, ha="center", va="center", fontsize=18, color="#444444")
+        fig.text(0.5, 0.12, "VAE on Fashion-MNIST", ha="center", fontsize=12, color="#888888")
+        save_figure(fig, path, show, tight=False)
 
 
 def draw_training_curves(results: Results, paths, show=False) -> None:
@@ -1395,10 +1352,6 @@ def draw_denoising_grid(results: Results, paths, show=False) -> None:
                 ["Clean", "Noisy", "Denoised\n(VAE)"], [CLASS_NAMES_TR[labels[i]] for i in columns], show)
 
 
-def draw_per_class_psnr(results: Results, paths, show=False) -> None:
-    plot_per_class_psnr(results.quality["noisy"], results.quality["vae"], results.y_test, paths[0], show)
-
-
 def draw_pca(results: Results, paths, show=False) -> None:
     """PCA of every test z_mean, with digits and with Turkish class names."""
     order_seed = seed_for(results.config, "scatter_order")
@@ -1421,8 +1374,8 @@ def draw_embeddings(results: Results, paths, show=False) -> None:
                                 seed_for(results.config, "scatter_order"))
 
 
-def draw_prior_samples(results: Results, paths, show=False) -> None:
-    plot_images(results.prior_grid, f"Generated: decoder(z),\nz ~ {generator_label(results.config)}", paths[0],
+def draw_generated_samples(results: Results, paths, show=False) -> None:
+    plot_images(results.generated_grid, f"Generated: decoder(z),\nz ~ {generator_label(results.config)}", paths[0],
                 show=show)
 
 
@@ -1453,22 +1406,6 @@ def draw_traversal(results: Results, paths, show=False) -> None:
                 [f"{-span + 2 * span * c / (steps - 1):+.1f} sd" for c in range(steps)], show)
 
 
-def draw_generation_quality(results: Results, paths, show=False) -> None:
-    if results.generation is not None:  # None with gen_metrics=0
-        config = results.config
-        trained_prior = prior_label(config, short=True) if config.generator == "expost" else None
-        plot_generation_quality(results.generation, paths[0], generator_label(config, short=True), trained_prior, show)
-
-
-def draw_noise_robustness(results: Results, paths, show=False) -> None:
-    plot_noise_robustness(results.robustness, results.config.noise_factor, paths[0], show)
-
-
-def draw_title_cards(results: Results, paths, show=False) -> None:
-    for path, (_name, title, subtitle) in zip(paths, TITLE_PANELS, strict=True):
-        plot_title_panel(title, subtitle, path, show)
-
-
 @dataclasses.dataclass(frozen=True)
 class Output:
     files: tuple  # names in the output folder
@@ -1482,7 +1419,7 @@ class Output:
 
 
 # Every file a run writes, in the order the notebook shows the figures. render() draws the figures from here;
-# the outputs tables of the notebook and README are made from it (tools/sync_docs.py), and the tests read it.
+# README's outputs table is made from it (tools/sync_docs.py), and the tests read it.
 OUTPUTS = [
     Output(("01_train_total_loss.png", "02_train_recon_loss.png", "03_train_kl_loss.png", "03B_train_supcon_loss.png",
             "04_beta_warmup.png"), "training curves per epoch: total loss, BCE, KL, SupCon, beta",
@@ -1496,7 +1433,7 @@ OUTPUTS = [
            "UMAP and t-SNE of a seeded test subset (no UMAP where umap-learn cannot be had; neither with "
            "`embed_samples` 0)", draw_embeddings),
     Output(("07_generated_prior.png",), "10x10 samples `decoder(z)`, `z` from the generator: a Gaussian mixture "
-           "fitted to the training `z_mean` after training (`generator` expost), or the prior", draw_prior_samples),
+           "fitted to the training `z_mean` after training (`generator` expost), or the prior", draw_generated_samples),
     Output(("07B_generated_trained_prior.png",), "10x10 samples of the prior the KL trained against (N(0, I) or "
            "the learned mixture)", draw_trained_prior_samples),
     Output(("12_class_conditional.png",), "one row per class: samples of a Gaussian fitted to that class's training "
@@ -1541,24 +1478,17 @@ def render(results: Results, out: Path, show: bool = False) -> None:
 # 7. Reports: one table of metric definitions, metrics.csv / metrics.txt, models, config
 # =============================================================================
 
-@dataclasses.dataclass(frozen=True)
-class ImageSet:
-    """An image set scored with image_quality(): its metrics' group, which images it counts, what they are."""
-
-    group: str
-    counted: str  # a key of SUBSET_NOTE
-    what: str
-
-
+# The image sets scored with image_quality(): method -> (group of its metrics, which images it counts, what
+# they are)
 QUALITY_ROWS = {
-    "noisy": ImageSet("denoising", "test", "the noisy input"),
-    "vae": ImageSet("denoising", "test", "the VAE output decoder(z_mean(noisy))"),
-    "clean_input": ImageSet("reference", "test", "decoder(z_mean(clean test image)): the same model given clean "
-                            "inputs, a reference (no bound: the encoder was trained on noisy inputs)"),
-    "tv_chambolle": ImageSet("classical", "classical", CLASSICAL_DENOISERS["tv_chambolle"]),
-    "nl_means": ImageSet("classical", "classical", CLASSICAL_DENOISERS["nl_means"]),
-    "vae_subset": ImageSet("classical", "classical", "the VAE output decoder(z_mean)"),
-    "noisy_subset": ImageSet("classical", "classical", "the noisy input"),
+    "noisy": ("denoising", "test", "the noisy input"),
+    "vae": ("denoising", "test", "the VAE output decoder(z_mean(noisy))"),
+    "clean_input": ("reference", "test", "decoder(z_mean(clean test image)): the same model given clean inputs, a "
+                    "reference (no bound: the encoder was trained on noisy inputs)"),
+    "tv_chambolle": ("classical", "classical", CLASSICAL_DENOISERS["tv_chambolle"]),
+    "nl_means": ("classical", "classical", CLASSICAL_DENOISERS["nl_means"]),
+    "vae_subset": ("classical", "classical", "the VAE output decoder(z_mean)"),
+    "noisy_subset": ("classical", "classical", "the noisy input"),
 }
 QUALITY_DEFINITIONS = {
     "mse": "mean over the images of the per-image MSE against the clean image",
@@ -1567,19 +1497,17 @@ QUALITY_DEFINITIONS = {
     "psnr_pooled": "10*log10(1 / MSE) with the MSE pooled over every pixel of every image (one PSNR of the whole "
                    "set)",
 }
-SUBSET_NOTE = {"test": "the test images",
-               "classical": "the seeded classical-reference test subset"}
+COUNTED = {"test": "the test images", "classical": "the seeded classical-reference test subset"}
 
 
 def quality_rows(methods) -> dict:
     """The METRICS rows of image_quality() means for the given QUALITY_ROWS."""
     rows = {}
     for method in methods:
-        images = QUALITY_ROWS[method]
+        group, counted, what = QUALITY_ROWS[method]
         for metric, definition in QUALITY_DEFINITIONS.items():
             unit = "dB" if metric.startswith("psnr") else ""
-            rows[f"{method}_{metric}"] = (images.group, unit, images.counted,
-                                          f"{definition}, of {images.what}, on {SUBSET_NOTE[images.counted]}")
+            rows[f"{method}_{metric}"] = (group, unit, counted, f"{definition}, of {what}, on {COUNTED[counted]}")
     return rows
 
 
@@ -1663,109 +1591,21 @@ def metrics_table(summary: dict, representation: dict, n_test: int, classical: d
     return pd.DataFrame(rows)
 
 
-def quality_lines(values: dict, methods) -> list[str]:
-    """A small MSE / PSNR / SSIM / pooled-PSNR table, one line per (method, label)."""
-    lines = [f"{'':24}{'MSE':>10}{'PSNR (dB)':>12}{'SSIM':>9}{'pooled PSNR':>13}"]
-    for method, label in methods:
-        lines.append(f"{label:24}{values[method + '_mse']:>10.5f}{values[method + '_psnr']:>12.2f}"
-                     f"{values[method + '_ssim']:>9.4f}{values[method + '_psnr_pooled']:>13.2f}")
-    return lines
-
-
 def metrics_report(results: Results) -> str:
-    """metrics.txt: the figures of metrics.csv in readable sections, then every definition."""
-    table, config = results.metrics, results.config
-    values = dict(zip(table["name"], table["value"]))
-    n_images = dict(zip(table["name"], table["n_images"]))
-    lines = report_head(values, n_images, results) + classical_report(values, n_images)
-    if "fd_prior_samples" in values:
-        lines += generation_report(values, config)
-    lines += robustness_report(results.robustness, config.noise_factor)
-    lines += ["Definitions"] + [f"- {column}: {definition}" for column, definition in QUALITY_DEFINITIONS.items()]
-    lines += [f"- {name}: {definition}" for name, definition in zip(table["name"], table["definition"])]
-    lines += ["", "Warnings"] + ([f"- {w}" for w in results.warnings] if results.warnings else ["- none"])
+    """metrics.txt: the data and the settings, metrics.csv's figures by group (metrics.csv defines them), the
+    noise-robustness table and the warnings."""
+    config, table = results.config, results.metrics
+    lines = [f"VAE on Fashion-MNIST: {results.n_train} training and {len(results.y_test)} test images from "
+             f"{results.source}",
+             f"noise: x_noisy = clip(x + {config.noise_factor} * N(0,1), 0, 1); settings: config.json; the "
+             f"definitions of the figures: metrics.csv"]
+    for group, rows in table.groupby("group", sort=False):
+        lines += ["", group, rows[["name", "value", "unit", "n_images"]].to_string(index=False)]
+    lines += ["", "noise robustness (noise_robustness.csv; the VAE was trained at sigma "
+              f"{config.noise_factor})", results.robustness.to_string(index=False), *robustness_summary(
+                  results.robustness)]
+    lines += ["", "warnings", *([f"- {w}" for w in results.warnings] or ["- none"])]
     return "\n".join(lines) + "\n"
-
-
-def report_head(values: dict, n_images: dict, results: Results) -> list[str]:
-    """The data, the settings, the denoising figures and the latent space's."""
-    config = results.config
-    return [
-        "VAE denoising on Fashion-MNIST: test-set metrics",
-        "=" * 49,
-        f"data: {results.source}; {results.n_train} training and {n_images['vae_psnr']} test images",
-        f"noise: x_noisy = clip(x + {config.noise_factor} * N(0,1), 0, 1), test noise drawn once "
-        f"(seed {seed_for(config, 'test_noise')})",
-        f"model: latent_dim={config.latent_dim}, epochs={config.epochs}, batch_size={config.batch_size}, "
-        f"gamma_sc={config.gamma_sc} (supcon_scale={config.supcon_scale}), beta_max={config.beta_max}, "
-        f"warmup_epochs={config.warmup_epochs}, prior={config.prior}"
-        + (f" ({config.prior_components} components)" if config.prior == "mixture" else "") + ", training noise: "
-        + ("new every epoch" if config.fresh_noise else "one fixed noisy copy"),
-        "",
-        "Denoising (the VAE output is decoder(z_mean), the deterministic mean of the posterior)",
-        *quality_lines(values, [("noisy", "noisy input"), ("vae", "VAE"), ("clean_input", "VAE on clean input")]),
-        "('VAE on clean input': decoder(z_mean) of the clean image, a reference, not a bound; the PSNR columns are "
-        "defined under Definitions.)",
-        "",
-        f"MSE improvement: {values['mse_improvement_pct']:.1f} %",
-        f"PSNR gain:       {values['psnr_gain_db']:+.2f} dB",
-        f"SSIM gain:       {values['ssim_gain']:+.4f}",
-        "",
-        "Representation (z_mean of noisy images)",
-        f"linear probe accuracy: {values['linear_probe_accuracy']:.4f}",
-        f"kNN (k=10) accuracy:   {values['knn10_accuracy']:.4f}",
-        f"silhouette:            {values['silhouette']:.4f}",
-        "",
-    ]
-
-
-def classical_report(values: dict, n_images: dict) -> list[str]:
-    lines = [f"Training-free references on a seeded subset of {n_images['tv_chambolle_psnr']} test images"]
-    lines += quality_lines(values, [("noisy_subset", "noisy input"), ("tv_chambolle", "TV (Chambolle)"),
-                                    ("nl_means", "non-local means"), ("vae_subset", "VAE")])
-    return lines + [f"- {name}: {definition}" for name, definition in CLASSICAL_DENOISERS.items()] + [""]
-
-
-def generation_report(values: dict, config: Config) -> list[str]:
-    reconstruction = values["fd_vae_reconstruction"]
-
-    def ratio(name: str) -> str:
-        return f"{values[name]:.3f}   = {values[name] / reconstruction:.3f} x the reconstructions'"
-
-    return [
-        "Generation quality (Fréchet distance to clean test images, features of a small CNN trained in this run;",
-        "lower is better; not comparable with published FIDs)",
-        f"classifier test accuracy:     {values['classifier_test_accuracy']:.4f}",
-        f"clean training images:        {values['fd_clean_train']:.3f}   (real-image reference)",
-        f"VAE reconstructions:          {reconstruction:.3f}",
-        f"generated samples:            {ratio('fd_prior_samples')}",
-        f"  (z ~ {generator_label(config)}; class entropy {values['prior_class_entropy']:.3f} (1 = uniform), "
-        f"mean confidence {values['prior_mean_confidence']:.3f})",
-        f"training codes, decoded:      {ratio('fd_training_codes')}   (the limit of any density of z_mean)",
-        f"trained prior's samples:      {ratio('fd_trained_prior_samples')}",
-        f"  (z ~ {prior_label(config)}; class entropy {values['trained_prior_class_entropy']:.3f}, "
-        f"mean confidence {values['trained_prior_mean_confidence']:.3f})",
-        f"noisy test images:            {values['fd_noisy_input']:.3f}   (worst-case reference)",
-        f"class-conditional samples:    {values['fd_conditional_samples']:.3f}   the classifier agrees with "
-        f"the intended class for {100 * values['conditional_agreement']:.1f} % (for the VAE's reconstructions of "
-        f"real test images: {100 * values['reconstruction_agreement']:.1f} %)",
-        f"{'class':28}{'agreement':>10}{'FD to its class':>17}",
-        *[f"{CLASS_NAMES_EN[c] + ' / ' + CLASS_NAMES_TR[c]:28}{100 * values[f'conditional_agreement_{c}']:>9.1f}%"
-          f"{values[f'fd_conditional_{c}']:>17.3f}" for c in range(NUM_CLASSES)],
-        "",
-    ]
-
-
-def robustness_report(robustness: pd.DataFrame, trained_sigma: float) -> list[str]:
-    lines = [f"Noise robustness on a fixed seeded subset of {int(robustness['n_images'].iloc[0])} test images "
-             f"(noise_robustness.csv; the VAE was trained at sigma {trained_sigma})",
-             f"{'sigma':>6}  {'method':16}{'PSNR (dB)':>10}{'SSIM':>8}"]
-    lines += [f"{row.sigma:>6}  {row.method:16}{row.psnr:>10.2f}{row.ssim:>8.4f}" for row in robustness.itertuples()]
-    return lines + robustness_summary(robustness) + [
-        "- noisy input: clip(x + sigma * N(0,1), 0, 1), drawn once per sigma; TV (Chambolle): as in the "
-        "training-free references; VAE: decoder(z_mean(noisy)); PSNR, SSIM and MSE are per-image means as above",
-        "",
-    ]
 
 
 def pca_report(ratios: np.ndarray) -> str:
@@ -1788,18 +1628,14 @@ def write_reports(results: Results, out: Path) -> None:
 
 
 def save_models(vae: VAE, out: Path) -> None:
-    """encoder.keras (image -> z_mean, z_log_var), decoder.keras (z -> image) and prior.npz.
-
-    The models hold only built-in Keras layers, so keras.models.load_model opens them without this module or
-    any custom-object registration. The posterior sample belongs to the VAE, not the encoder: denoising uses
-    z_mean. prior.npz holds the mixture sample_latents() draws from (weights, means, full covariances; README:
-    the notebook's last cell) and, with prior=mixture, the trained prior's as trained_weights, trained_means,
-    trained_variances; there is none when both are N(0, I).
-    """
+    """encoder.keras (image -> z_mean, z_log_var) and decoder.keras (z -> image), in built-in Keras layers only
+    (keras.models.load_model opens them without this module), and prior.npz: the generator's weights, means and
+    full covariances (README: the notebook's last cell) and, with prior=mixture, the trained prior's as
+    trained_weights, trained_means, trained_variances; none when both are N(0, I)."""
     for model, name in ((vae.encoder, "encoder.keras"), (vae.decoder, "decoder.keras")):
         with atomic_path(out / name) as tmp:
             model.save(tmp)
-    generator, trained = vae.code_density, {}
+    generator, trained = vae.generator, {}
     if vae.prior is not None:
         trained = vae.prior.parameters()
         if generator is None:  # the trained prior is the generator
@@ -1840,7 +1676,7 @@ def run(config: Config, show_plots: bool = False, environ=None, **search) -> pd.
     """Run the whole pipeline into config.out_dir; returns the metrics table. environ: the variables config
     was made from (config_from_env's; os.environ unless given), as config.json records them."""
     out = prepare_output_dir(config.out_dir)
-    started_at = _now()
+    started_at = now()
     write_run_status(out, "running", started_at)
     timer = StageTimer()
     try:
@@ -1856,11 +1692,11 @@ def run(config: Config, show_plots: bool = False, environ=None, **search) -> pd.
         with timer.stage("noise"):
             data = with_noise(data, config)
         with timer.stage("build"):
-            vae = build_distributed_vae(config, len(data.x_train), strategy)
+            vae = build_distributed_vae(config, strategy)
         with timer.stage("train"):
             history = train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, checkpoint,
                                 progress_verbosity())
-        results = analyse(vae, data, history, config, timer)
+        results = analyse(vae, data, history, config, timer.stage)
         with timer.stage("save models"):
             save_models(vae, out)
         with timer.stage("plots"):
@@ -1897,15 +1733,7 @@ def cli() -> int:
 # 9. Appendix: the plumbing
 # =============================================================================
 
-# --- Errors: one class per thing a user must fix --------------------------------------
-
-
-class VAEFashionError(Exception):
-    """Base class of every error this pipeline reports to the user."""
-
-
-class ConfigError(VAEFashionError, ValueError):
-    """A setting (environment variable or OVERRIDES entry) does not parse or is out of range."""
+# --- Errors: one class per thing a user must fix (ConfigError is in section 1) ---------
 
 
 class DatasetError(VAEFashionError, ValueError):
@@ -1930,36 +1758,27 @@ KAGGLE_WORKING = Path("/kaggle/working")
 
 
 def default_out_dir() -> Path:
-    if KAGGLE_WORKING.is_dir():
-        return KAGGLE_WORKING / OUT_FOLDER
-    return Path(OUT_FOLDER)
+    return KAGGLE_WORKING / OUT_FOLDER if KAGGLE_WORKING.is_dir() else Path(OUT_FOLDER)
+
+
+def shown_default(rule: dict):
+    """A setting's default as the tables show it: unset, 0/1 for on/off settings, else the value."""
+    if rule["default"] is None:
+        return "unset"
+    return int(rule["default"]) if rule["kind"] is bool else rule["default"]
 
 
 def parse_setting(field: str, raw: str, source: str, hint: str):
-    """Parse one setting's text by its declaration in SETTINGS; `source` names it in errors
-    (VAE_EPOCHS, OVERRIDES['epochs'] or PRESETS['faithful']['epochs'])."""
-    rule = SETTINGS[field]
-    kind = ("0", "1") if rule["kind"] is bool else rule["kind"]
-    hint = f"{hint} to use the default ({shown_default(rule)})"
-    text = raw.strip()
-    if kind is str:
-        return text or None
-    if isinstance(kind, tuple):  # a choice among words
-        if text not in kind:
-            choices = ", ".join(kind[:-1]) + " or " + kind[-1]
-            raise ConfigError(f"{source}={raw!r} must be {choices}; {hint}")
-        return text == "1" if rule["kind"] is bool else text
-    try:
-        value = int(text) if kind is int else float(text)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"{source}={raw!r} is not {what}; {hint}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{source}={raw!r} must be a finite number; {hint}")
-    low, high = rule["low"], rule["high"]
-    if (value <= low if rule["open_low"] else value < low) or value > high:
-        bracket = "(" if rule["open_low"] else "["
-        raise ConfigError(f"{source}={raw!r} is out of range: it must lie in {bracket}{low}, {high}]; {hint}")
+    """One setting's text, parsed and checked by its declaration; `source` names it in errors (VAE_EPOCHS,
+    OVERRIDES['epochs'] or PRESETS['faithful']['epochs'])."""
+    kind, text = SETTINGS[field]["kind"], raw.strip()
+    value = text or None if kind is str else {"0": False, "1": True}.get(text, text) if kind is bool else text
+    if kind in (int, float):
+        with contextlib.suppress(ValueError):
+            value = kind(text)
+    problem = setting_problem(field, value)
+    if problem:
+        raise ConfigError(f"{source}={raw!r} {problem}; {hint} to use the default ({shown_default(SETTINGS[field])})")
     return value
 
 
@@ -1974,27 +1793,23 @@ def refuse_unknown(names, known, where: str, aliases: dict | None = None) -> Non
     unknown = sorted(set(names) - set(known))
     if not unknown:
         return
-    aliases = aliases or {}
     guesses = []
     for name in unknown:
-        meant = aliases.get(name) or next(iter(difflib.get_close_matches(name, known, 1, 0.75)), None)
+        meant = (aliases or {}).get(name) or next(iter(difflib.get_close_matches(name, known, 1, 0.75)), None)
         guesses.append(f"{name} (did you mean {meant}?)" if meant else name)
     raise ConfigError(f"{where} names unknown setting(s) {', '.join(guesses)}; the settings are: {', '.join(known)}")
 
 
 def config_from_env(environ=None, overrides: dict | None = None) -> Config:
-    """The effective Config: the defaults, then the preset's values, then OVERRIDES, then VAE_*
-    environment variables.
-
-    Unset or empty variables (and None in OVERRIDES) keep the default. Anything that does not
-    parse, is out of range, or is not a setting at all (VAE_EPOCH) raises ConfigError naming where
-    it came from.
-    """
+    """The effective Config: the defaults, then the preset's values, then OVERRIDES, then VAE_* environment
+    variables. Unset or empty variables (and None in OVERRIDES) keep the default. Anything that does not
+    parse, is out of range, or is not a setting at all (VAE_EPOCH) raises ConfigError naming where it came
+    from."""
     environ = os.environ if environ is None else environ
     overrides = OVERRIDES if overrides is None else overrides
     variables = {rule["env"]: field for field, rule in SETTINGS.items()}
     refuse_unknown([name for name in environ if name.startswith("VAE_")], list(variables), "the environment")
-    refuse_unknown(overrides, list(SETTINGS), "OVERRIDES", {rule["env"]: field for field, rule in SETTINGS.items()})
+    refuse_unknown(overrides, list(SETTINGS), "OVERRIDES", variables)
     values = {}
     for name, field in variables.items():
         if environ.get(name, "").strip():
@@ -2002,13 +1817,11 @@ def config_from_env(environ=None, overrides: dict | None = None) -> Config:
         elif overrides.get(field) is not None:
             values[field] = parse_value(field, overrides[field], f"OVERRIDES[{field!r}]",
                                         f"remove {field!r} from OVERRIDES")
-    preset = values.get("preset", SETTINGS["preset"]["default"])
+    preset = values.get("preset", "default")
     refuse_unknown(PRESETS[preset], list(SETTINGS), f"PRESETS[{preset!r}]")
-    values = {**{field: parse_value(field, value, f"PRESETS[{preset!r}][{field!r}]", "fix PRESETS")
-                 for field, value in PRESETS[preset].items()}, **values}
-    if not values.get("out_dir"):
-        values["out_dir"] = str(default_out_dir())
-    config = Config(**values)
+    for field, value in PRESETS[preset].items():  # Config applies them; checked here to name PRESETS in an error
+        parse_value(field, value, f"PRESETS[{preset!r}][{field!r}]", "fix PRESETS")
+    config = Config(**{**values, "out_dir": values.get("out_dir") or str(default_out_dir())})
     if config.generator == "expost" and config.expost_components > (config.train_samples or 60_000):
         raise ConfigError(f"VAE_EXPOST_COMPONENTS={config.expost_components} is more than the {config.train_samples} "
                           "training images it is fitted to (VAE_TRAIN_SAMPLES); lower it, or set VAE_GENERATOR=prior")
@@ -2026,7 +1839,7 @@ def setup_devices(config: Config) -> tf.distribute.Strategy:
     into (how the tests exercise it); with a single device it is the default strategy again."""
     keras.mixed_precision.set_global_policy(resolve_precision(config))
     # TensorFlow's own choice (0) trained 1.5x slower in 2 processes of 3 on an Intel Xeon with AMX, the count set
-    # explicitly never, with the same numbers (docs/RESULTS.md). Settable only before TensorFlow's first operation.
+    # explicitly never (docs/RESULTS.md). Settable only before TensorFlow's first operation.
     with contextlib.suppress(RuntimeError):
         tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count() or 0)
     if config.devices == "all":
@@ -2037,11 +1850,9 @@ def setup_devices(config: Config) -> tf.distribute.Strategy:
 
 
 def resolve_precision(config: Config, compute_capability=None, cpuinfo: str | None = None) -> str:
-    """The Keras dtype policy that VAE_PRECISION names; "auto" picks it for this machine.
-
-    GPUs: bfloat16 from compute capability 8.0 (Ampere), float16 on 7.x (Tensor Cores: V100, T4), and
-    float32 below 7.0 (P100): the TensorFlow mixed-precision guide says older GPUs gain no math speed from
-    float16, and float32 needs no loss scaling."""
+    """The Keras dtype policy that VAE_PRECISION names; "auto" picks it for this machine. GPUs: bfloat16
+    from compute capability 8.0, float16 on 7.x (Tensor Cores: V100, T4), float32 below (no math speed from
+    float16, says TensorFlow's mixed-precision guide)."""
     if config.precision != "auto":
         return config.precision
     capability = gpu_compute_capability() if compute_capability is None else compute_capability
@@ -2052,9 +1863,8 @@ def resolve_precision(config: Config, compute_capability=None, cpuinfo: str | No
 
 
 def cpu_prefers_bfloat16(cpuinfo: str | None = None) -> bool:
-    """Whether bfloat16 layers train faster than float32 on this CPU, by measurement: with AMX, or on an
-    AMD CPU with AVX512_BF16 (1.25-1.6x faster per step). An Intel CPU with AVX512_BF16 but no AMX ran the
-    step 1.6x slower in bfloat16 (docs/RESULTS.md), so it gets float32."""
+    """Whether bfloat16 layers train faster than float32 on this CPU, as measured: with AMX, or on an AMD CPU
+    with AVX512_BF16 (1.25-1.6x faster per step); an Intel CPU with AVX512_BF16 but no AMX was 1.6x slower."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -2072,26 +1882,20 @@ def gpu_compute_capability() -> tuple[int, int] | None:
 
 
 def device_summary(strategy: tf.distribute.Strategy) -> str:
-    """One line: where the run trains, in how many replicas, in which precision, on which CPU."""
+    """One line: where the run trains, in how many replicas, in which precision, on which CPU; and a note on
+    a TPU runtime (Kaggle, Colab), where the notebook has no TPUStrategy and trains on the host CPU."""
     gpus = tf.config.list_logical_devices("GPU")
     devices = (strategy.extended.worker_devices if strategy.num_replicas_in_sync > 1
                else [gpus[0].name if gpus else "CPU:0"])
-    devices = [name.split("device:")[-1] for name in devices]
-    line = (f"devices: {', '.join(devices)}; {strategy.num_replicas_in_sync} replica(s); precision "
-            f"{keras.mixed_precision.global_policy().name}; CPU {cpu_model_name()}")
-    tpu = tpu_runtime()
+    line = (f"devices: {', '.join(name.split('device:')[-1] for name in devices)}; "
+            f"{strategy.num_replicas_in_sync} replica(s); precision {keras.mixed_precision.global_policy().name}; "
+            f"CPU {cpu_model_name()}")
+    tpu = next((f"{name}={os.environ[name]}" for name in ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR")
+                if os.environ.get(name)), "/dev/accel0" if Path("/dev/accel0").exists() else None)
     if tpu:
         line += (f"\n  NOTE: this is a TPU runtime ({tpu}), but the notebook has no TPUStrategy: it trains on the "
                  "host CPU, far slower than a GPU (not measured on a TPU VM). A GPU runtime (T4) is the fast choice.")
     return line
-
-
-def tpu_runtime() -> str | None:
-    """The TPU runtime's name when this is a TPU VM (Kaggle, Colab), else None."""
-    for name in ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR"):
-        if os.environ.get(name):
-            return f"{name}={os.environ[name]}"
-    return "/dev/accel0" if Path("/dev/accel0").exists() else None
 
 
 def cpu_model_name() -> str:
@@ -2112,21 +1916,15 @@ def cpu_model_name() -> str:
 # device in float32 it trains the same objective as VAE's train_step.
 
 
-def several_replicas():
-    """The replica context when several replicas train in sync (MirroredStrategy), else None."""
+def replica_context():
+    """MirroredStrategy's replica context while several replicas train in sync, else None."""
     context = tf.distribute.get_replica_context()
     return context if context is not None and context.num_replicas_in_sync > 1 else None
 
 
-def replica_position() -> tuple[int, tf.Tensor]:
-    """(replicas in sync, this replica's index); (1, 0) on one device."""
-    context = several_replicas()
-    return (1, tf.constant(0)) if context is None else (context.num_replicas_in_sync, context.replica_id_in_sync_group)
-
-
-def steps_per_epoch(n_train: int, config: Config, replicas: int = 1) -> int:
-    """Batches per epoch: every image on one device; on several, only full batches, so that every
-    replica gets the same number of images (the last partial batch of each epoch's order is dropped)."""
+def batches_per_epoch(n_train: int, config: Config, replicas: int = 1) -> int:
+    """Every image on one device; on several, only full batches, so that every replica gets the same number of
+    images (the last partial batch of each epoch's order is dropped)."""
     if replicas == 1:
         return math.ceil(n_train / config.batch_size)
     if config.batch_size % replicas:
@@ -2144,45 +1942,12 @@ def keyed_normal(shape, dtype, seed: int, step_key):
     make_train_dataset), so an image gets the same noise on one device or on several."""
     stream = tf.stack([tf.constant(seed, tf.int64), tf.cast(step_key, tf.int64)])
     stream = tf.random.experimental.stateless_fold_in(stream, 0)  # the stream one device always used
-    replicas, replica = replica_position()
+    context = replica_context()
+    replicas, replica = (1, 0) if context is None else (context.num_replicas_in_sync,
+                                                        context.replica_id_in_sync_group)
     rows, columns = shape
     epsilon = tf.random.stateless_normal(tf.stack([rows * replicas, columns]), seed=stream, dtype=dtype)
     return epsilon[replica * rows:(replica + 1) * rows]
-
-
-def across_replicas(value, op: str):
-    """value "gather"ed along axis 0, or "mean"- or "sum"-reduced over the replicas; value itself on one
-    device. all_gather passes gradients back to the replica each row came from."""
-    context = several_replicas()
-    if context is None:
-        return value
-    if op == "gather":
-        return context.all_gather(value, axis=0)
-    return context.all_reduce(tf.distribute.ReduceOp.MEAN if op == "mean" else tf.distribute.ReduceOp.SUM, value)
-
-
-def gather_global_batch(value):
-    """value with the rows of every replica, in replica order; gradients flow back to each row's replica."""
-    return across_replicas(value, "gather")
-
-
-def mean_over_replicas(value):
-    return across_replicas(value, "mean")
-
-
-def replica_share(loss):
-    """Replica gradients are summed: each replica contributes its batch mean / replicas."""
-    return loss / tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def skip_together_on_overflow(optimizer, grads):
-    """The loss-scale optimizer (float16) decides "apply, or skip and halve the scale" from replica 0's
-    gradients, before they are summed: an overflow elsewhere would reach the weights. Make every replica's
-    gradients non-finite when any replica's are, so that all skip together."""
-    if several_replicas() is None or not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return grads
-    overflows = across_replicas(1.0 - tf.cast(optimizer.check_finite(grads), tf.float32), "sum")
-    return [ops.where(overflows > 0, ops.full_like(g, float("nan")), g) for g in grads]
 
 
 @keras.saving.register_keras_serializable(package="vae_fashion")
@@ -2190,11 +1955,7 @@ class DistributedVAE(VAE):
     """The VAE as run() trains it, on one device or several (MirroredStrategy), from make_train_dataset's keyed
     batches. Its posterior sample is keyed by (VAE_SEED, epoch, step) like the batches, so a resumed run repeats
     an uninterrupted one bit for bit; SupCon compares every image of the global batch; under mixed_float16 an
-    overflow on any replica skips the step on all. Several replicas train on full batches only."""
-
-    def __init__(self, encoder, decoder, config: Config, n_train: int, **kwargs):
-        super().__init__(encoder, decoder, config, n_train, **kwargs)
-        self.steps_per_epoch = steps_per_epoch(n_train, config, tf.distribute.get_strategy().num_replicas_in_sync)
+    overflow on any replica skips the step on all."""
 
     def train_step(self, batch):
         rows, step_key = tf.shape(batch["noisy"])[0], batch["step_key"][0]
@@ -2202,40 +1963,45 @@ class DistributedVAE(VAE):
                                seed_for(self.config, "posterior"), step_key)
         with tf.GradientTape() as tape:
             losses = self.compute_losses(batch["noisy"], batch["clean"], batch["label"], epsilon, training=True)
-            objective = self.optimizer.scale_loss(replica_share(losses["total_loss"]))
-        grads = skip_together_on_overflow(self.optimizer, tape.gradient(objective, self.trainable_weights))
+            # replica gradients are summed: each replica contributes its batch mean / replicas
+            share = losses["total_loss"] / tf.distribute.get_strategy().num_replicas_in_sync
+            objective = self.optimizer.scale_loss(share)
+        grads = tape.gradient(objective, self.trainable_weights)
+        context = replica_context()
+        if context is not None and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # The loss-scale optimizer decides "apply, or skip and halve the scale" from replica 0's gradients:
+            # make every replica's gradients non-finite when any replica's are, so that all skip together.
+            overflow = 1.0 - tf.cast(self.optimizer.check_finite(grads), tf.float32)
+            overflows = context.all_reduce(tf.distribute.ReduceOp.SUM, overflow)
+            grads = [ops.where(overflows > 0, ops.full_like(g, float("nan")), g) for g in grads]
         self.optimizer.apply(grads, self.trainable_weights)
         return self.track(losses)
 
     def supcon_term(self, z_mean, labels, recon):
-        # each replica holds the whole global-batch term, and the mean over replicas of the total is the
-        # one-device loss
-        return super().supcon_term(gather_global_batch(z_mean), gather_global_batch(labels), mean_over_replicas(recon))
+        context = replica_context()
+        if context is not None:  # every replica holds the global batch's term; the mean over replicas is the loss
+            z_mean, labels = context.all_gather(z_mean, axis=0), context.all_gather(labels, axis=0)
+            recon = context.all_reduce(tf.distribute.ReduceOp.MEAN, recon)
+        return super().supcon_term(z_mean, labels, recon)
 
 
-def build_distributed_vae(config: Config, n_train: int = 60_000, strategy: tf.distribute.Strategy | None = None,
+def build_distributed_vae(config: Config, strategy: tf.distribute.Strategy | None = None,
                           jit_compile="auto") -> DistributedVAE:
     """build_vae's DistributedVAE, built in the strategy's scope (every later load of its weights or its
     optimizer's state must also run there: see vae.distribute_strategy)."""
     with (strategy or tf.distribute.get_strategy()).scope():
-        return build_vae(config, n_train, jit_compile, DistributedVAE)
+        return build_vae(config, jit_compile, DistributedVAE)
 
 
 STEP_KEY_STRIDE = 1_000_003  # more than the steps of any epoch: one key per (epoch, step)
 
 
-def make_train_dataset(
-    noisy, clean, labels, config: Config, first_epoch: int, epochs: int | None = None, replicas: int = 1
-) -> tf.data.Dataset:
-    """Batches for epochs first_epoch..epochs-1, gathered by index from tensors
-    that stay in memory (no per-epoch host copies).
-
-    Each epoch's order, and with fresh_noise its noise, depend only on
-    (seed, epoch, batch), so a resumed run sees the same batches as an
-    uninterrupted one. Without fresh_noise the fixed noisy copy is used. Each
-    batch carries its step key, which also keys the posterior sample. With
-    several replicas only full batches are kept (see steps_per_epoch).
-    """
+def make_train_dataset(noisy, clean, labels, config: Config, first_epoch: int, epochs: int | None = None,
+                       replicas: int = 1) -> tf.data.Dataset:
+    """Batches for epochs first_epoch..epochs-1, gathered by index from tensors that stay in memory. Each
+    epoch's order, and with fresh_noise its noise, depend only on (seed, epoch, batch), so a resumed run sees
+    the same batches as an uninterrupted one; without fresh_noise the fixed noisy copy is used. Each batch
+    carries its step key, which also keys the posterior sample. Several replicas get full batches only."""
     epochs = config.epochs if epochs is None else epochs
     clean_t = tf.constant(clean)
     noisy_t = None if config.fresh_noise else tf.constant(noisy)
@@ -2263,17 +2029,13 @@ def make_train_dataset(
     return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def train_vae(
-    vae: DistributedVAE, x_noisy, x_clean, labels, config: Config, checkpoint: Checkpoint | None = None,
-    verbose="auto"
-) -> pd.DataFrame:
+def train_vae(vae: DistributedVAE, x_noisy, x_clean, labels, config: Config, checkpoint: Checkpoint | None = None,
+              verbose="auto") -> pd.DataFrame:
     """Train as run() does (fresh noise, exact resume, several devices); returns one history row per epoch.
 
-    With a checkpoint, training resumes after the last backed-up epoch (falling
-    back to the previous epoch's copy if the newest is unreadable), and a
-    finished training is loaded instead of repeated. Raises
-    TrainingDivergedError if a loss term becomes NaN or infinite.
-    """
+    With a checkpoint, training resumes after the last backed-up epoch (or the one before, when the newest
+    copy is unreadable), and a finished training is loaded instead of repeated. Raises TrainingDivergedError
+    when a loss term becomes NaN or infinite."""
     if checkpoint is not None and checkpoint.weights.is_file():
         with vae.distribute_strategy.scope():  # MirroredStrategy loads variables only in its scope
             vae.load_weights(checkpoint.weights)  # the optimizer's state too
@@ -2291,14 +2053,13 @@ def train_vae(
             make_train_dataset(x_noisy, x_clean, labels, config, first_epoch, replicas=replicas),
             epochs=config.epochs,
             initial_epoch=first_epoch,
-            steps_per_epoch=vae.steps_per_epoch,
+            steps_per_epoch=batches_per_epoch(len(x_clean), config, replicas),
             callbacks=[FitPrior(x_noisy, config), guard, history, TrainingTimeEstimate(config.epochs)],
             verbose=verbose,
             shuffle=False,  # the dataset shuffles by (seed, epoch) itself
         )
     if guard.failure is not None:
-        term, value, epoch, batch = guard.failure
-        raise TrainingDivergedError(diverged_message(term, value, epoch, batch))
+        raise TrainingDivergedError(diverged_message(*guard.failure))
     if checkpoint is not None:
         with atomic_path(checkpoint.weights) as tmp:
             vae.save_weights(tmp)
@@ -2312,8 +2073,8 @@ def diverged_message(term: str, value: float, epoch: int, batch: int) -> str:
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
-    """Like keras.callbacks.TerminateOnNaN, but remembers which loss term failed; an epoch that ends with a
-    weight not finite (a last step whose loss was finite) fails too. EpochHistoryLog backs up no failed epoch."""
+    """keras.callbacks.TerminateOnNaN, remembering which loss term failed; an epoch that ends with a weight not
+    finite (a last step whose loss was finite) fails too. EpochHistoryLog backs up no failed epoch."""
 
     def __init__(self):
         super().__init__()
@@ -2338,14 +2099,12 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 
 class TrainingTimeEstimate(keras.callbacks.Callback):
-    """After the first epoch of this fit, prints how long all the epochs will take on this machine,
-    from the steps after the first (which includes building the graph)."""
+    """After the first epoch of this fit, prints how long all the epochs will take on this machine, from the
+    steps after the first (which includes building the graph)."""
 
     def __init__(self, epochs: int):
         super().__init__()
-        self.epochs = epochs
-        self.first_epoch = None
-        self.after_first_step = None
+        self.epochs, self.first_epoch, self.after_first_step = epochs, None, None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
@@ -2359,14 +2118,13 @@ class TrainingTimeEstimate(keras.callbacks.Callback):
         if epoch != self.first_epoch or steps < 2:
             return
         per_step = (time.perf_counter() - self.after_first_step) / (steps - 1)
-        left = self.epochs - epoch - 1
 
         def duration(seconds):
             return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
         print(f"  {1000 * per_step:.0f} ms per step: the {self.epochs} epochs take about "
-              f"{duration(per_step * steps * self.epochs)} on this machine, {duration(per_step * steps * left)} "
-              f"from now ({cpu_model_name()})", flush=True)
+              f"{duration(per_step * steps * self.epochs)} on this machine, "
+              f"{duration(per_step * steps * (self.epochs - epoch - 1))} from now ({cpu_model_name()})", flush=True)
 
 
 # --- Data: IDX files (raw or .gz) or the Kaggle CSVs, searched in a fixed order -----------
@@ -2381,47 +2139,33 @@ def load_fashion_mnist(config: Config, **search) -> FashionMNIST:
 
 
 def take_first(array: np.ndarray, count: int | None, variable: str) -> np.ndarray:
-    if count is None:
-        return array
-    if count > len(array):
+    if count is not None and count > len(array):
         raise ConfigError(f"{variable}={count} is larger than the {len(array)} images available; lower it")
     return array[:count]
 
 
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
+IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 CSV_FILES = {"train": "fashion-mnist_train.csv", "test": "fashion-mnist_test.csv"}
 KAGGLE_INPUT = Path("/kaggle/input")
 DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 KERAS_CACHE_DIR = Path("~/.keras/datasets/fashion-mnist")
-IDX_UBYTE = 0x08
 MAX_IDX_BYTES = 256 * 1024 * 1024  # a real Fashion-MNIST file is at most 47 MB; anything much larger is forged
 
 
 def parse_idx(data: bytes, name: str = "<bytes>", expected_ndim: int | None = None) -> np.ndarray:
-    """Parse the bytes of an unsigned-byte IDX file into a uint8 array.
-
-    Checks the magic number (0x0000 08 NN), the dimension count, and that the
-    byte length is exactly header + product(dims). Raises DatasetError otherwise.
-    """
+    """The bytes of an unsigned-byte IDX file as a uint8 array, after checking the magic number (0x0000 08 NN),
+    the dimension count, and that the length is exactly header + product(dims); DatasetError otherwise."""
     if len(data) < 4:
         raise DatasetError(f"{name}: only {len(data)} bytes; an IDX file starts with a 4-byte magic number")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != IDX_UBYTE or not 1 <= ndim <= 4:
-        raise DatasetError(
-            f"{name}: bad magic number 0x{data[:4].hex()} (expected 0x000008NN, "
-            f"e.g. 0x00000803 for images, 0x00000801 for labels); this is not an unsigned-byte IDX file"
-        )
+    if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
+        raise DatasetError(f"{name}: bad magic number 0x{data[:4].hex()} (expected 0x000008NN, e.g. 0x00000803 for "
+                           "images, 0x00000801 for labels); this is not an unsigned-byte IDX file")
     if expected_ndim is not None and ndim != expected_ndim:
         kind = {1: "labels (idx1)", 3: "images (idx3)"}.get(expected_ndim, f"idx{expected_ndim}")
-        raise DatasetError(
-            f"{name}: magic number 0x{data[:4].hex()} says {ndim} dimension(s), but {kind} were expected; "
-            "check that the file names were not swapped"
-        )
+        raise DatasetError(f"{name}: magic number 0x{data[:4].hex()} says {ndim} dimension(s), but {kind} were "
+                           "expected; check that the file names were not swapped")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DatasetError(f"{name}: truncated header ({len(data)} bytes, need {header})")
@@ -2432,10 +2176,8 @@ def parse_idx(data: bytes, name: str = "<bytes>", expected_ndim: int | None = No
     expected = header + math.prod(dims)
     if len(data) != expected:
         problem = "truncated" if len(data) < expected else "has trailing bytes"
-        raise DatasetError(
-            f"{name}: {problem}: {len(data)} bytes, but the header (dims {dims}) implies {expected}; "
-            "re-download or re-extract the file"
-        )
+        raise DatasetError(f"{name}: {problem}: {len(data)} bytes, but the header (dims {dims}) implies {expected}; "
+                           "re-download or re-extract the file")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -2453,39 +2195,28 @@ def read_idx(path, expected_ndim: int | None = None) -> np.ndarray:
 
 
 def validated_split(images, labels, image_name, label_name) -> tuple[np.ndarray, np.ndarray]:
-    """The one check every data source passes: 28x28 images with pixels in 0-255, as many
-    labels as images, labels in 0-9. Returns uint8 images and int32 labels."""
+    """The one check every data source passes: 28x28 images with pixels in 0-255, as many labels as images,
+    labels in 0-9. Returns uint8 images and int32 labels."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DatasetError(
-            f"{image_name}: images are {images.shape[1:]} but Fashion-MNIST images are "
-            f"{IMAGE_SIZE}x{IMAGE_SIZE}; point VAE_DATA_DIR at the Fashion-MNIST files"
-        )
+        raise DatasetError(f"{image_name}: images are {images.shape[1:]} but Fashion-MNIST images are "
+                           f"{IMAGE_SIZE}x{IMAGE_SIZE}; point VAE_DATA_DIR at the Fashion-MNIST files")
     if images.size and (images.min() < 0 or images.max() > 255):
         raise DatasetError(f"{image_name}: pixel values outside 0-255")
     if len(labels) != len(images):
-        raise DatasetError(
-            f"{label_name} holds {len(labels)} labels but {image_name} holds {len(images)} images; "
-            "the two files must come from the same split of the same dataset"
-        )
+        raise DatasetError(f"{label_name} holds {len(labels)} labels but {image_name} holds {len(images)} images; "
+                           "the two files must come from the same split of the same dataset")
     bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
     if bad.size:
-        raise DatasetError(
-            f"{label_name}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside 0-9 "
-            f"({bad.size} such labels); this is not a Fashion-MNIST labels file"
-        )
+        raise DatasetError(f"{label_name}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside 0-9 "
+                           f"({bad.size} such labels); this is not a Fashion-MNIST labels file")
     return images.astype(np.uint8), labels.astype(np.int32)
 
 
-def _find_idx_file(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / stem, folder / f"{stem}.gz", folder / stem / stem):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def idx_files_in(folder: Path) -> dict[str, Path | None]:
-    return {key: _find_idx_file(folder, stem) for key, stem in IDX_FILES.items()}
+    """Each IDX file of `folder`, raw, .gz or in a folder of its own name (Kaggle's layout), or None."""
+    return {key: next((path for path in (folder / stem, folder / f"{stem}.gz", folder / stem / stem)
+                       if path.is_file()), None) for key, stem in IDX_FILES.items()}
 
 
 def load_idx_folder(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -2494,15 +2225,12 @@ def load_idx_folder(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     files = idx_files_in(folder)
     missing = [IDX_FILES[key] for key, path in files.items() if path is None]
     if missing:
-        raise DatasetError(
-            f"{folder}: missing {', '.join(missing)} (raw or .gz); "
-            "all four Fashion-MNIST IDX files must be in the same folder"
-        )
+        raise DatasetError(f"{folder}: missing {', '.join(missing)} (raw or .gz); all four Fashion-MNIST IDX files "
+                           "must be in the same folder")
     arrays = []
     for split in ("train", "test"):
         image_path, label_path = files[f"{split}_images"], files[f"{split}_labels"]
-        images, labels = read_idx(image_path, expected_ndim=3), read_idx(label_path, expected_ndim=1)
-        arrays += validated_split(images, labels, image_path, label_path)
+        arrays += validated_split(read_idx(image_path, 3), read_idx(label_path, 1), image_path, label_path)
     return tuple(arrays)
 
 
@@ -2510,98 +2238,60 @@ def read_fashion_csv(path) -> tuple[np.ndarray, np.ndarray]:
     """Read a Kaggle Fashion-MNIST CSV (a header row, then label and 784 pixels per row), validated."""
     path = Path(path)
     try:
-        frame = pd.read_csv(path)
+        values = pd.read_csv(path).to_numpy()
     except (OSError, ValueError, pd.errors.ParserError) as error:
         raise DatasetError(f"{path}: not a readable CSV ({error}); re-download the Kaggle dataset") from None
-    if frame.shape[1] != 1 + IMAGE_SIZE * IMAGE_SIZE or frame.shape[0] == 0:
-        raise DatasetError(
-            f"{path}: has {frame.shape[0]} rows x {frame.shape[1]} columns; "
-            f"expected a label column plus {IMAGE_SIZE * IMAGE_SIZE} pixel columns"
-        )
-    values = frame.to_numpy()
+    if values.shape[1] != 1 + IMAGE_SIZE * IMAGE_SIZE or values.shape[0] == 0:
+        raise DatasetError(f"{path}: has {values.shape[0]} rows x {values.shape[1]} columns; expected a label "
+                           f"column plus {IMAGE_SIZE * IMAGE_SIZE} pixel columns")
     if not np.issubdtype(values.dtype, np.integer):
         raise DatasetError(f"{path}: holds non-integer or empty cells; expected integer labels and pixels")
-    images = values[:, 1:].reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-    return validated_split(images, values[:, 0], path, f"{path} (first column)")
+    return validated_split(values[:, 1:].reshape(-1, IMAGE_SIZE, IMAGE_SIZE), values[:, 0], path,
+                           f"{path} (first column)")
 
 
-def _has_csvs(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in CSV_FILES.values())
-
-
-def _kaggle_folders(root: Path, max_depth: int = 5):
-    """Folders below /kaggle/input that hold the IDX files or the Kaggle CSVs."""
-    if not root.is_dir():
-        return
-    for current, dirs, _files in os.walk(root):
-        depth = len(Path(current).relative_to(root).parts)
-        if depth >= max_depth:
-            dirs[:] = []
-        folder = Path(current)
-        if all(idx_files_in(folder).values()) or _has_csvs(folder):
-            yield folder
-        dirs.sort()
-
-
-def candidate_data_dirs() -> list[Path]:
-    """Default search order after VAE_DATA_DIR (see README, 'Where the data comes from')."""
-    folders = [KAGGLE_INPUT / "fashionmnist"]
-    folders += [f for f in _kaggle_folders(KAGGLE_INPUT) if f != folders[0]]
-    folders += [DEBIAN_DATA_DIR, KERAS_CACHE_DIR.expanduser()]
-    return folders
-
-
-def _load_folder(folder: Path):
-    """Load a folder with all four IDX files, or else with both CSVs; None if neither."""
+def load_folder(folder: Path):
+    """((x_train, y_train, x_test, y_test), source) of a folder with all four IDX files, or else both
+    Kaggle CSVs; None when it has neither."""
     if all(idx_files_in(folder).values()):
         return load_idx_folder(folder), f"IDX files in {folder}"
-    if _has_csvs(folder):
+    if all((folder / name).is_file() for name in CSV_FILES.values()):
         (x_train, y_train), (x_test, y_test) = (read_fashion_csv(folder / CSV_FILES[s]) for s in ("train", "test"))
         return (x_train, y_train, x_test, y_test), f"Kaggle CSV files in {folder}"
     return None
 
 
-def _download_with_keras():
-    return keras.datasets.fashion_mnist.load_data()
+def _kaggle_folders(root: Path, max_depth: int = 5):
+    """Folders below /kaggle/input, in sorted order, that hold the IDX files or the Kaggle CSVs."""
+    for current, dirs, _files in os.walk(root):
+        if len(Path(current).relative_to(root).parts) >= max_depth:
+            dirs[:] = []
+        dirs.sort()
+        folder = Path(current)
+        if all(idx_files_in(folder).values()) or all((folder / name).is_file() for name in CSV_FILES.values()):
+            yield folder
 
 
-def missing_data_message(searched: list[str]) -> str:
-    lines = "\n".join(f"  - {place}" for place in searched)
-    return (
-        "Fashion-MNIST was not found. Searched, in order:\n"
-        f"{lines}\n"
-        "Get the data in one of three ways:\n"
-        "  1. Kaggle: 'Add data' -> search 'fashionmnist' (zalando-research) and attach it;\n"
-        "  2. Debian/Ubuntu: apt-get install dataset-fashion-mnist "
-        f"(installs into {DEBIAN_DATA_DIR});\n"
-        "  3. go online, so that keras.datasets.fashion_mnist.load_data() can download it.\n"
-        "Or set VAE_DATA_DIR to a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-        "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (raw or .gz)."
-    )
+def candidate_data_dirs() -> list[Path]:
+    """Default search order after VAE_DATA_DIR (see README, 'Where the data comes from')."""
+    first = KAGGLE_INPUT / "fashionmnist"
+    return [first, *(f for f in _kaggle_folders(KAGGLE_INPUT) if f != first), DEBIAN_DATA_DIR,
+            KERAS_CACHE_DIR.expanduser()]
 
 
-def find_and_load_raw(data_dir=None, search_dirs=None, download=_download_with_keras):
-    """Return ((x_train, y_train, x_test, y_test) as uint8/int32, description of the source).
-
-    An explicit data_dir (VAE_DATA_DIR) must hold the data; otherwise the
-    default folders are tried in order, then the Keras download.
-    """
+def find_and_load_raw(data_dir=None, search_dirs=None, download=keras.datasets.fashion_mnist.load_data):
+    """((x_train, y_train, x_test, y_test) as uint8/int32, where they came from). An explicit data_dir
+    (VAE_DATA_DIR) must hold the data; otherwise the default folders are tried in order, then the Keras
+    download."""
     if data_dir is not None:
         folder = Path(data_dir).expanduser()
         if not folder.is_dir():
-            raise DatasetError(
-                f"VAE_DATA_DIR={data_dir!r} is not a folder; point it at the folder holding the four "
-                "Fashion-MNIST IDX files, or unset it to search the default places"
-            )
-        loaded = _load_folder(folder)
-        if loaded is None:
-            load_idx_folder(folder)  # raises, naming the missing files
-        return loaded
-
+            raise DatasetError(f"VAE_DATA_DIR={data_dir!r} is not a folder; point it at the folder holding the four "
+                               "Fashion-MNIST IDX files, or unset it to search the default places")
+        return load_folder(folder) or load_idx_folder(folder)  # load_idx_folder raises, naming the missing files
     searched = ["VAE_DATA_DIR (not set)"]
-    for folder in candidate_data_dirs() if search_dirs is None else search_dirs:
-        folder = Path(folder)
-        loaded = _load_folder(folder) if folder.is_dir() else None
+    for folder in map(Path, candidate_data_dirs() if search_dirs is None else search_dirs):
+        loaded = load_folder(folder) if folder.is_dir() else None
         if loaded is not None:
             return loaded
         found = [p.name for p in idx_files_in(folder).values() if p] if folder.is_dir() else []
@@ -2616,29 +2306,33 @@ def find_and_load_raw(data_dir=None, search_dirs=None, download=_download_with_k
             train = validated_split(x_train, y_train, f"{name} train images", f"{name} train labels")
             test = validated_split(x_test, y_test, f"{name} test images", f"{name} test labels")
             return (*train, *test), "keras download"
-    raise DatasetError(missing_data_message(searched))
+    listed = "\n".join(f"  - {place}" for place in searched)
+    raise DatasetError(
+        f"Fashion-MNIST was not found. Searched, in order:\n{listed}\nGet the data in one of three ways:\n"
+        "  1. Kaggle: 'Add data' -> search 'fashionmnist' (zalando-research) and attach it;\n"
+        f"  2. Debian/Ubuntu: apt-get install dataset-fashion-mnist (installs into {DEBIAN_DATA_DIR});\n"
+        "  3. go online, so that keras.datasets.fashion_mnist.load_data() can download it.\n"
+        "Or set VAE_DATA_DIR to a folder holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (raw or .gz).")
 
 
 # --- Checkpoints: resume after a kill, reuse a finished training ---------------------------
 
 
 def training_fingerprint(config: Config, replicas: int = 1, precision: str | None = None) -> dict:
-    """The settings that shape the trained weights, with the precision "auto" resolved to on this
-    machine (resolve_precision, unless given) and the replica count: a checkpoint is resumed only under
-    the same ones."""
+    """The settings that shape the trained weights, the precision "auto" resolves to on this machine (unless
+    given) and the replica count: a checkpoint is resumed only under the same ones."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if SETTINGS[k]["trains"]}
     return {**fields, "precision": precision or resolve_precision(config), "replicas": replicas}
 
 
 @dataclasses.dataclass
 class Checkpoint:
-    """Training state kept in <out>/checkpoint so that a rerun resumes or reuses it.
-
-    After epoch k it holds epoch-k.weights.h5 (model and optimizer), the copy of
-    epoch k-1, and state.json, which names the last finished epoch and holds the
-    history up to it. Each file is replaced atomically and state.json is written
-    last, so the epoch, the weights and the history can never disagree.
-    """
+    """Training state kept in <out>/checkpoint so that a rerun resumes or reuses it. After epoch k it holds
+    epoch-k.weights.h5 (model and optimizer), the copy of epoch k-1, and state.json, which names the last
+    finished epoch and holds the history up to it. Each file is replaced atomically and state.json is written
+    last, so the epoch, the weights and the history never disagree. (keras.callbacks.BackupAndRestore writes
+    in place, and it also saves an epoch that stopped on a NaN.)"""
 
     root: Path
 
@@ -2670,9 +2364,8 @@ class Checkpoint:
                 old.unlink()
 
     def restore(self, vae: keras.Model) -> list[dict]:
-        """Load the newest readable epoch backup into vae and return the history up
-        to it; [] (and vae as it was) when there is none to resume from. Only the epochs before the first
-        row whose losses are not finite are resumed (an older version backed such an epoch up)."""
+        """Load the newest readable epoch backup into vae and return the history up to it; [] (and vae as it
+        was) when there is none. Only the epochs before the first row with a loss not finite are resumed."""
         rows = list(itertools.takewhile(lambda row: all(map(math.isfinite, row.values())), self.history()))
         if not rows:
             return []
@@ -2695,15 +2388,13 @@ class Checkpoint:
 
 
 class EpochHistoryLog(keras.callbacks.Callback):
-    """Collects one history row per finished epoch and, with a checkpoint, backs up the
-    training state after it (see Checkpoint.save_epoch). An epoch the guard stopped is not
-    finished: Keras calls on_epoch_end after a stop too."""
+    """Collects one history row per finished epoch and, with a checkpoint, backs up the training state after
+    it (Checkpoint.save_epoch). An epoch the guard stopped is not finished: Keras calls on_epoch_end after a
+    stop too."""
 
     def __init__(self, checkpoint: Checkpoint | None, rows: list[dict], guard: StopOnNonFinite):
         super().__init__()
-        self.checkpoint = checkpoint
-        self.rows = rows
-        self.guard = guard
+        self.checkpoint, self.rows, self.guard = checkpoint, rows, guard
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.failure is not None:
@@ -2718,8 +2409,8 @@ class EpochHistoryLog(keras.callbacks.Callback):
 
 
 def open_checkpoint(out: Path, config: Config, replicas: int = 1, precision: str | None = None) -> Checkpoint:
-    """Use <out>/checkpoint if it was made with the same settings, precision and replica count;
-    refuse to mix them unless VAE_FRESH=1, which discards the old checkpoint."""
+    """<out>/checkpoint when it was made with the same settings, precision and replica count; refuses to mix
+    them unless VAE_FRESH=1, which discards the old checkpoint."""
     checkpoint = Checkpoint(out / "checkpoint")
     wanted = training_fingerprint(config, replicas, precision)
     if checkpoint.root.exists():
@@ -2744,14 +2435,9 @@ def open_checkpoint(out: Path, config: Config, replicas: int = 1, precision: str
 
 # --- Output folder, run status, stage timings -------------------------------------------
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def prepare_output_dir(out_dir) -> Path:
     """Create the output folder, prove it is writable, and remove every output file of an earlier run
-    (output_files()) so that none can be mistaken for this one's, such as a UMAP plot or a prior.npz
-    this run does not write."""
+    (output_files()), so that none passes for this one's."""
     out = Path(out_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -2768,8 +2454,12 @@ def prepare_output_dir(out_dir) -> Path:
     return out
 
 
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def write_run_status(out: Path, status: str, started_at: str, **extra) -> None:
-    record = {"status": status, "started_at": started_at, "updated_at": _now(), "pid": os.getpid(),
+    record = {"status": status, "started_at": started_at, "updated_at": now(), "pid": os.getpid(),
               "host": platform.node(), **extra}
     write_text(out / "run_status.json", json.dumps(record, indent=2) + "\n")
 
@@ -2797,9 +2487,9 @@ class StageTimer:
 
 
 def progress_verbosity(parent_command: str | None = None) -> int:
-    """Keras' verbose for fit(): 1 (the live progress bar) in a terminal and in an interactive notebook
-    (Kaggle, Jupyter), 2 (one line per epoch) in logs, and where a notebook is executed headless (Kaggle's
-    "Save & Run All", nbconvert, papermill), whose stored output would otherwise hold every bar update."""
+    """Keras' verbose for fit(): 1 (the live progress bar) in a terminal and an interactive notebook, 2 (one
+    line per epoch) in logs and in a notebook executed headless (Kaggle's "Save & Run All", nbconvert,
+    papermill), whose stored output would otherwise hold every bar update."""
     if sys.stdout.isatty():
         return 1
     if "ipykernel" not in sys.modules or os.environ.get("KAGGLE_KERNEL_RUN_TYPE") == "Batch":
@@ -2824,9 +2514,8 @@ def list_output_dir(out: Path) -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: Path):
-    """Yields a temporary name beside `path` (same suffix, so Keras and matplotlib
-    pick the right format) and moves it onto `path` only if writing succeeded:
-    a crash never leaves a half-written file under the real name."""
+    """A temporary name beside `path` (the same suffix, so Keras picks the format), moved onto `path` only
+    when writing succeeded: a crash never leaves a half-written file under the real name."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     try:
@@ -2854,44 +2543,8 @@ if __name__ == "__main__":
 # %% [markdown]
 # ## What the run wrote
 #
-# Everything is in `vae_outputs_v3/` (`/kaggle/working/vae_outputs_v3` on Kaggle); the list is made
-# from `OUTPUTS` by `tools/sync_docs.py`:
-#
-# <!-- outputs table -->
-# - `01_train_total_loss.png`, `02_train_recon_loss.png`, `03_train_kl_loss.png`, `03B_train_supcon_loss.png`,
-#   `04_beta_warmup.png`: training curves per epoch: total loss, BCE, KL, SupCon, beta (`draw_training_curves`)
-# - `05_denoising_grid.png`: clean / noisy / denoised test images, one column per class (`draw_denoising_grid`)
-# - `10_per_class_denoising.png`: mean PSNR per class of the noisy input and the VAE (`draw_per_class_psnr`)
-# - `06A_latent_pca_numbers.png`, `06B_latent_pca_text_tr.png`: PCA of every test `z_mean`, labelled 0-9 and with
-#   Turkish class names (`draw_pca`)
-# - `06C_latent_umap_text_tr.png`, `06D_latent_tsne_text_tr.png`: UMAP and t-SNE of a seeded test subset (no UMAP
-#   where umap-learn cannot be had; neither with `embed_samples` 0) (`draw_embeddings`)
-# - `07_generated_prior.png`: 10x10 samples `decoder(z)`, `z` from the generator: a Gaussian mixture fitted to the
-#   training `z_mean` after training (`generator` expost), or the prior (`draw_prior_samples`)
-# - `07B_generated_trained_prior.png`: 10x10 samples of the prior the KL trained against (N(0, I) or the learned
-#   mixture) (`draw_trained_prior_samples`)
-# - `12_class_conditional.png`: one row per class: samples of a Gaussian fitted to that class's training `z_mean`
-#   (`draw_class_conditional`)
-# - `08_latent_interpolation.png`: 8 straight lines between the `z_mean` of test images of two classes
-#   (`draw_interpolation`)
-# - `11_latent_traversal.png`: steps along the top 5 principal directions of `z_mean` (`draw_traversal`)
-# - `09_generation_quality.png`: Fréchet distances of reconstructions and of each kind of sample; their classes (not
-#   with `gen_metrics` 0) (`draw_generation_quality`)
-# - `13_noise_robustness.png`: PSNR / SSIM of the noisy input, TV and the VAE for sigma 0.1-0.8
-#   (`draw_noise_robustness`)
-# - `A_title_denoising.png`, `B_title_representation_learning.png`, `C_title_generation.png`,
-#   `D_title_interpolation.png`: framed 16:9 title cards of the four parts (`draw_title_cards`)
-# - `history.csv`, `noise_robustness.csv`, `pca_explained_variance.txt`: losses per epoch; the noise-robustness table;
-#   PCA variance per component (`write_reports`)
-# - `metrics.csv`, `metrics.txt`: every figure with its unit, image count and definition; the readable report (written
-#   after every other result: their presence means the run's figures, models and tables are all there)
-#   (`write_reports`)
-# - `encoder.keras`, `decoder.keras`, `prior.npz`: the trained models (plain Keras layers: image -> `z_mean,
-#   z_log_var`; `z` -> image); the generator's mixture (weights, means, covariances) and the trained prior's
-#   (`trained_*`; none when both are N(0, I)) (`save_models`)
-# - `config.json`, `run_status.json`, `timings.csv`: the settings, variables, precision, CPU and versions that ran;
-#   `running` / `finished` / `failed`; seconds per stage (`run`)
-# - `checkpoint/`: the training state, for resuming an interrupted run (`Checkpoint`)
+# Everything is in `vae_outputs_v3/` (`/kaggle/working/vae_outputs_v3` on Kaggle): `OUTPUTS`, in the cell, lists
+# every file and what it shows (README has them as a table).
 #
 # `decoder.predict(encoder.predict(x)[0])` denoises images `x` (N, 28, 28, 1) in [0, 1]. New images need only
 # `decoder.keras` and `prior.npz`, the generator's mixture:

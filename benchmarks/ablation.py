@@ -36,7 +36,7 @@ def main():
     config = vf.config_from_env()
     vf.setup_devices(config)
     data = vf.with_noise(vf.load_fashion_mnist(config), config)
-    vae = vf.build_distributed_vae(config, len(data.x_train))
+    vae = vf.build_distributed_vae(config)
     began = time.perf_counter()
     history = vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
     train_s = time.perf_counter() - began

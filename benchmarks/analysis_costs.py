@@ -51,7 +51,7 @@ def compare(folder: Path) -> None:
     trained = {k.removeprefix("trained_"): prior[k] for k in prior.files if k.startswith("trained_")}
     vae = types.SimpleNamespace(
         generate=lambda z: decoder.predict(np.asarray(z, np.float32), batch_size=1024, verbose=0),
-        sample_latents=lambda n, seed: vf.sample_mixture(generator, n, np.random.default_rng(seed)),
+        sample_generator=lambda n, seed: vf.sample_mixture(generator, n, np.random.default_rng(seed)),
         sample_prior=lambda n, seed: vf.sample_mixture(trained, n, np.random.default_rng(seed)))
 
     rows = []

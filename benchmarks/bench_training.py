@@ -96,14 +96,16 @@ def main():
     policy = keras.mixed_precision.global_policy().name
     print(f"data: {source}, {len(x)} images per round, batch {config.batch_size}, {os.cpu_count()} CPUs, {policy}")
 
-    ours = vf.build_distributed_vae(config, len(x))  # the model run() trains
+    ours = vf.build_distributed_vae(config)  # the model run() trains
     reference = ReferenceVAE(vf.build_encoder(config), vf.build_decoder(config), config.seed)
     reference.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate))
     steps = -(-len(x) // config.batch_size)
 
     def run_ours(epochs):
         dataset = vf.make_train_dataset(noisy, x, y, config, 0, epochs)
-        ours.fit(dataset, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0)  # the dataset shuffles itself
+        # the dataset shuffles itself; in one epoch the prior's fit (before epoch 2) never runs
+        ours.fit(dataset, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
+                 callbacks=[vf.FitPrior(noisy, config)])
 
     def run_reference(epochs):
         reference.fit(x, epochs=epochs, batch_size=config.batch_size, verbose=0)

@@ -25,7 +25,7 @@ if sys.argv[1] == "tensorflow":
 config = vf.Config(epochs=2)
 vf.setup_devices(config)
 data = vf.with_noise(vf.load_fashion_mnist(config), config)
-vae = vf.build_distributed_vae(config, len(data.x_train))
+vae = vf.build_distributed_vae(config)
 began = time.perf_counter()
 history = vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, None, 0)
 print(json.dumps({{"seconds": time.perf_counter() - began, "history": history.to_dict("records"),

@@ -27,11 +27,11 @@ def _generate(latents):
 
 
 def _stand_in_vae():
-    vae = types.SimpleNamespace(code_density=None, sampled=[])
+    vae = types.SimpleNamespace(generator=None, sampled=[])
     vae.encode, vae.generate = _encode, _generate
     vae.denoise = lambda images: _generate(_encode(images)[0])
 
-    def sample_latents(n, seed):  # the generator's codes decode to 0.9, the trained prior's to 0.1
+    def sample_generator(n, seed):  # the generator's codes decode to 0.9, the trained prior's to 0.1
         vae.sampled.append(("generator", n, seed))
         return np.full((n, LATENT), 0.9, np.float32)
 
@@ -39,7 +39,7 @@ def _stand_in_vae():
         vae.sampled.append(("trained prior", n, seed))
         return np.full((n, LATENT), 0.1, np.float32)
 
-    vae.sample_latents, vae.sample_prior = sample_latents, sample_prior
+    vae.sample_generator, vae.sample_prior = sample_generator, sample_prior
     return vae
 
 
@@ -50,12 +50,12 @@ def test_analyse_fits_the_generator_to_the_noisy_training_codes_and_keeps_each_s
     generator's samples and 07B the trained prior's; the probes encode the noisy training copy; PCA covers every
     test code."""
     fits = []
-    monkeypatch.setattr(vf, "fit_code_density", lambda z, components, seed: fits.append((z, components, seed)) or {})
+    monkeypatch.setattr(vf, "fit_generator", lambda z, components, seed: fits.append((z, components, seed)) or {})
     config = vf.Config(latent_dim=LATENT, seed=3, embed_samples=0, gen_metrics=False, classical_samples=5,
                        expost_components=3, prior_components=7, generator=generator)
     data = vf.with_noise(bars_data(), config)
     vae = _stand_in_vae()
-    results = vf.analyse(vae, data, pd.DataFrame(), config, vf.StageTimer())
+    results = vf.analyse(vae, data, pd.DataFrame(), config, vf.StageTimer().stage)
 
     z_noisy_train = _encode(data.x_train_noisy)[0]
     if generator == "expost":
@@ -64,10 +64,10 @@ def test_analyse_fits_the_generator_to_the_noisy_training_codes_and_keeps_each_s
         np.testing.assert_array_equal(z, z_noisy_train)
         assert components == 3 and seed == vf.seed_for(config, "expost_fit")
     else:
-        assert fits == [] and vae.code_density is None
+        assert fits == [] and vae.generator is None
     assert ("generator", 100, vf.seed_for(config, "prior_grid")) in vae.sampled
     assert ("trained prior", 100, vf.seed_for(config, "trained_prior_grid")) in vae.sampled
-    np.testing.assert_allclose(results.prior_grid, 0.9, atol=1e-6)
+    np.testing.assert_allclose(results.generated_grid, 0.9, atol=1e-6)
     np.testing.assert_allclose(results.trained_prior_grid, 0.1, atol=1e-6)
     np.testing.assert_array_equal(results.z_mean_train, z_noisy_train)
     np.testing.assert_array_equal(results.z_mean_test, _encode(data.x_test_noisy)[0])
@@ -171,13 +171,13 @@ def test_class_conditional_samples_have_each_class_s_own_full_covariance():
                                    atol=0.08)
 
 
-def test_the_code_density_is_fitted_to_size_seeded_codes():
-    """fit_code_density(): EM on `size` codes drawn by seeded_subset (not all codes, not the first ones)."""
+def test_the_generator_is_fitted_to_size_seeded_codes():
+    """fit_generator(): EM on `size` codes drawn by seeded_subset (not all codes, not the first ones)."""
     from sklearn.mixture import GaussianMixture
 
     rng = np.random.default_rng(0)
     z = np.vstack([rng.normal(-2, 0.5, (300, 2)), rng.normal(2, 0.5, (300, 2))])
-    density = vf.fit_code_density(z, 2, seed=1, size=100)
+    density = vf.fit_generator(z, 2, seed=1, size=100)
     reference = GaussianMixture(2, covariance_type="full", random_state=1).fit(z[vf.seeded_subset(600, 100, 1)])
     np.testing.assert_allclose(density["means"], reference.means_)
     np.testing.assert_allclose(density["covariances"], reference.covariances_)
@@ -192,13 +192,13 @@ def test_the_embedding_plots_label_the_seeded_subset_and_put_each_method_in_its_
     monkeypatch.setattr(vf, "project_tsne", lambda codes, seed: embedded.append((codes, seed)) or codes[:, :2])
     monkeypatch.setattr(vf, "import_umap", lambda: (None, "not here"))
     config = vf.Config(embed_samples=40, seed=2)
-    embeddings, warnings = vf.latent_embeddings(z, config, vf.StageTimer())
+    embeddings, warnings = vf.latent_embeddings(z, config, vf.StageTimer().stage)
     subset = vf.seeded_subset(300, 40, vf.seed_for(config, "embed_subset"))
     np.testing.assert_array_equal(embeddings["subset"], subset)
     np.testing.assert_array_equal(embedded[0][0], z[subset])
     assert embedded[0][1] == vf.seed_for(config, "tsne") and warnings and "UMAP" not in embeddings
     embedded.clear()
-    assert vf.latent_embeddings(z, vf.Config(embed_samples=0), vf.StageTimer())[0].keys() == {"subset"}
+    assert vf.latent_embeddings(z, vf.Config(embed_samples=0), vf.StageTimer().stage)[0].keys() == {"subset"}
     assert embedded == []
 
     drawn = {}
@@ -215,16 +215,16 @@ def test_the_embedding_plots_label_the_seeded_subset_and_put_each_method_in_its_
 def test_prior_npz_holds_the_generator_and_the_trained_prior_and_is_absent_when_both_are_n01(tmp_path):
     """save_models(): no prior.npz when the generator and the trained prior are both N(0, I); with a fitted
     density it holds weights, means, covariances (and trained_* only with a learned prior)."""
-    vae = vf.build_vae(vf.Config(latent_dim=4, prior="normal"), n_train=64)
+    vae = vf.build_vae(vf.Config(latent_dim=4, prior="normal"))
     vf.save_models(vae, tmp_path)
     assert not (tmp_path / "prior.npz").exists()
-    vae.code_density = {"weights": np.array([0.5, 0.5]), "means": np.zeros((2, 4)),
+    vae.generator = {"weights": np.array([0.5, 0.5]), "means": np.zeros((2, 4)),
                         "covariances": np.stack([np.eye(4)] * 2)}
     vf.save_models(vae, tmp_path)
     with np.load(tmp_path / "prior.npz") as saved:
         assert set(saved.files) == {"weights", "means", "covariances"}
-    mixture = vf.build_vae(vf.Config(latent_dim=4, prior="mixture", prior_components=3), n_train=64)
-    mixture.code_density = vae.code_density
+    mixture = vf.build_vae(vf.Config(latent_dim=4, prior="mixture", prior_components=3))
+    mixture.generator = vae.generator
     vf.save_models(mixture, tmp_path)
     with np.load(tmp_path / "prior.npz") as saved:
         assert set(saved.files) == {"weights", "means", "covariances", "trained_weights", "trained_means",

@@ -196,8 +196,8 @@ def _troubleshooting_cases(tmp_path, monkeypatch):
         "… holds a training checkpoint made with other settings (epochs: stored 20 vs now 30)":
             lambda: vf.open_checkpoint(tmp_path / "ckpt", vf.Config(epochs=30)),
         "VAE_BATCH_SIZE=255 does not split evenly over 2 replicas":
-            lambda: vf.steps_per_epoch(1000, vf.Config(batch_size=255), 2),
-        "WARNING: UMAP skipped: …": lambda: vf.latent_embeddings(z, vf.Config(embed_samples=60), vf.StageTimer()),
+            lambda: vf.batches_per_epoch(1000, vf.Config(batch_size=255), 2),
+        "WARNING: UMAP skipped: …": lambda: vf.latent_embeddings(z, vf.Config(embed_samples=60), vf.StageTimer().stage),
     }
 
 
@@ -300,14 +300,14 @@ def test_a_run_that_diverges_later_keeps_the_finite_epochs_and_resumes_from_them
     noisy = vf.add_noise(data.x_train, config.noise_factor, config.seed)
     checkpoint = vf.open_checkpoint(tmp_path, config)
     DivergesInEpoch.bad_epoch, DivergesInEpoch.weights_only = bad_epoch, weights_only
-    vae = vf.build_vae(config, len(noisy), model_class=DivergesInEpoch)
+    vae = vf.build_vae(config, model_class=DivergesInEpoch)
     message = "a weight became nan" if weights_only else "became nan"
     with pytest.raises(vf.TrainingDivergedError, match=f"{message} in epoch {bad_epoch}, batch"):
         vf.train_vae(vae, noisy, data.x_train, data.y_train, config, checkpoint, 0)
     rows = _checkpoint_holds_only_finite_epochs(tmp_path)
     assert [row["epoch"] for row in rows] == list(range(1, bad_epoch))
     capsys.readouterr()
-    history = vf.train_vae(vf.build_distributed_vae(config, len(noisy)), noisy, data.x_train, data.y_train, config,
+    history = vf.train_vae(vf.build_distributed_vae(config), noisy, data.x_train, data.y_train, config,
                            vf.open_checkpoint(tmp_path, config), 0)
     assert f"resuming after epoch {bad_epoch - 1}" in capsys.readouterr().out
     assert history["epoch"].tolist() == [1, 2, 3] and np.isfinite(history.drop(columns="epoch").to_numpy()).all()
@@ -318,10 +318,10 @@ def test_a_checkpoint_that_holds_a_nan_epoch_is_not_resumed_from_it(tmp_path, da
     config = vf.Config(epochs=2, warmup_epochs=1, batch_size=64, latent_dim=4, train_samples=128,
                        data_dir=str(dataset_dir), seed=3)
     checkpoint = vf.open_checkpoint(tmp_path, config)
-    vae = vf.build_distributed_vae(config, 128)
+    vae = vf.build_distributed_vae(config)
     for weight in vae.decoder.trainable_weights:
         weight.assign(weight * np.nan)
     checkpoint.save_epoch(vae, [{"epoch": 1, **dict.fromkeys(vf.LOSS_TERMS, float("nan")), "beta": 1.0}])
-    fresh = vf.build_distributed_vae(config, 128)
+    fresh = vf.build_distributed_vae(config)
     assert checkpoint.restore(fresh) == []
     assert all(np.isfinite(w.numpy()).all() for w in fresh.weights)

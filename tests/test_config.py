@@ -237,3 +237,23 @@ def test_preset_values_pass_the_same_validation(monkeypatch):
     monkeypatch.setitem(vf.PRESETS, "quality", {"epoch": 30})
     with pytest.raises(vf.ConfigError, match="PRESETS\\['quality'\\] names unknown setting\\(s\\) epoch"):
         vf.config_from_env({"VAE_PRESET": "quality"})
+
+
+def test_config_itself_applies_the_preset_and_checks_every_value():
+    """A copied cell has no config_from_env: Config(preset=...) applies the preset, the settings named win, and
+    a value out of its declaration is refused."""
+    faithful = vf.Config(preset="faithful")
+    assert (faithful.epochs, faithful.prior, faithful.lr_schedule) == (20, "normal", "constant")
+    assert vf.Config(preset="faithful", epochs=5, prior="mixture").epochs == 5
+    assert vf.Config(preset="faithful", epochs=5, prior="mixture").prior == "mixture"
+    assert vf.Config(preset="faithful") == vf.config_from_env({"VAE_PRESET": "faithful"}, {})  # one path
+    assert vf.Config(fresh_noise=0).fresh_noise is False
+    for settings, message in (({"epochs": 0}, r"Config\(epochs=0\) is out of range: it must lie in \[1, 10000\]"),
+                              ({"epochs": 2.5}, r"Config\(epochs=2.5\) is not a whole number"),
+                              ({"prior": "flow"}, r"Config\(prior='flow'\) must be mixture or normal"),
+                              ({"preset": "fast"}, r"Config\(preset='fast'\) must be default, faithful or quality"),
+                              ({"fresh": 2}, r"Config\(fresh=2\) must be 0 or 1")):
+        with pytest.raises(vf.ConfigError, match=message):
+            vf.Config(**settings)
+    with pytest.raises(TypeError, match="epoch"):
+        vf.Config(epoch=3)

@@ -1,5 +1,5 @@
 """The copy path: sections 1-4 of the cell, cut above the section-5 header as a reader copies them, run alone in a
-fresh interpreter with README's snippet, train the VAE with plain Keras on numpy arrays."""
+fresh interpreter with README's snippet, train the VAE that run() trains with plain Keras on numpy arrays."""
 
 import json
 import re
@@ -25,6 +25,12 @@ def readme_snippet() -> str:
     return re.search(r"<!-- copy path -->\n```python\n(.*?)```", readme, re.S).group(1)
 
 
+def config_learning_rate() -> float:
+    import vae_fashion as vf
+
+    return vf.Config().learning_rate
+
+
 def test_sections_one_to_four_name_nothing_defined_below_them(tmp_path):
     """A name used in sections 1-4 but defined further down (the appendix) fails here, even in code the snippet
     does not reach."""
@@ -36,9 +42,9 @@ def test_sections_one_to_four_name_nothing_defined_below_them(tmp_path):
 
 
 def test_the_cut_cell_trains_with_plain_fit_on_arrays(tmp_path):
-    """README's snippet after the cut, in a fresh interpreter where pandas and scikit-learn cannot be imported;
-    bar images stand in for Keras' download (no network here). Three epochs of 2048 images at batch 128, as in
-    README."""
+    """README's snippet after the cut, in a fresh interpreter; bar images stand in for Keras' download (no
+    network here). Three epochs of 2048 images at batch 128, as in README; then two
+    epochs of 512 images at Keras' default batch of 32."""
     snippet = readme_snippet()
     assert DOWNLOAD in snippet
     x, y = synthetic_split(2048, 0)
@@ -52,22 +58,31 @@ def test_the_cut_cell_trains_with_plain_fit_on_arrays(tmp_path):
         "test_noisy = add_noise(test_clean, config.noise_factor, seed=1)\n"
         "def psnr(images):\n"
         "    return float(np.mean(10 * np.log10(1 / np.mean((images - test_clean) ** 2, axis=(1, 2, 3)))))\n"
+        "spread = float(np.ptp(vae.prior.means.numpy(), axis=0).max())\n"
+        "lr = float(vae.optimizer.learning_rate)\n"
+        "vae = build_vae(config)\n"
+        "at_32 = vae.fit(noisy[:512], (clean[:512], labels[:512]), epochs=2, verbose=0).history\n"
         "import json\n"
         "print(json.dumps({'history': {k: [float(v) for v in vs] for k, vs in history.history.items()},\n"
-        "                  'denoised': psnr(denoised), 'noisy': psnr(test_noisy), 'prior': vae.prior is not None}))\n"
+        "                  'denoised': psnr(denoised), 'noisy': psnr(test_noisy), 'prior': vae.prior is not None,\n"
+        "                  'spread': spread, 'lr': lr, 'beta_32': [float(b) for b in at_32['beta']],\n"
+        "                  'lr_32': float(vae.optimizer.learning_rate)}))\n"
     )
     (tmp_path / "cell.py").write_text(cell, encoding="utf-8")
-    no_pandas_nor_sklearn = ("import runpy, sys; sys.modules['pandas'] = sys.modules['sklearn'] = None; "
-                             "runpy.run_path('cell.py', run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", no_pandas_nor_sklearn], cwd=tmp_path, capture_output=True,
+    result = subprocess.run([sys.executable, "cell.py"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     history = outcome["history"]
     assert set(history) == {"total_loss", "recon_loss", "kl_loss", "supcon_loss", "beta"}
     assert outcome["prior"]  # the default: the learned mixture
-    # beta warms up with no callback: beta_max * epoch / warmup_epochs, above 0 from the first epoch
+    # fitted before epoch 2 (FitPrior): its 10 components, all N(0, I) at the start, no longer share a mean
+    assert outcome["spread"] > 0.1, outcome["spread"]
+    # beta warms up by the epochs fit runs: beta_max * epoch / warmup_epochs, above 0 from the first epoch, at
+    # batch 128 and at Keras' default of 32; the cosine schedule ends both fits at 5 % of the learning rate
     np.testing.assert_allclose(history["beta"], [1 / 8, 2 / 8, 3 / 8], rtol=1e-6)
+    np.testing.assert_allclose(outcome["beta_32"], [1 / 8, 2 / 8], rtol=1e-6)
+    np.testing.assert_allclose([outcome["lr"], outcome["lr_32"]], 0.05 * config_learning_rate(), rtol=1e-4)
     assert all(np.isfinite(values).all() for values in history.values())
     assert history["recon_loss"][-1] < 0.9 * history["recon_loss"][0]
     # the full objective: SupCon scaled to gamma_sc = 0.25 of the BCE term (supcon_weight; SupCon is above 1 nat

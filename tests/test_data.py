@@ -235,7 +235,7 @@ def test_parse_idx_rejects_an_empty_array_with_huge_dimensions():
 
 def _epoch_batches(config, noisy, clean, labels, epochs):
     """{epoch: {image index: the noisy image it trained on}} over `epochs` epochs of make_train_dataset."""
-    seen, steps = {}, vf.steps_per_epoch(len(clean), config)
+    seen, steps = {}, vf.batches_per_epoch(len(clean), config)
     batches = iter(vf.make_train_dataset(noisy, clean, labels, config, 0, epochs))
     for epoch in range(epochs):
         seen[epoch] = {}

@@ -61,12 +61,12 @@ def test_the_fingerprint_records_the_resolved_precision_and_the_replicas(tmp_pat
 
 def test_several_replicas_train_on_full_batches_that_split_evenly():
     config = vf.Config(batch_size=64)
-    assert vf.steps_per_epoch(500, config, 1) == 8  # one device: every image, the last batch partial
-    assert vf.steps_per_epoch(500, config, 2) == 7  # two: the 52 images left over are dropped
+    assert vf.batches_per_epoch(500, config, 1) == 8  # one device: every image, the last batch partial
+    assert vf.batches_per_epoch(500, config, 2) == 7  # two: the 52 images left over are dropped
     with pytest.raises(vf.ConfigError, match="VAE_BATCH_SIZE=64 does not split evenly over 3 replicas"):
-        vf.steps_per_epoch(500, config, 3)
+        vf.batches_per_epoch(500, config, 3)
     with pytest.raises(vf.ConfigError, match="VAE_TRAIN_SAMPLES=40 is less than one batch"):
-        vf.steps_per_epoch(40, config, 2)
+        vf.batches_per_epoch(40, config, 2)
 
 
 def test_a_tpu_runtime_is_told_that_the_run_uses_the_host_cpu(monkeypatch):
@@ -105,7 +105,7 @@ def loss_and_grads(vae, noisy, clean, label, key, replicas):
 config = vf.Config(latent_dim=4, batch_size=32, seed=0, devices="all", precision="float32")
 strategy = vf.setup_devices(config)
 results["replicas"] = strategy.num_replicas_in_sync
-one, two = vf.build_distributed_vae(config, 128), vf.build_distributed_vae(config, 128, strategy)
+one, two = vf.build_distributed_vae(config), vf.build_distributed_vae(config, strategy)
 two.set_weights(one.get_weights())
 for vae in (one, two):  # the KL's weight of epoch 5: beta 5/8
     vae.optimizer.iterations.assign(4 * vae.steps_per_epoch)
@@ -126,7 +126,7 @@ results["grad_rel_largest"] = max(float(tf.norm(a - b) / tf.norm(a)) for a, b in
 #    gradients apart): every replica skips the step and the loss scale halves, whichever replica it was.
 config = vf.Config(latent_dim=4, batch_size=32, seed=0, devices="all", precision="mixed_float16", gamma_sc=0.0)
 strategy = vf.setup_devices(config)
-vae = vf.build_distributed_vae(config, 128, strategy)
+vae = vf.build_distributed_vae(config, strategy)
 with strategy.scope():
     vae.optimizer.build(vae.trainable_variables)
 step = tf.function(lambda batch: strategy.run(vae.train_step, args=(batch,)))
@@ -152,10 +152,10 @@ y = labels.astype(np.int32)
 #    float32 gradient, to float16's precision.
 config32 = vf.Config(latent_dim=4, batch_size=32, seed=0, precision="float32")
 vf.setup_devices(config32)
-reference = vf.build_distributed_vae(config32, 512)
+reference = vf.build_distributed_vae(config32)
 config16 = vf.Config(latent_dim=4, batch_size=32, seed=0, precision="mixed_float16")
 vf.setup_devices(config16)
-vae = vf.build_distributed_vae(config16, 512)
+vae = vf.build_distributed_vae(config16)
 vae.set_weights(reference.get_weights())
 batch = {"noisy": noisy[:32], "clean": x[:32], "label": y[:32], "step_key": np.full(32, 3, np.int64)}
 # beta is that of epoch 1 in both: the first applied step lies in the first epoch (16 steps)
@@ -184,7 +184,7 @@ results["float16_skipped_steps"] = skipped - 1  # the last call applied its step
 for precision in ("float32", "mixed_float16"):
     config = vf.Config(latent_dim=4, batch_size=32, epochs=3, warmup_epochs=2, seed=0, precision=precision)
     vf.setup_devices(config)
-    vae = vf.build_distributed_vae(config, 256, jit_compile=True)
+    vae = vf.build_distributed_vae(config, jit_compile=True)
     history = vf.train_vae(vae, noisy[:256], x[:256], y[:256], config, verbose=0)
     plain = vae.encoder.predict(noisy[:100], verbose=0)[0]
     vae.encoder.compile(jit_compile=True)

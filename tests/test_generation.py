@@ -39,7 +39,7 @@ def test_normalised_entropy():
 def test_latent_traversal_is_centred_on_the_mean_along_principal_directions():
     rng = np.random.default_rng(1)
     z = rng.normal(0, 1, (2000, 4)) * [3.0, 1.0, 0.5, 0.1] + [1.0, 2.0, 0.0, 0.0]
-    grid, ratios = vf.latent_traversal(z, n_directions=2, steps=5, span=2.0)
+    grid, ratios = vf.latent_traversal(vf.PCA().fit(z), n_directions=2, steps=5, span=2.0)
     assert grid.shape == (2, 5, 4)
     np.testing.assert_allclose(grid[:, 2], np.tile(z.mean(axis=0), (2, 1)), atol=1e-5)
     step = grid[0, 4] - grid[0, 0]  # 4 sd along PC1, the first axis
@@ -51,6 +51,7 @@ def test_mixed_bfloat16_keeps_losses_in_float32():
     config = vf.Config(latent_dim=4, precision="mixed_bfloat16", seed=0)
     vf.setup_devices(config)  # the policy is process-wide; conftest puts float32 back after the test
     vae = vf.build_vae(config)
+    vae.steps_per_epoch = 235  # as fit sets it for 60000 images: beta stays that of epoch 1
     x = np.random.default_rng(0).random((32, 28, 28, 1)).astype(np.float32)
     batch = (x, (x, np.arange(32, dtype=np.int32) % 4))
     before = vae.compute_losses(x, x, batch[1][1])
@@ -61,12 +62,12 @@ def test_mixed_bfloat16_keeps_losses_in_float32():
     assert np.isfinite(float(logs["total_loss"])) and float(logs["total_loss"]) < float(before["total_loss"])
 
 
-def test_the_code_density_recovers_a_known_mixture_and_shuffles_its_samples():
+def test_the_generator_recovers_a_known_mixture_and_shuffles_its_samples():
     rng = np.random.default_rng(0)
     means = np.array([[-6.0, 0.0, 1.0], [0.0, 6.0, -1.0], [6.0, -3.0, 0.0]])
     scales = np.array([[0.5, 0.5, 0.5], [0.2, 1.0, 0.5], [1.0, 0.3, 0.3]])
     z = np.concatenate([m + s * rng.standard_normal((2000, 3)) for m, s in zip(means, scales)])
-    density = vf.fit_code_density(z, components=3, seed=1)
+    density = vf.fit_generator(z, components=3, seed=1)
     order = np.argsort(density["means"][:, 0])
     np.testing.assert_allclose(density["means"][order], means, atol=0.05)
     np.testing.assert_allclose(density["weights"], [1 / 3] * 3, atol=0.01)
@@ -173,15 +174,15 @@ def test_the_saved_files_work_without_this_module(tmp_path):
     saved = np.load(tmp_path / "prior.npz")
     trained = vae.prior.parameters()
     np.testing.assert_allclose(np.diagonal(saved["covariances"], axis1=1, axis2=2), trained["variances"], rtol=1e-6)
-    vae.code_density = vf.fit_code_density(codes, 2, seed=0)
+    vae.generator = vf.fit_generator(codes, 2, seed=0)
     vf.save_models(vae, tmp_path)
     saved = np.load(tmp_path / "prior.npz")
-    for name, value in vae.code_density.items():
+    for name, value in vae.generator.items():
         np.testing.assert_allclose(saved[name], value, rtol=1e-6)
     for name, value in trained.items():
         np.testing.assert_allclose(saved[f"trained_{name}"], value, rtol=1e-6)
-    # sample_latents() draws from the saved generator: its samples cluster at the two fitted means
-    latents = vae.sample_latents(2000, seed=1)
+    # sample_generator() draws from the saved generator: its samples cluster at the two fitted means
+    latents = vae.sample_generator(2000, seed=1)
     nearest = np.argmin(((latents[:, None] - saved["means"][None]) ** 2).sum(axis=2), axis=1)
     np.testing.assert_allclose(np.bincount(nearest) / 2000, saved["weights"], atol=0.03)
     x = np.random.default_rng(2).random((6, 28, 28, 1)).astype(np.float32)
@@ -231,7 +232,7 @@ def test_generation_quality_scores_each_set_against_the_test_images_and_the_test
     """A stand-in model whose reconstructions are the clean test images themselves and whose decoder draws the
     mean training image of the class a latent points to: the reconstructions' Fréchet distance is 0, their
     agreement is the classifier's own test accuracy (so it counts against the test labels), and every decoded
-    set lands on its class. The generator (sample_latents, stream prior_fd: only T-shirts here) and the trained
+    set lands on its class. The generator (sample_generator, stream prior_fd: only T-shirts here) and the trained
     prior (sample_prior, stream trained_prior_fd: every class) are scored under their own names;
     fd_training_codes decodes a seeded subset of the training codes; each class's conditional FD compares with
     that class's *test* images."""
@@ -252,7 +253,7 @@ def test_generation_quality_scores_each_set_against_the_test_images_and_the_test
 
     frechet = vf.frechet_distance
     monkeypatch.setattr(vf, "frechet_distance", lambda a, b: calls.append((a, b)) or frechet(a, b))
-    vae = types.SimpleNamespace(generate=generate, sample_latents=only_class_0, sample_prior=every_class)
+    vae = types.SimpleNamespace(generate=generate, sample_generator=only_class_0, sample_prior=every_class)
     config = vf.Config(seed=0)
     result = vf.generation_quality(vae, data, config, codes, data.x_test.copy())
     assert result["fd_samples"] == 200 and result["conditional_per_class"] == 20
@@ -294,6 +295,6 @@ def test_the_fd_classifier_learns_from_the_training_images_not_the_test_images()
     agreement with it too); one trained on the test images would score near 1."""
     data, templates, codes = _bars_with_templates(shift_test_labels=1)
     vae = types.SimpleNamespace(generate=lambda latents: templates[np.argmax(latents, axis=1)],
-                                sample_latents=lambda n, seed: codes[:n], sample_prior=lambda n, seed: codes[:n])
+                                sample_generator=lambda n, seed: codes[:n], sample_prior=lambda n, seed: codes[:n])
     result = vf.generation_quality(vae, data, vf.Config(seed=0), codes, data.x_test.copy())
     assert result["classifier_test_accuracy"] < 0.2 and result["reconstruction_agreement"] < 0.2

@@ -285,7 +285,7 @@ def test_a_few_train_steps_lower_the_loss():
 
 def test_runs_training_warms_beta_up_and_keeps_the_history(tmp_path):
     config = vf.Config(epochs=3, warmup_epochs=2, batch_size=16, latent_dim=4, seed=0)
-    vae = vf.build_distributed_vae(config, 40)
+    vae = vf.build_distributed_vae(config)
     x = np.random.default_rng(8).random((40, 28, 28, 1)).astype(np.float32)
     history = vf.train_vae(vae, x, x, np.arange(40, dtype=np.int32) % 10, config, verbose=0)
     assert list(history.columns) == vf.HISTORY_COLUMNS
@@ -296,7 +296,7 @@ def test_runs_training_warms_beta_up_and_keeps_the_history(tmp_path):
 
 def test_nan_loss_stops_training_and_names_the_term():
     config = vf.Config(epochs=3, batch_size=8, latent_dim=4, seed=0)
-    vae = vf.build_distributed_vae(config, 16)
+    vae = vf.build_distributed_vae(config)
     clean = np.random.default_rng(9).random((16, 28, 28, 1)).astype(np.float32)
     target = clean.copy()
     target[3, 5, 5, 0] = np.nan
@@ -372,7 +372,7 @@ def test_a_short_training_denoises_beyond_the_noisy_input_and_any_constant_image
     x, y = _bars(1024, 0)
     x_test, _ = _bars(200, 1)
     config = vf.Config(epochs=8, warmup_epochs=2, batch_size=64, latent_dim=8, seed=0)
-    vae = vf.build_distributed_vae(config, len(x))
+    vae = vf.build_distributed_vae(config)
     vf.train_vae(vae, vf.add_noise(x, 0.45, 1), x, y, config, verbose=0)
     noisy = vf.add_noise(x_test, 0.45, 2)
 

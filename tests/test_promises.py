@@ -12,16 +12,26 @@ import tensorflow as tf
 import vae_fashion as vf
 
 
+def fit_begins(vae, steps: int, epochs: int) -> None:
+    """What Keras' fit tells its callbacks before the first step: the steps of one epoch, and the epochs."""
+    schedule = vf.FitSchedule()
+    schedule.set_model(vae)
+    schedule.set_params({"steps": steps, "epochs": epochs})
+    schedule.on_train_begin()
+
+
 def test_the_cosine_schedule_decays_to_5_percent_of_the_learning_rate_over_the_run():
     """Config's promise: "cosine: decay to 5 % over the run" (every epoch's steps, not one epoch's)."""
     config = vf.Config(epochs=4, batch_size=64, learning_rate=2e-3, latent_dim=4)
-    vae = vf.build_vae(config, n_train=600)  # 10 steps an epoch (the last partial): 40 steps in the run
+    vae = vf.build_vae(config)
+    fit_begins(vae, steps=10, epochs=4)  # 600 images at batch 64: 40 steps in the run
     assert vae.steps_per_epoch == 10
     for step, expected in ((0, 2e-3), (10, 2e-3 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi / 4)))),
                            (20, 2e-3 * (0.05 + 0.95 * 0.5)), (40, 1e-4), (60, 1e-4)):
         vae.optimizer.iterations.assign(step)
         assert float(vae.optimizer.learning_rate) == pytest.approx(expected, rel=1e-5), step
-    constant = vf.build_vae(vf.dataclasses.replace(config, lr_schedule="constant"), n_train=600)
+    constant = vf.build_vae(vf.dataclasses.replace(config, lr_schedule="constant"))
+    fit_begins(constant, steps=10, epochs=4)
     constant.optimizer.iterations.assign(40)
     assert float(constant.optimizer.learning_rate) == pytest.approx(2e-3)
 
@@ -64,7 +74,7 @@ def test_the_mixture_prior_is_fitted_once_before_epoch_2_to_one_posterior_sample
 
 
 def test_after_its_fit_only_the_kl_term_trains_the_prior():
-    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, prior_components=3), n_train=64)
+    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, prior_components=3))
     x = np.random.default_rng(0).random((16, 28, 28, 1)).astype(np.float32)
     labels = np.arange(16, dtype=np.int32) % 4
     prior_weights = [vae.prior.logits, vae.prior.means, vae.prior.log_vars]
@@ -140,7 +150,7 @@ def test_the_interpolation_lines_join_test_images_of_two_different_classes_and_a
     vae = types.SimpleNamespace(generate=lambda latents: np.repeat(latents[:, :1, None, None], 28 * 28, axis=1)
                                 .reshape(len(latents), 28, 28, 1))
     config = vf.Config(latent_dim=10, seed=4)
-    paths = vf.latent_paths(vae, z, labels, config)
+    paths = vf.latent_paths(vae, z, labels, vf.PCA().fit(z), config)
     chosen = vf.interpolation_pairs(labels, 8, vf.seed_for(config, "interpolation_pairs"))
     assert paths["interpolation_labels"] == [f"{vf.CLASS_NAMES_TR[labels[a]]} →\n{vf.CLASS_NAMES_TR[labels[b]]}"
                                              for a, b in chosen]
@@ -162,7 +172,7 @@ def test_interpolation_pairs_join_two_classes_present_and_refuse_a_test_set_of_o
 
 def test_the_supcon_term_uses_the_supcon_temperature_setting():
     """Config: supcon_temperature is SupCon's temperature (a slip that drops it trains at the default 0.1)."""
-    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, supcon_temperature=0.5), n_train=64)
+    vae = vf.build_vae(vf.Config(latent_dim=4, seed=0, supcon_temperature=0.5))
     x = np.random.default_rng(0).random((16, 28, 28, 1)).astype(np.float32)
     labels = np.arange(16, dtype=np.int32) % 4
     z_mean = vae.encode(x)[0]

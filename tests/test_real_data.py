@@ -18,10 +18,10 @@ def reduced_run():
                        data_dir=str(vf.DEBIAN_DATA_DIR))
     vf.setup_devices(config)  # "auto": bfloat16 where it is faster, as a run here would train
     data = vf.with_noise(vf.load_fashion_mnist(config), config)
-    vae = vf.build_distributed_vae(config, len(data.x_train))
+    vae = vf.build_distributed_vae(config)
     history = vf.train_vae(vae, data.x_train_noisy, data.x_train, data.y_train, config, verbose=0)
     evaluated = vf.evaluate(vae, data, config)
-    vae.code_density = vf.fit_code_density(evaluated["z_mean_train"], config.expost_components,
+    vae.generator = vf.fit_generator(evaluated["z_mean_train"], config.expost_components,
                                            vf.seed_for(config, "expost_fit"))
     generation = vf.generation_quality(vae, data, config, evaluated["z_mean_train"], evaluated["denoised"])
     return data, history, evaluated, vf.denoising_summary(evaluated["quality"]), generation

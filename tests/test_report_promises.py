@@ -45,44 +45,30 @@ def test_metrics_csv_names_each_figure_with_its_own_value_unit_and_image_count()
     assert {name: rows.loc[name, "n_images"] for name in expected} == expected
 
 
-def test_metrics_txt_puts_each_figure_in_its_column_and_names_the_counts_and_the_noise():
+def test_metrics_txt_gives_every_figure_of_metrics_csv_its_own_row_under_its_group_and_names_the_noise():
     values, table = _metrics_values()
-    config = vf.Config(noise_factor=0.3, seed=11, prior="mixture", generator="expost")
+    table["value"] = table["value"] / 7  # values with many digits, each its own
+    config = vf.Config(noise_factor=0.3, seed=11)
     robustness = pd.DataFrame({"sigma": [0.3, 0.3, 0.3], "method": ["noisy input", "TV (Chambolle)", "VAE"],
                                "psnr": [10.0, 12.0, 18.0], "ssim": [0.3, 0.4, 0.6], "mse": [0.1, 0.06, 0.02],
                                "n_images": [40, 40, 40]})
-    results = types.SimpleNamespace(metrics=table, config=config, source="bars", n_train=600, robustness=robustness,
-                                    warnings=[])
-    report = vf.metrics_report(results)
-    vae_row = next(line for line in report.splitlines() if re.match(r"VAE +\d", line))
-    assert [float(x) for x in vae_row.split()[1:]] == pytest.approx(
-        [values["vae_mse"], values["vae_psnr"], values["vae_ssim"], values["vae_psnr_pooled"]])
-    noisy_row = next(line for line in report.splitlines() if re.match(r"noisy input +\d", line))
-    assert float(noisy_row.split()[2]) == pytest.approx(values["noisy_mse"])
-    assert "600 training and 100 test images" in report
-    assert "a seeded subset of 20 test images" in report
-    assert f"clip(x + 0.3 * N(0,1), 0, 1), test noise drawn once (seed {vf.seed_for(config, 'test_noise')})" in report
-    assert "subset of 40 test images" in report and "trained at sigma 0.3" in report
-
-
-def test_the_generation_report_gives_each_ratio_to_the_reconstructions_and_each_class_its_row():
-    values = {name: 1.0 for name in vf.METRICS}
-    values.update(fd_vae_reconstruction=2.0, fd_prior_samples=3.0, fd_training_codes=1.0,
-                  fd_trained_prior_samples=5.0, prior_class_entropy=0.111, trained_prior_class_entropy=0.222)
-    values.update({f"conditional_agreement_{c}": c / 10 for c in range(10)})
-    values.update({f"fd_conditional_{c}": c + 10.0 for c in range(10)})
-    config = vf.Config(generator="expost", prior="mixture", expost_components=80)
-    lines = vf.generation_report(values, config)
+    results = types.SimpleNamespace(metrics=table, config=config, source="bars", n_train=600, y_test=np.zeros(100),
+                                    robustness=robustness, warnings=["UMAP was not written"])
+    lines = vf.metrics_report(results).splitlines()
+    groups = set(table["group"])
+    for row in table.itertuples():
+        at = [i for i, line in enumerate(lines) if line.split()[:1] == [row.name]]
+        assert len(at) == 1, row.name
+        shown = lines[at[0]].split()
+        assert float(shown[1]) == pytest.approx(row.value, rel=1e-5), row.name
+        assert int(shown[-1]) == row.n_images, row.name
+        assert next(line for line in reversed(lines[:at[0]]) if line in groups) == row.group, row.name
+    # each group once, in metrics.csv's order
+    assert [line for line in lines if line in groups] == list(dict.fromkeys(table["group"]))
     text = "\n".join(lines)
-    assert re.search(r"generated samples: +3\.000 += 1\.500 x", text)
-    assert re.search(r"training codes, decoded: +1\.000 += 0\.500 x", text)
-    assert re.search(r"trained prior's samples: +5\.000 += 2\.500 x", text)
-    generator_line = text.index(vf.generator_label(config))
-    assert text.index("class entropy 0.111") > generator_line > text.index("generated samples")
-    assert text.index("class entropy 0.222") > text.index(vf.prior_label(config)) > text.index("trained prior's")
-    for c in range(10):
-        row = next(line for line in lines if line.startswith(vf.CLASS_NAMES_EN[c] + " / "))
-        assert row.split()[-2:] == [f"{10 * c:.1f}%", f"{c + 10:.3f}"]
+    assert "600 training and 100 test images from bars" in text and "clip(x + 0.3 * N(0,1), 0, 1)" in text
+    assert "trained at sigma 0.3" in text and "PSNR: the VAE beats TV at every sigma measured" in text
+    assert "- UMAP was not written" in text
 
 
 def test_the_pca_report_counts_components_from_one_and_sums_the_first_two():
@@ -95,11 +81,12 @@ def test_the_pca_report_counts_components_from_one_and_sums_the_first_two():
 def test_a_report_that_cannot_be_made_leaves_no_metrics_file(tmp_path):
     """README: a failed run leaves no metrics.csv/metrics.txt; write_reports makes the text before either."""
     _values, table = _metrics_values()
-    broken = table[table["name"] != "fd_vae_reconstruction"]  # generation_report needs it
+    broken = table[table["name"] != "fd_vae_reconstruction"]
     results = types.SimpleNamespace(metrics=broken, config=vf.Config(), source="bars", n_train=600,
                                     robustness=pd.DataFrame(), warnings=[], history=pd.DataFrame(),
+                                    y_test=np.zeros(100),
                                     pca_ratios=np.array([0.6, 0.4]))
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError):  # robustness_summary: no rows to rank
         vf.write_reports(results, tmp_path)
     assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "metrics.txt").exists()
 
@@ -193,9 +180,9 @@ def test_run_goes_through_its_stages_in_order_and_marks_the_folder_at_the_end(mo
             return result
         return stage
 
-    def analyse(vae, data, history, config, timer):
+    def analyse(vae, data, history, config, stage):
         calls.append("analyse")
-        with timer.stage("evaluate"):
+        with stage("evaluate"):
             pass
         return types.SimpleNamespace(metrics=pd.DataFrame({"name": ["x"]}), warnings=[])
 

@@ -122,7 +122,7 @@ def test_no_readable_backup_restarts_training_from_the_first_epoch(tmp_path, dat
     noisy = vf.add_noise(data.x_train, config.noise_factor, config.seed)
 
     def train(out):
-        vae = vf.build_distributed_vae(config, len(data.x_train))
+        vae = vf.build_distributed_vae(config)
         history = vf.train_vae(vae, noisy, data.x_train, data.y_train, config, vf.open_checkpoint(out, config), 0)
         return history, [w.numpy() for w in vae.weights]
 

@@ -1,6 +1,6 @@
-"""Write what is made from the code: the settings (from Config) and the outputs (from OUTPUTS), as lists in
-the notebook's markdown cells in vae_fashion.py and as tables in README.md, then regenerate vae_fashion.ipynb
-with jupytext. The tests fail, naming this script, when one is stale.
+"""Write what is made from the code into README.md: the settings (from Config), the outputs (from OUTPUTS) and
+the results (from the committed runs), then regenerate vae_fashion.ipynb with jupytext. The tests fail, naming
+this script, when one is stale.
 
     python3 tools/sync_docs.py
 """
@@ -9,7 +9,6 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,18 +17,6 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 import vae_fashion as vf  # noqa: E402
-
-
-def markdown_item(text: str) -> str:
-    """A markdown list item wrapped to fit the cell's 120 columns (its continuation lines indented)."""
-    return textwrap.fill(text, 116, initial_indent="- ", subsequent_indent="  ", break_long_words=False,
-                         break_on_hyphens=False)
-
-
-def settings_list() -> str:
-    """The notebook's list of settings, with every meaning, made from SETTINGS."""
-    return "\n".join(markdown_item(f"{rule['group']}: `{name}` (`{rule['env']}`), default `{vf.shown_default(rule)}`: "
-                                   f"{rule['meaning']}") for name, rule in vf.SETTINGS.items())
 
 
 def presets_text() -> str:
@@ -56,12 +43,6 @@ def outputs_table() -> str:
     for output in vf.OUTPUTS:
         rows.append(f"| {', '.join(f'`{name}`' for name in output.files)} | {output.shows} | `{output.by}` |")
     return "\n".join(rows)
-
-
-def outputs_list() -> str:
-    """The same as a list, for the notebook's last cell."""
-    return "\n".join(markdown_item(f"{', '.join(f'`{name}`' for name in output.files)}: {output.shows} "
-                                   f"(`{output.by}`)") for output in vf.OUTPUTS)
 
 
 # README's results: docs/runs/<folder> holds the metrics.csv, config.json and timings.csv of one full run of the
@@ -128,38 +109,29 @@ def results_table() -> str:
         f"stepped at the default's rate, the rest of its training stage is unexplained. Commands: {commands}.")
 
 
-# marker name -> the list or table, in the notebook's markdown cells and in README.md
-NOTEBOOK_TABLES = {"settings": settings_list, "outputs": outputs_list}
+# marker name -> the table in README.md
 README_TABLES = {"settings": settings_table, "outputs": outputs_table, "results": results_table}
 
 
-def replace_table(text: str, name: str, table: str, prefix: str) -> str:
-    """The block after the marker line `<prefix><!-- <name> table -->` is replaced by `table`: up to the line
-    `<prefix><!-- /<name> table -->` where there is one, else up to the first blank line."""
-    marker, end = f"{prefix}<!-- {name} table -->\n", f"{prefix}<!-- /{name} table -->\n"
+def replace_table(text: str, name: str, table: str) -> str:
+    """The block after the marker line `<!-- <name> table -->` is replaced by `table`: up to the line
+    `<!-- /<name> table -->` where there is one, else up to the first blank line."""
+    marker, end = f"<!-- {name} table -->\n", f"<!-- /{name} table -->\n"
     if marker not in text:
         raise SystemExit(f"no '{marker.strip()}' line to put the {name} table after")
     head, rest = text.split(marker, 1)
-    if end in rest:
-        old = rest[: rest.index(end)]
-    else:
-        old = re.match(rf"(?:{re.escape(prefix)}\S.*\n|{re.escape(prefix)}  .*\n)*", rest).group(0)  # up to a blank
-    new = "".join(f"{prefix}{line}".rstrip() + "\n" for line in table.splitlines())
-    return head + marker + new + rest[len(old):]
+    old = rest[: rest.index(end)] if end in rest else re.match(r"(?:\S.*\n|  .*\n)*", rest).group(0)  # to a blank
+    return head + marker + table.rstrip() + "\n" + rest[len(old):]
 
 
 def main() -> None:
-    script = ROOT / "vae_fashion.py"
-    text = script.read_text(encoding="utf-8")
-    for name, make in NOTEBOOK_TABLES.items():
-        text = replace_table(text, name, make(), "# ")
-    script.write_text(text, encoding="utf-8")
     readme = ROOT / "README.md"
     text = readme.read_text(encoding="utf-8")
     for name, make in README_TABLES.items():
-        text = replace_table(text, name, make(), "")
+        text = replace_table(text, name, make())
     readme.write_text(text, encoding="utf-8")
-    subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "--update", str(script)], check=True, cwd=ROOT)
+    notebook = [sys.executable, "-m", "jupytext", "--to", "ipynb", "--update", "vae_fashion.py"]
+    subprocess.run(notebook, check=True, cwd=ROOT)
 
 
 if __name__ == "__main__":
