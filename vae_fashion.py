@@ -21,24 +21,13 @@
 # t-SNE), prior samples and latent interpolations to `vae_outputs_v3/`
 # (`/kaggle/working/vae_outputs_v3` on Kaggle).
 #
-# **The cell, in order**
-# 1. *Settings*: `OVERRIDES`, then `Config`, which declares every setting once (default, bounds,
-#    group, meaning), and the named random streams.
-# 2. *Model*: `Sampling`, encoder, decoder, the loss terms, the learned prior, and the `VAE` with
-#    its `train_step` and its uses `encode()`, `denoise()`, `generate()`.
-# 3. *Data and noise*: Fashion-MNIST as float32 in [0, 1], and the noise.
-# 4. *Training*: `build_vae()` (the optimizer and its schedule) and the `FitPrior` callback. Sections 1-4
-#    stand alone: copied into a notebook, `vae.fit(noisy, (clean, labels))` trains the VAE with Keras.
-# 5. *Analysis*: `analyse()` computes every number and image set into `Results`.
-# 6. *Drawing*: `render()` draws `Results` into the files of `OUTPUTS`; it never runs the model.
-# 7. *Reports*: `metrics.csv`, `metrics.txt` and their definitions, the saved models.
-# 8. `run()`: load, noise, build, train, analyse, save models, render, report.
-# 9. *Appendix*, the plumbing: errors, settings parsing, devices and precisions, the VAE as `run()`
-#    trains it (`DistributedVAE`: several devices, exact resume, new noise every epoch), data loading and
-#    validation, checkpoints, run status, atomic writes.
-#
-# **Settings** are the fields of `Config`, at the top of the cell: each declares its default, bounds and
-# meaning (README lists them as a table).
+# **The cell, in order**: 1 settings (`OVERRIDES`, `Config`, whose fields declare every setting's default,
+# bounds and meaning); 2 the model (`VAE`: its `train_step`, `encode()`, `denoise()`, `generate()`); 3 the data
+# and the noise; 4 training (`build_vae()`, `FitSchedule`, `FitPrior`). Sections 1-4 stand alone: copied into a
+# notebook, `vae.fit(noisy, (clean, labels))` trains the run's VAE. 5 analysis (`analyse()` into `Results`);
+# 6 drawing (`render()` draws `Results` into the files of `OUTPUTS`, never running the model); 7 reports;
+# 8 `run()`; 9 the appendix: errors, settings parsing, devices and precisions, `DistributedVAE` (several
+# devices, exact resume, new noise every epoch), data loading, checkpoints, run status.
 #
 # **Changing a setting on Kaggle**: edit the line `OVERRIDES = {}` at the top of the cell,
 # for example `OVERRIDES = {"epochs": 5, "train_samples": 10000}`. `OVERRIDES` wins over
@@ -615,11 +604,12 @@ def with_noise(data: FashionMNIST, config: Config) -> FashionMNIST:
 # =============================================================================
 
 
-def learning_rate_schedule(config: Config):
-    """Adam's learning rate: constant, or a cosine decay to 5 % of it over the steps of fit (FitSchedule)."""
+def learning_rate_schedule(config: Config, decay_steps: int = 1):
+    """Adam's learning rate: constant, or a cosine decay to 5 % of it over decay_steps (for the VAE, FitSchedule
+    sets them to the steps of fit)."""
     if config.lr_schedule == "constant":
         return config.learning_rate
-    return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=1, alpha=0.05)
+    return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=decay_steps, alpha=0.05)
 
 
 def build_vae(config: Config, jit_compile="auto", model_class=VAE) -> VAE:
@@ -966,12 +956,10 @@ def project_tsne(z: np.ndarray, seed: int) -> np.ndarray:
 
 
 def import_umap():
-    """Return (umap module, None), or (None, reason) when it cannot be had.
-
-    Like the original notebook, a missing umap-learn is pip-installed once.
-    """
+    """(the umap module, None), or (None, why not); like the original notebook, a missing umap-learn is
+    pip-installed once."""
     try:
-        import umap
+        import umap  # here: optional
 
         return umap, None
     except ImportError as error:

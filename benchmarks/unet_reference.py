@@ -51,7 +51,7 @@ def main():
     keras.utils.set_random_seed(config.seed)
     unet = build_unet()
     steps = math.ceil(len(data.x_train) / config.batch_size)
-    unet.compile(optimizer=keras.optimizers.Adam(vf.learning_rate_schedule(config, steps)),
+    unet.compile(optimizer=keras.optimizers.Adam(vf.learning_rate_schedule(config, config.epochs * steps)),
                  loss=keras.losses.BinaryCrossentropy(from_logits=True))
     batches = vf.make_train_dataset(data.x_train_noisy, data.x_train, data.y_train, config, 0).map(
         lambda batch: (batch["noisy"], batch["clean"]))
