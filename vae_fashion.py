@@ -1401,10 +1401,6 @@ class Output:
     draw: Callable | None = None  # the drawing function render() calls as draw(results, paths, show)
     written_by: str | None = None  # the writer of a file that is not drawn
 
-    @property
-    def by(self) -> str:
-        return self.draw.__name__ if self.draw else self.written_by
-
 
 # Every file a run writes, in the order the notebook shows the figures. render() draws the figures from here;
 # README's outputs table is made from it (tools/sync_docs.py), and the tests read it.
@@ -1645,13 +1641,7 @@ def effective_config_record(config: Config, precision: str | None = None, overri
         "environment_variables": {rule["env"]: environ.get(rule["env"]) for rule in SETTINGS.values()},
         "dtype_policy": precision or resolve_precision(config),  # what precision="auto" resolved to
         "cpu": cpu_model_name(),
-        "versions": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "numpy": np.__version__,
-            "pandas": pd.__version__,
-        },
+        "versions": {"python": platform.python_version(), **{m.__name__: m.__version__ for m in (tf, keras, np, pd)}},
     }
 
 
@@ -1899,9 +1889,6 @@ def cpu_model_name() -> str:
 
 
 # --- The VAE as run() trains it: several devices, float16, exact resume, fresh noise ----------------------
-# DistributedVAE overrides two hooks of VAE: train_step (keyed batches, a keyed posterior sample, loss scaling,
-# the replica share and the shared overflow skip) and supcon_term (SupCon over the global batch). On one
-# device in float32 it trains the same objective as VAE's train_step.
 
 
 def replica_context():
@@ -1941,9 +1928,9 @@ def keyed_normal(shape, dtype, seed: int, step_key):
 @keras.saving.register_keras_serializable(package="vae_fashion")
 class DistributedVAE(VAE):
     """The VAE as run() trains it, on one device or several (MirroredStrategy), from make_train_dataset's keyed
-    batches. Its posterior sample is keyed by (VAE_SEED, epoch, step) like the batches, so a resumed run repeats
-    an uninterrupted one bit for bit; SupCon compares every image of the global batch; under mixed_float16 an
-    overflow on any replica skips the step on all."""
+    batches: the objective of VAE's train_step, with a posterior sample keyed by (VAE_SEED, epoch, step) like the
+    batches, so a resumed run repeats an uninterrupted one bit for bit; SupCon over the global batch; under
+    mixed_float16 an overflow on any replica skips the step on all."""
 
     def train_step(self, batch):
         rows, step_key = tf.shape(batch["noisy"])[0], batch["step_key"][0]
@@ -2092,19 +2079,17 @@ class TrainingTimeEstimate(keras.callbacks.Callback):
 
     def __init__(self, epochs: int):
         super().__init__()
-        self.epochs, self.first_epoch, self.after_first_step = epochs, None, None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.first_epoch = epoch if self.first_epoch is None else self.first_epoch
+        self.epochs, self.after_first_step, self.printed = epochs, None, False
 
     def on_train_batch_end(self, batch, logs=None):
-        if batch == 0 and self.after_first_step is None:
+        if self.after_first_step is None:
             self.after_first_step = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         steps = self.params.get("steps") or 0
-        if epoch != self.first_epoch or steps < 2:
+        if self.printed or steps < 2:
             return
+        self.printed = True
         per_step = (time.perf_counter() - self.after_first_step) / (steps - 1)
 
         def duration(seconds):

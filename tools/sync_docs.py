@@ -41,7 +41,8 @@ def outputs_table() -> str:
     """README's outputs table, made from OUTPUTS."""
     rows = ["| file | what it shows | written by |", "|---|---|---|"]
     for output in vf.OUTPUTS:
-        rows.append(f"| {', '.join(f'`{name}`' for name in output.files)} | {output.shows} | `{output.by}` |")
+        by = output.draw.__name__ if output.draw else output.written_by
+        rows.append(f"| {', '.join(f'`{name}`' for name in output.files)} | {output.shows} | `{by}` |")
     return "\n".join(rows)
 
 
