@@ -74,7 +74,12 @@ def test_analyse_fits_the_generator_to_the_noisy_training_codes_and_keeps_each_s
     assert results.representation == vf.representation_quality(
         z_noisy_train, data.y_train, _encode(data.x_test_noisy)[0], data.y_test,
         vf.seed_for(config, "silhouette_subset"))
-    assert len(results.pca_coords) == len(data.x_test)
+    # PCA of the test codes, against numpy's SVD (a component's sign is free)
+    centred = _encode(data.x_test_noisy)[0].astype(np.float64)
+    centred -= centred.mean(axis=0)
+    _u, singular, directions = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(results.pca_ratios, singular**2 / np.sum(singular**2), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.abs(results.pca_coords), np.abs(centred @ directions[:2].T), rtol=1e-3, atol=1e-4)
 
 
 def test_with_noise_draws_each_split_from_its_own_stream_at_noise_factor():
