@@ -118,7 +118,8 @@ class Config:
     """Every setting of a run: the key of OVERRIDES, and the environment variable VAE_<KEY in capitals>.
 
     Config(preset="faithful", epochs=5) starts from the preset's values, the settings named win, and every
-    value is checked against its declaration (ConfigError)."""
+    value is checked against its declaration (ConfigError). (dataclasses.replace keeps every other value: a
+    preset applies at construction.)"""
 
     preset: str = setting("default", "preset", "a named set of defaults: faithful, the original notebook's; "
                           "quality, a larger model trained longer (PRESETS)", tuple(PRESETS), trains=False)
@@ -193,7 +194,8 @@ class Config:
             problem = setting_problem(name, value)
             if problem:
                 raise ConfigError(f"Config({name}={value!r}) {problem}")
-            object.__setattr__(self, name, bool(value) if SETTINGS[name]["kind"] is bool else value)
+            kind = SETTINGS[name]["kind"]  # a plain bool, int, float or str, as config.json records it
+            object.__setattr__(self, name, value if value is None or isinstance(kind, tuple) else kind(value))
 
 
 # field -> its declaration (see setting())
@@ -209,11 +211,12 @@ def setting_problem(name: str, value) -> str | None:
         return None
     if kind is bool or isinstance(kind, tuple):
         words = (0, 1) if kind is bool else kind
-        return None if value in words and type(value) in (bool, int, str) else (
+        return None if value in words and not isinstance(value, float) else (
             f"must be {', '.join(map(str, words[:-1]))} or {words[-1]}")
     if kind is str:
-        return None if isinstance(value, str) else "must be text"
-    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        return None if isinstance(value, (str, os.PathLike)) else "must be text"
+    whole = (int, np.integer)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, whole if kind is int else (*whole, float)):
         return "is not a whole number" if kind is int else "is not a number"
     if not math.isfinite(value):
         return "must be a finite number"
@@ -401,7 +404,7 @@ class MixturePrior(layers.Layer):
         self.logits = self.add_weight(shape=(components,), initializer="zeros", name="logits")
         self.means = self.add_weight(shape=(components, latent_dim), initializer="zeros", name="means")
         self.log_vars = self.add_weight(shape=(components, latent_dim), initializer="zeros", name="log_vars")
-        self.built = True
+        self.built, self.fitted = True, False  # fitted: by fit(), once; a later VAE.fit keeps the trained prior
 
     def log_prob(self, z):
         """log p(z) for a batch of latents (batch, latent_dim) -> (batch,)."""
@@ -415,10 +418,11 @@ class MixturePrior(layers.Layer):
 
     def fit(self, latents: np.ndarray, seed: int) -> None:
         """Set the components to a diagonal Gaussian mixture fitted by EM to `latents`."""
-        from sklearn.mixture import GaussianMixture  # here: sections 1-4 otherwise need only TensorFlow and Keras
+        from sklearn.mixture import GaussianMixture  # here: the rest of sections 1-4 needs only TensorFlow and Keras
 
         mixture = GaussianMixture(len(self.logits.numpy()), covariance_type="diag", random_state=seed).fit(latents)
         self.set_parameters(mixture.weights_, mixture.means_, mixture.covariances_)
+        self.fitted = True
 
     def parameters(self) -> dict:
         """weights, means and variances as numpy arrays (what prior.npz holds)."""
@@ -482,16 +486,17 @@ class VAE(keras.Model):
     def metrics(self):
         return list(self.trackers.values())  # listed here so that Keras resets them every epoch
 
-    def fit(self, x=None, y=None, callbacks=None, **kwargs):
+    def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
         """Keras' fit, with what the objective needs: FitSchedule, and FitPrior on the noisy images x unless
-        the caller passes one (run() does)."""
+        the caller passes one (run() does). Epochs count as Keras counts them: a fit that continues training
+        passes initial_epoch, so that the schedule spans both."""
         callbacks = [FitSchedule(), *(callbacks or [])]
         if self.prior is not None and not any(isinstance(callback, FitPrior) for callback in callbacks):
             if not isinstance(x, np.ndarray):
                 raise ValueError("the mixture prior is fitted to the noisy training images: pass them to fit() as "
                                  "an array, or pass callbacks=[FitPrior(noisy_images, config)]")
             callbacks.insert(1, FitPrior(x, self.config))
-        return super().fit(x, y, callbacks=callbacks, **kwargs)
+        return super().fit(x, y, *args, callbacks=callbacks, **kwargs)
 
     def call(self, noisy, training=False):
         z_mean, _z_log_var = self.encoder(noisy, training=training)
@@ -633,10 +638,12 @@ class FitSchedule(keras.callbacks.Callback):
         steps = self.params.get("steps")
         if not steps:
             raise ValueError("fit() needs a known number of steps per epoch: pass steps_per_epoch")
-        self.model.steps_per_epoch = steps
-        if isinstance(self.model.schedule, keras.optimizers.schedules.CosineDecay):
-            self.model.schedule.decay_steps = max(1, steps * self.params["epochs"])
-        self.model.make_train_function(force=True)  # the training step takes both in when it is traced
+        schedule, decay_steps = self.model.schedule, max(1, steps * self.params["epochs"])
+        if steps != self.model.steps_per_epoch or getattr(schedule, "decay_steps", decay_steps) != decay_steps:
+            self.model.steps_per_epoch = steps
+            if isinstance(schedule, keras.optimizers.schedules.CosineDecay):
+                schedule.decay_steps = decay_steps
+            self.model.make_train_function(force=True)  # the training step takes both in when it is traced
 
 
 class FitPrior(keras.callbacks.Callback):
@@ -648,7 +655,7 @@ class FitPrior(keras.callbacks.Callback):
         self.noisy, self.config = noisy, config
 
     def on_epoch_begin(self, epoch, logs=None):
-        if epoch != 1 or self.model.prior is None:  # epoch counts from 0
+        if epoch != 1 or self.model.prior is None or self.model.prior.fitted:  # epoch counts from 0
             return
         seed = seed_for(self.config, "prior_fit")
         rng = np.random.default_rng(seed)
@@ -662,7 +669,7 @@ class FitPrior(keras.callbacks.Callback):
 # 5. Analysis: every number and every image set of the outputs (analyse() at the end)
 # =============================================================================
 
-# here: sections 1-4 need only TensorFlow and Keras
+# here: sections 1-4 need none of these
 import pandas as pd  # noqa: E402
 from scipy import linalg  # noqa: E402
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity  # noqa: E402
@@ -683,7 +690,7 @@ CLASS_NAMES_TR = ["Tişört/Üst", "Pantolon", "Kazak", "Elbise", "Ceket", "Sand
 # Seeded subsets (see seeded_subset):
 SILHOUETTE_SAMPLES = 5000  # test z_mean scored by the silhouette (O(n^2) distances)
 ROBUSTNESS_SAMPLES = 1000  # test images denoised at every noise level of 13_noise_robustness.png
-GENERATOR_FIT_SAMPLES = 20_000  # training z_mean the generator's mixture is fitted to after training
+EXPOST_FIT_SAMPLES = 20_000  # training z_mean the generator's mixture is fitted to after training
 SEED_OFFSETS |= {  # the analysis's random streams (seed_for)
     "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "training_codes": 5, "conditional": 6,
     "robustness_subset": 7, "silhouette_subset": 9, "embed_subset": 10, "tsne": 11, "umap": 12, "expost_fit": 13,
@@ -834,7 +841,7 @@ def normalised_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum() / np.log(NUM_CLASSES))
 
 
-def fit_generator(z_train: np.ndarray, components: int, seed: int, size: int = GENERATOR_FIT_SAMPLES) -> dict:
+def fit_generator(z_train: np.ndarray, components: int, seed: int, size: int = EXPOST_FIT_SAMPLES) -> dict:
     """The generator: a full-covariance Gaussian mixture fitted by EM to `size` seeded training z_mean after
     training (the ex-post density of Ghosh et al. 2020); its weights, means and covariances, as sample_mixture()
     takes them."""
@@ -1138,7 +1145,7 @@ def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config,
 # 6. Drawing: render() draws Results; nothing here runs the model or an analysis
 # =============================================================================
 
-import matplotlib  # noqa: E402 - here: sections 1-4 need only TensorFlow and Keras
+import matplotlib  # noqa: E402 - here: sections 1-4 need none of it
 
 if "ipykernel" not in sys.modules:
     matplotlib.use("Agg")  # files only, no window
@@ -1750,7 +1757,9 @@ def parse_setting(field: str, raw: str, source: str, hint: str):
     """One setting's text, parsed and checked by its declaration; `source` names it in errors (VAE_EPOCHS,
     OVERRIDES['epochs'] or PRESETS['faithful']['epochs'])."""
     kind, text = SETTINGS[field]["kind"], raw.strip()
-    value = text or None if kind is str else {"0": False, "1": True}.get(text, text) if kind is bool else text
+    if kind is str:
+        return text or None  # unset: the default (out_dir: default_out_dir())
+    value = {"0": False, "1": True}.get(text, text) if kind is bool else text
     if kind in (int, float):
         with contextlib.suppress(ValueError):
             value = kind(text)

@@ -2,7 +2,7 @@
 Compares candidates on finished runs, from their output folders alone (encoder.keras, decoder.keras, prior.npz,
 config.json, metrics.csv):
 
-    python3 benchmarks/generator.py RUN_FOLDER [RUN_FOLDER ...]
+    python3 benchmarks/code_density.py RUN_FOLDER [RUN_FOLDER ...]
 
 For each run it re-encodes the fixed noisy training copy (the run's own settings and seeds), retrains the run's
 Fréchet-distance classifier (same seed, same 3 epochs), checks that it reproduces the run's fd_vae_reconstruction,

@@ -1,8 +1,10 @@
 """Configuration from VAE_* environment variables."""
 
 import json
+from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 import vae_fashion as vf
@@ -257,3 +259,9 @@ def test_config_itself_applies_the_preset_and_checks_every_value():
             vf.Config(**settings)
     with pytest.raises(TypeError, match="epoch"):
         vf.Config(epoch=3)
+    # numpy numbers and paths become the plain values config.json records; an empty out_dir is the default
+    config = vf.Config(epochs=np.int64(3), learning_rate=1, fresh=np.bool_(True), data_dir=Path("/data"))
+    assert (config.epochs, config.learning_rate, config.fresh, config.data_dir) == (3, 1.0, True, "/data")
+    assert type(config.epochs) is int and type(config.learning_rate) is float
+    json.dumps(vf.dataclasses.asdict(config))
+    assert vf.config_from_env({}, {"out_dir": " "}).out_dir == str(vf.default_out_dir())

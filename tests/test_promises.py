@@ -36,12 +36,27 @@ def test_the_cosine_schedule_decays_to_5_percent_of_the_learning_rate_over_the_r
     assert float(constant.optimizer.learning_rate) == pytest.approx(2e-3)
 
 
+def test_fit_retraces_the_training_step_only_when_its_epoch_length_or_decay_changes():
+    """A second fit of the same shape reuses the compiled step (bench_training times such fits)."""
+    vae = vf.build_vae(vf.Config(latent_dim=4, epochs=2))
+    vae.make_train_function()
+    built = vae.train_function
+    fit_begins(vae, steps=10, epochs=2)
+    traced = vae.train_function
+    assert traced is not built
+    fit_begins(vae, steps=10, epochs=2)
+    assert vae.train_function is traced
+    fit_begins(vae, steps=12, epochs=2)
+    assert vae.train_function is not traced and vae.schedule.decay_steps == 24
+
+
 class _RecordingPrior:
     def __init__(self):
-        self.calls = []
+        self.calls, self.fitted = [], False
 
     def fit(self, latents, seed):
         self.calls.append((np.array(latents), seed))
+        self.fitted = True
 
 
 def test_the_mixture_prior_is_fitted_once_before_epoch_2_to_one_posterior_sample_of_each_noisy_image():
@@ -64,6 +79,10 @@ def test_the_mixture_prior_is_fitted_once_before_epoch_2_to_one_posterior_sample
         callback.on_epoch_begin(epoch)
         fits.append(len(model.prior.calls))
     assert fits == [0, 1, 1, 1] and len(model.encoded) == 1
+    second = vf.FitPrior(noisy, config)  # a later fit's epoch 2 keeps the prior the model trained
+    second.set_model(model)
+    second.on_epoch_begin(1)
+    assert len(model.prior.calls) == 1
     latents, seed = model.prior.calls[0]
     assert seed == vf.seed_for(config, "prior_fit") and latents.shape == (vf.PRIOR_FIT_SAMPLES, 2)
     images = model.encoded[0]

@@ -149,6 +149,6 @@ def test_checkpoint_with_other_settings_is_refused_unless_fresh(tmp_path, datase
     vf.open_checkpoint(tmp_path, vf.Config(epochs=1, batch_size=64, latent_dim=4, train_samples=128,
                                            test_samples=50, embed_samples=100, out_dir=str(tmp_path)))
     (tmp_path / "checkpoint" / "vae.weights.h5").write_text("stale")
-    fresh = vf.open_checkpoint(tmp_path, vf.Config(**{**changed.__dict__, "fresh": True}))
+    fresh = vf.open_checkpoint(tmp_path, vf.dataclasses.replace(changed, fresh=True))
     assert not fresh.weights.exists()
     assert json.loads(fresh.fingerprint.read_text())["epochs"] == 2

@@ -18,7 +18,8 @@ R = "tests/test_report_promises.py"
 T, B = "tests/test_derived_figures.py", "tests/test_bad_input.py"
 # (name, text in vae_fashion.py, the slip, the tests that must fail)
 SLIPS = [
- ("decay over one epoch", 'decay_steps = max(1, steps * self.params["epochs"])', 'decay_steps = max(1, steps)', [P, "tests/test_copy_path.py"]),
+ ("decay over one epoch", 'max(1, steps * self.params["epochs"])', 'max(1, steps)', [P, "tests/test_copy_path.py"]),
+ ("prior refitted by a later fit", "or self.model.prior.fitted:", ":", [P]),
  ("beta by a fixed epoch", "self.model.steps_per_epoch = steps", "self.model.steps_per_epoch = 235", ["tests/test_copy_path.py"]),
  ("no prior fit in fit", "callbacks.insert(1, FitPrior(x, self.config))", "pass", ["tests/test_copy_path.py"]),
  ("preset over named", '{"preset": preset, **PRESETS.get(preset, {}), **settings}', '{"preset": preset, **settings, **PRESETS.get(preset, {})}', ["tests/test_config.py"]),
