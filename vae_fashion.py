@@ -460,12 +460,10 @@ HISTORY_COLUMNS = ["epoch", *LOSS_TERMS, "beta"]
 
 
 class VAE(keras.Model):
-    """Denoising VAE trained on BCE + beta * KL + gamma_sc * w * SupCon(z_mean); see supcon_weight().
-
-    Train it with fit(noisy, (clean, labels)) at any batch size: beta warms up, and the learning rate decays,
-    over the epochs fit runs. It owns its uses, on numpy batches of any size: encode() gives (z_mean,
-    z_log_var), denoise() gives decoder(z_mean(noisy)), generate() decodes latents, sample_generator() draws
-    from the generator."""
+    """Denoising VAE trained on BCE + beta * KL + gamma_sc * w * SupCon(z_mean) (supcon_weight) by
+    fit(noisy, (clean, labels)) at any batch size. Its uses take numpy batches of any size: encode() gives
+    (z_mean, z_log_var), denoise() decoder(z_mean(noisy)), generate() decodes latents, sample_generator()
+    draws from the generator."""
 
     def __init__(self, encoder, decoder, config: Config, **kwargs):
         super().__init__(**kwargs)
@@ -487,9 +485,8 @@ class VAE(keras.Model):
         return list(self.trackers.values())  # listed here so that Keras resets them every epoch
 
     def fit(self, x=None, y=None, *args, callbacks=None, **kwargs):
-        """Keras' fit, with what the objective needs: FitSchedule, and FitPrior on the noisy images x unless
-        the caller passes one (run() does). Epochs count as Keras counts them: a fit that continues training
-        passes initial_epoch, so that the schedule spans both."""
+        """Keras' fit, with FitSchedule, and FitPrior on the noisy images x unless the caller passes one (run()
+        does). A fit that continues training passes initial_epoch, so that the schedule spans both."""
         callbacks = [FitSchedule(), *(callbacks or [])]
         if self.prior is not None and not any(isinstance(callback, FitPrior) for callback in callbacks):
             if not isinstance(x, np.ndarray):
@@ -579,8 +576,7 @@ class FashionMNIST:
     x_test: np.ndarray
     y_test: np.ndarray
     source: str
-    # the fixed noisy copies, added by with_noise()
-    x_train_noisy: np.ndarray | None = None
+    x_train_noisy: np.ndarray | None = None  # the fixed noisy copies, added by with_noise()
     x_test_noisy: np.ndarray | None = None
 
 

@@ -92,3 +92,10 @@ def test_the_cut_cell_trains_with_plain_fit_on_arrays(tmp_path):
     assert min(history["supcon_loss"]) > 1.0 and min(kl) > 0.0
     np.testing.assert_allclose(np.array(history["total_loss"]) - 1.25 * recon, beta * kl, rtol=0.1, atol=1e-3)
     assert outcome["denoised"] > outcome["noisy"] + 1.0, outcome
+
+
+def test_the_copied_model_data_and_training_stay_at_most_412_lines():
+    """Issue 38: sections 2-4, banner to banner, are what a reader copies and reads first; they stay small."""
+    cut = sections_one_to_four()
+    section_2 = cut.index("# =============================================================================\n# 2. Model")
+    assert len(cut[section_2:].splitlines()) <= 412
