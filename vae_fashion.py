@@ -2228,12 +2228,16 @@ def read_fashion_csv(path) -> tuple[np.ndarray, np.ndarray]:
                            f"{path} (first column)")
 
 
+def holds_csvs(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in CSV_FILES.values())
+
+
 def load_folder(folder: Path):
     """((x_train, y_train, x_test, y_test), source) of a folder with all four IDX files, or else both
     Kaggle CSVs; None when it has neither."""
     if all(idx_files_in(folder).values()):
         return load_idx_folder(folder), f"IDX files in {folder}"
-    if all((folder / name).is_file() for name in CSV_FILES.values()):
+    if holds_csvs(folder):
         (x_train, y_train), (x_test, y_test) = (read_fashion_csv(folder / CSV_FILES[s]) for s in ("train", "test"))
         return (x_train, y_train, x_test, y_test), f"Kaggle CSV files in {folder}"
     return None
@@ -2246,7 +2250,7 @@ def _kaggle_folders(root: Path, max_depth: int = 5):
             dirs[:] = []
         dirs.sort()
         folder = Path(current)
-        if all(idx_files_in(folder).values()) or all((folder / name).is_file() for name in CSV_FILES.values()):
+        if all(idx_files_in(folder).values()) or holds_csvs(folder):
             yield folder
 
 
