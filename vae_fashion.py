@@ -173,6 +173,9 @@ class Config:
                              trains=False)
     expost_components: int = setting(80, "generation", "components of the expost mixture (full covariances)", low=1,
                                      high=1000, trains=False)
+    conditional_components: int = setting(10, "generation", "components of each class's mixture for the class-"
+                                          "conditional samples (full covariances; at most one per latent_dim + 1 of "
+                                          "the class's training images)", low=1, high=1000, trains=False)
     # evaluation
     embed_samples: int = setting(3000, "evaluation", "seeded test subset for t-SNE and UMAP (0: neither, for a quick "
                                  "run)", low=0, high=10**7,
@@ -432,12 +435,6 @@ class MixturePrior(layers.Layer):
                 "variances": np.exp(self.log_vars.numpy())}
 
 
-def gaussian_samples(rng, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
-    """One sample of N(means[i], covariances[i]) per row i, through the Cholesky factors."""
-    factors = np.linalg.cholesky(covariances)
-    return means + np.einsum("nij,nj->ni", factors, rng.standard_normal(means.shape))
-
-
 def full_covariances(parameters: dict) -> np.ndarray:
     """A mixture's full "covariances", or its diagonal "variances" (MixturePrior.parameters()) as full ones."""
     if "covariances" in parameters:
@@ -450,8 +447,8 @@ def sample_mixture(parameters: dict, n: int, rng) -> np.ndarray:
     """n latents from a Gaussian mixture: a component by its weight, then a draw from it. `parameters`
     holds weights, means, and full "covariances" or diagonal "variances" (see full_covariances)."""
     component = rng.choice(len(parameters["weights"]), size=n, p=parameters["weights"])
-    return gaussian_samples(rng, parameters["means"][component],
-                            full_covariances(parameters)[component]).astype(np.float32)
+    means, factors = parameters["means"][component], np.linalg.cholesky(full_covariances(parameters)[component])
+    return (means + np.einsum("nij,nj->ni", factors, rng.standard_normal(means.shape))).astype(np.float32)
 
 
 # The loss terms in the order of history.csv; train_step reports them and beta, one value per epoch.
@@ -691,7 +688,7 @@ SEED_OFFSETS |= {  # the analysis's random streams (seed_for)
     "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "training_codes": 5, "conditional": 6,
     "robustness_subset": 7, "silhouette_subset": 9, "embed_subset": 10, "tsne": 11, "umap": 12, "expost_fit": 13,
     "interpolation_pairs": 14, "classifier": 15, "trained_prior_grid": 18, "trained_prior_fd": 19,
-    "scatter_order": 16, "robustness_noise": 1000}  # robustness_noise: + the level's index
+    "scatter_order": 16, "conditional_fit": 20, "robustness_noise": 1000}  # robustness_noise: + the level's index
 
 QUALITY_COLUMNS = ("mse", "psnr", "ssim")
 
@@ -846,22 +843,31 @@ def fit_generator(z_train: np.ndarray, components: int, seed: int, size: int = E
     return {"weights": mixture.weights_, "means": mixture.means_, "covariances": mixture.covariances_}
 
 
-def class_conditional_latents(z_train, y_train, per_class: int, seed: int):
-    """per_class latents from a Gaussian fitted to each class's training z_mean: (latents, intended labels)."""
+def class_mixtures(z_train, y_train, components: int, seed: int) -> dict:
+    """Class -> the generator's kind of mixture (fit_generator) fitted to that class's training z_mean, for every
+    class with two or more; at most one component per latent_dim + 1 codes, which a full covariance needs."""
+    fitted = {}
+    for c in range(NUM_CLASSES):
+        codes = z_train[y_train == c]
+        if len(codes) > 1:
+            fitted[c] = fit_generator(codes, max(1, min(components, len(codes) // (codes.shape[1] + 1))), seed)
+    return fitted
+
+
+def class_conditional_latents(mixtures: dict, counts, seed: int):
+    """counts[c] latents from the mixture of each class c of class_mixtures(): (latents, intended labels)."""
     rng = np.random.default_rng(seed)
-    classes = [c for c in range(NUM_CLASSES) if np.sum(y_train == c) > 1]
-    ridge = 1e-6 * np.eye(z_train.shape[1])  # keeps a class with fewer samples than dimensions factorable
-    means = np.repeat([z_train[y_train == c].mean(axis=0) for c in classes], per_class, axis=0)
-    covariances = np.repeat([np.cov(z_train[y_train == c], rowvar=False) + ridge for c in classes], per_class, axis=0)
-    return gaussian_samples(rng, means, covariances).astype(np.float32), np.repeat(classes, per_class)
+    latents = [sample_mixture(mixture, counts[c], rng) for c, mixture in mixtures.items()]
+    return np.concatenate(latents), np.repeat(list(mixtures), [counts[c] for c in mixtures])
 
 
-def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_train, denoised, epochs: int = 3) -> dict:
+def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_train, mixtures: dict, denoised,
+                       epochs: int = 3) -> dict:
     """A small classifier's accuracy; Fréchet distances to the clean test images (same N for every
-    set) of reconstructions, of the generator's samples, of the trained prior's, of the per-class Gaussians'
-    and of the training codes decoded (the limit of any density of z_mean); the classes of the samples; per
-    class, how often the classifier agrees with the intended class and the Fréchet distance to that class's
-    test images."""
+    set) of reconstructions, of the generator's samples, of the trained prior's, of the class mixtures' (as many
+    samples of a class as it has test images) and of the training codes decoded (the limit of any density of
+    z_mean); the classes of the samples; per class, how often the classifier agrees with the intended class, and
+    the Fréchet distances of its samples and of its reconstructions to its test images."""
     classifier = build_classifier(seed_for(config, "classifier"))
     classifier.fit(data.x_train, data.y_train, batch_size=256, epochs=epochs, verbose=0)
     # one pass per image set gives both the features and the class probabilities
@@ -870,9 +876,8 @@ def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_trai
     samples = vae.generate(vae.sample_generator(n, seed_for(config, "prior_fd")))
     trained_prior = vae.generate(vae.sample_prior(n, seed_for(config, "trained_prior_fd")))
     codes = z_mean_train[seeded_subset(len(z_mean_train), n, seed_for(config, "training_codes"))]
-    per_class = max(2, n // NUM_CLASSES)
-    latents, intended = class_conditional_latents(z_mean_train, data.y_train, per_class,
-                                                  seed_for(config, "conditional"))
+    class_images = np.bincount(data.y_test[:n], minlength=NUM_CLASSES)
+    latents, intended = class_conditional_latents(mixtures, class_images, seed_for(config, "conditional"))
 
     def features_and_probs(images):
         return two_heads.predict(images[:n], batch_size=1024, verbose=0)
@@ -893,7 +898,7 @@ def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_trai
         "fd_training_codes": frechet_distance(sets["training_codes"][0], reference),
         "fd_conditional_samples": frechet_distance(sets["conditional"][0], reference),
         "fd_samples": n,
-        "conditional_per_class": per_class,
+        "class_images": class_images.tolist(),
     }
     for name in ("prior", "trained_prior"):
         probs = sets[name][1]
@@ -908,10 +913,10 @@ def generation_quality(vae: VAE, data: FashionMNIST, config: Config, z_mean_trai
     for c in range(NUM_CLASSES):
         mine, theirs = intended == c, data.y_test[:n] == c
         result[f"conditional_agreement_{c}"] = float(np.mean(predicted[mine] == c)) if mine.any() else float("nan")
-        result[f"fd_conditional_{c}"] = (
-            frechet_distance(conditional_features[mine], reference[theirs])
-            if mine.sum() > 1 and theirs.sum() > 1 else float("nan")
-        )
+        for name, features in (("conditional", conditional_features[mine]),
+                               ("reconstruction", sets["reconstruction"][0][theirs])):
+            result[f"fd_{name}_{c}"] = (frechet_distance(features, reference[theirs])
+                                        if len(features) > 1 and theirs.sum() > 1 else float("nan"))
     return result
 
 
@@ -1110,7 +1115,9 @@ def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config,
         trained_prior_grid = vae.generate(vae.sample_prior(100, seed_for(config, "trained_prior_grid")))
         paths = latent_paths(vae, z_mean_test, data.y_test, pca, config)
     with stage("class-conditional samples"):
-        latents, intended = class_conditional_latents(z_mean_train, data.y_train, 10, seed_for(config, "conditional"))
+        mixtures = class_mixtures(z_mean_train, data.y_train, config.conditional_components,
+                                  seed_for(config, "conditional_fit"))
+        latents, intended = class_conditional_latents(mixtures, [10] * NUM_CLASSES, seed_for(config, "conditional"))
         conditional_grid = vae.generate(latents).reshape(-1, 10, IMAGE_SIZE, IMAGE_SIZE, 1)
     with stage("classical references"):
         classical = classical_references(data.x_test, data.x_test_noisy, evaluated["denoised"], config)
@@ -1119,7 +1126,7 @@ def analyse(vae: VAE, data: FashionMNIST, history: pd.DataFrame, config: Config,
     generation = None
     if config.gen_metrics:
         with stage("generation quality"):
-            generation = generation_quality(vae, data, config, z_mean_train, evaluated["denoised"])
+            generation = generation_quality(vae, data, config, z_mean_train, mixtures, evaluated["denoised"])
     metrics = metrics_table(denoising_summary(evaluated["quality"]), evaluated["representation"], len(data.x_test),
                             classical, generation)
     return Results(
@@ -1263,7 +1270,8 @@ def draw_generation_quality(results: Results, paths, show=False) -> None:
     ax.bar_label(drawn, fmt="%.2f", fontsize=8)
     ax.set_yscale("log")
     ax.set(title=f"Fréchet distance to clean test images (n={generation['fd_samples']}, classifier features)",
-           ylabel="Fréchet distance (log scale, lower is better)")
+           ylabel="Fréchet distance (log scale, lower is better)",
+           xlabel="per class: fd_conditional_<c> beside fd_reconstruction_<c> in metrics.csv")
     ax.tick_params(axis="x", labelsize=8)
     x = np.arange(NUM_CLASSES)
     histograms = [("prior", generator_name, "#ff7f0e")]
@@ -1376,9 +1384,9 @@ def draw_trained_prior_samples(results: Results, paths, show=False) -> None:
 
 
 def draw_class_conditional(results: Results, paths, show=False) -> None:
-    classes = results.conditional_classes
-    plot_images(results.conditional_grid, "Class-conditional samples: decoder(z), z ~ N(mean, cov) of each class's "
-                "training z_mean", paths[0], [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in classes],
+    rows = [f"{CLASS_NAMES_TR[c]}\n({CLASS_NAMES_EN[c]})" for c in results.conditional_classes]
+    plot_images(results.conditional_grid, "Class-conditional samples: decoder(z), z ~ a Gaussian mixture fitted to "
+                "each class's training z_mean", paths[0], rows,
                 [str(k + 1) for k in range(results.conditional_grid.shape[1])], show)
 
 
@@ -1423,8 +1431,8 @@ OUTPUTS = [
            "fitted to the training `z_mean` after training (`generator` expost), or the prior", draw_generated_samples),
     Output(("07B_generated_trained_prior.png",), "10x10 samples of the prior the KL trained against (N(0, I) or "
            "the learned mixture)", draw_trained_prior_samples),
-    Output(("12_class_conditional.png",), "one row per class: samples of a Gaussian fitted to that class's training "
-           "`z_mean`", draw_class_conditional),
+    Output(("12_class_conditional.png",), "one row per class: samples of a Gaussian mixture fitted to that class's "
+           "training `z_mean` (`conditional_components`)", draw_class_conditional),
     Output(("08_latent_interpolation.png",), "8 straight lines between the `z_mean` of test images of two classes",
            draw_interpolation),
     Output(("11_latent_traversal.png",), "steps along the top 5 principal directions of `z_mean`", draw_traversal),
@@ -1544,19 +1552,21 @@ METRICS = {
         "Fréchet distance of decoder(z_mean) of seeded noisy training images (as many as the samples) to clean "
         "test images: the limit of any density of the training z_mean"),
     "fd_conditional_samples": ("generation", "", "generation",
-        "Fréchet distance of class-conditional samples (decoder(z), z ~ a Gaussian fitted to one class's training"
-        " z_mean; the same number from every class) to clean test images"),
+        "Fréchet distance of class-conditional samples (decoder(z), z ~ a Gaussian mixture of conditional_components"
+        " fitted to one class's training z_mean; as many of each class as the test images hold) to clean test images"),
     "conditional_agreement": ("generation", "", "generation",
         "share of the class-conditional samples that the classifier labels as the class they were drawn for"),
     "reconstruction_agreement": ("generation", "", "generation",
         "share of the VAE reconstructions of noisy test images that the classifier labels as their true class "
         "(the reference for conditional_agreement: decoded images are blurrier than real ones)"),
     **{
-        f"{kind}_{c}": ("generation", "", "conditional", f"{text} {c} ({CLASS_NAMES_EN[c]} / {CLASS_NAMES_TR[c]})")
+        f"{kind}_{c}": ("generation", "", f"class {c}", f"{text} {c} ({CLASS_NAMES_EN[c]} / {CLASS_NAMES_TR[c]})")
         for c in range(NUM_CLASSES)
         for kind, text in (
             ("conditional_agreement", "as conditional_agreement, for the samples of class"),
             ("fd_conditional", "Fréchet distance of the conditional samples to the clean test images of class"),
+            ("fd_reconstruction", "Fréchet distance of the VAE reconstructions of the noisy test images to the clean "
+             "test images (the same images, as many as the conditional samples) of class"),
         )
     },
 }
@@ -1569,7 +1579,8 @@ def metrics_table(summary: dict, representation: dict, n_test: int, classical: d
     counts = {"test": n_test, "silhouette": representation["silhouette_samples"],
               "classical": classical["classical_samples"]}
     if generation:
-        counts["generation"], counts["conditional"] = generation["fd_samples"], generation["conditional_per_class"]
+        counts |= {"generation": generation["fd_samples"], **{f"class {c}": k for c, k in enumerate(
+            generation["class_images"])}}
     rows = [
         {"group": group, "name": name, "value": values[name], "unit": unit, "n_images": counts[count],
          "definition": definition}

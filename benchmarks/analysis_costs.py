@@ -36,10 +36,11 @@ def timed(fn):
     return result, time.perf_counter() - began
 
 
-def compare(folder: Path) -> None:
+def run_from_folder(folder: Path):
+    """The run's config, data (with its noise), a stand-in VAE from its saved models, training codes and
+    reconstructions."""
     record = json.loads((folder / "config.json").read_text())["config"]
     config = vf.Config(**{k: v for k, v in record.items() if k in vf.SETTINGS})
-    stored = pd.read_csv(folder / "metrics.csv").set_index("name")["value"]
     vf.setup_devices(config)  # the run's precision: the classifier trains in it too
     data = vf.with_noise(vf.load_fashion_mnist(config), config)
     encoder, decoder = (keras.models.load_model(folder / name) for name in ("encoder.keras", "decoder.keras"))
@@ -50,13 +51,23 @@ def compare(folder: Path) -> None:
     generator = {k: prior[k] for k in ("weights", "means", "covariances")}
     trained = {k.removeprefix("trained_"): prior[k] for k in prior.files if k.startswith("trained_")}
     vae = types.SimpleNamespace(
+        encode=lambda x: encoder.predict(x, batch_size=1024, verbose=0)[0],
         generate=lambda z: decoder.predict(np.asarray(z, np.float32), batch_size=1024, verbose=0),
         sample_generator=lambda n, seed: vf.sample_mixture(generator, n, np.random.default_rng(seed)),
         sample_prior=lambda n, seed: vf.sample_mixture(trained, n, np.random.default_rng(seed)))
+    return config, data, vae, z_train, denoised
 
+
+def compare(folder: Path) -> None:
+    config, data, vae, z_train, denoised = run_from_folder(folder)
+    stored = pd.read_csv(folder / "metrics.csv").set_index("name")["value"]
+    z_test = vae.encode(data.x_test_noisy)
+    mixtures = vf.class_mixtures(z_train, data.y_train, config.conditional_components,
+                                 vf.seed_for(config, "conditional_fit"))
     rows = []
     for epochs in (3, 2, 1):
-        figures, seconds = timed(lambda e=epochs: vf.generation_quality(vae, data, config, z_train, denoised, e))
+        figures, seconds = timed(lambda e=epochs: vf.generation_quality(vae, data, config, z_train, mixtures,
+                                                                        denoised, e))
         row = {"classifier epochs": epochs, "seconds": seconds, **{k: figures[k] for k in FD_NAMES}}
         row["generator / recon"] = figures["fd_prior_samples"] / figures["fd_vae_reconstruction"]
         rows.append(row)

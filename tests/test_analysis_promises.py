@@ -48,16 +48,28 @@ def test_analyse_fits_the_generator_to_the_noisy_training_codes_and_keeps_each_s
     """analyse(): the density is fitted to z_mean of the *noisy training* images (not test, not clean) with
     expost_components (not prior_components) and its own stream, and only with generator=expost; 07 shows the
     generator's samples and 07B the trained prior's; the probes encode the noisy training copy; PCA covers every
-    test code."""
+    test code. Each class's mixture is fitted to that class's noisy training codes with conditional_components,
+    on a stream of its own."""
     fits = []
-    monkeypatch.setattr(vf, "fit_generator", lambda z, components, seed: fits.append((z, components, seed)) or {})
+
+    def fit_generator(z, components, seed):
+        fits.append((z, components, seed))
+        return {"weights": np.ones(1), "means": z.mean(axis=0, keepdims=True), "covariances": np.eye(LATENT)[None]}
+
+    monkeypatch.setattr(vf, "fit_generator", fit_generator)
     config = vf.Config(latent_dim=LATENT, seed=3, embed_samples=0, gen_metrics=False, classical_samples=5,
-                       expost_components=3, prior_components=7, generator=generator)
-    data = vf.with_noise(bars_data(), config)
+                       expost_components=3, prior_components=7, conditional_components=2, generator=generator)
+    data = vf.with_noise(bars_data(n_train=400), config)  # 40 codes a class: room for 4 components of 8-d
     vae = _stand_in_vae()
     results = vf.analyse(vae, data, pd.DataFrame(), config, vf.StageTimer().stage)
 
     z_noisy_train = _encode(data.x_train_noisy)[0]
+    class_fits = [fit for fit in fits if fit[2] == vf.seed_for(config, "conditional_fit")]
+    assert len(class_fits) == 10
+    for c, (z, components, _seed) in enumerate(class_fits):
+        np.testing.assert_array_equal(z, z_noisy_train[data.y_train == c])
+        assert components == 2
+    fits = [fit for fit in fits if fit[2] != vf.seed_for(config, "conditional_fit")]
     if generator == "expost":
         assert len(fits) == 1
         z, components, seed = fits[0]
@@ -163,17 +175,32 @@ def test_frechet_distance_handles_covariances_that_do_not_commute():
     assert vf.frechet_distance(a, b) == pytest.approx(expected, rel=1e-4)
 
 
-def test_class_conditional_samples_have_each_class_s_own_full_covariance():
-    """A Gaussian fitted to each class's training z_mean: its full covariance (not the identity, not the
-    diagonal, not the covariance of all codes)."""
+def test_each_class_s_mixture_recovers_its_own_clusters_with_full_covariances():
+    """Class 0 is two clusters of its own (turned opposite ways, 3:1), class 1 one: each class's mixture is
+    scikit-learn's full-covariance EM on that class's codes alone, and its samples fill those clusters in their
+    proportions (one Gaussian per class, or one mixture of all codes, would put samples between or in the other
+    class's clusters)."""
+    from sklearn.mixture import GaussianMixture
+
     rng = np.random.default_rng(1)
-    z0 = rng.multivariate_normal([3, 0], [[1, 0.8], [0.8, 1]], 3000)
-    z1 = rng.multivariate_normal([-3, 0], [[1, -0.8], [-0.8, 1]], 3000)
-    z, labels = np.vstack([z0, z1]), np.repeat([0, 1], 3000)
-    latents, intended = vf.class_conditional_latents(z, labels, 4000, seed=2)
-    for c, codes in ((0, z0), (1, z1)):
-        np.testing.assert_allclose(np.cov(latents[intended == c], rowvar=False), np.cov(codes, rowvar=False),
-                                   atol=0.08)
+    means = np.array([[6.0, 0], [-6, 0], [0, 8]])
+    z0 = np.vstack([rng.multivariate_normal(means[0], [[1, 0.8], [0.8, 1]], 3000),
+                    rng.multivariate_normal(means[1], [[1, -0.8], [-0.8, 1]], 1000)])
+    z1 = rng.multivariate_normal(means[2], [[0.5, 0], [0, 2]], 2000)
+    z, labels = np.vstack([z0, z1]), np.repeat([0, 1], [4000, 2000])
+    mixtures = vf.class_mixtures(z, labels, 2, seed=3)
+    assert list(mixtures) == [0, 1]
+    reference = GaussianMixture(2, covariance_type="full", random_state=3).fit(z0)
+    order = np.argsort(mixtures[0]["means"][:, 0])[::-1]
+    np.testing.assert_allclose(mixtures[0]["means"][order], reference.means_[np.argsort(reference.means_[:, 0])[::-1]])
+    np.testing.assert_allclose(mixtures[0]["means"][order], means[:2], atol=0.1)
+    np.testing.assert_allclose(mixtures[0]["covariances"][order], [[[1, 0.8], [0.8, 1]], [[1, -0.8], [-0.8, 1]]],
+                               atol=0.1)
+    latents, intended = vf.class_conditional_latents(mixtures, [8000, 4000], seed=2)
+    nearest = np.argmin(((latents[:, None, :] - means[None]) ** 2).sum(axis=2), axis=1)
+    np.testing.assert_allclose(np.bincount(nearest[intended == 0], minlength=3) / 8000, [0.75, 0.25, 0], atol=0.02)
+    assert np.all(nearest[intended == 1] == 2)
+    np.testing.assert_allclose(np.cov(latents[intended == 1], rowvar=False), [[0.5, 0], [0, 2]], atol=0.1)
 
 
 def test_the_generator_is_fitted_to_size_seeded_codes():

@@ -85,9 +85,12 @@ def test_generation_figures_match_the_classifier_on_their_own_image_sets(monkeyp
     """With the FD classifier in hand, each generation figure is recomputed from its own images: reconstructions
     that are not the test images (so their agreement differs from the classifier's accuracy), class-conditional
     samples of class 3 that look like class 4 (so class 3's agreement and FD differ from the others' and from the
-    overall figure), and a generator and a trained prior whose samples the classifier sees differently."""
+    overall figure), and a generator and a trained prior whose samples the classifier sees differently. Classes 5
+    and 6 have fewer test images than the rest: each class gets as many samples as it has test images."""
     x_train, y_train = synthetic_split(600, 0)
-    x_test, y_test = synthetic_split(200, 1)
+    x_test, y_test = synthetic_split(230, 1)
+    few = np.isin(y_test, (5, 6)) & (np.cumsum(np.isin(y_test, (5, 6))) > 16)  # keep 8 of each: 200 images
+    x_test, y_test = x_test[~few], y_test[~few]
     clean_test = vf.to_unit_float(x_test)
     data = vf.FashionMNIST(vf.to_unit_float(x_train), y_train.astype(np.int32), clean_test, y_test.astype(np.int32),
                            "bars", x_test_noisy=vf.add_noise(clean_test, 0.45, 0))
@@ -107,11 +110,12 @@ def test_generation_figures_match_the_classifier_on_their_own_image_sets(monkeyp
     monkeypatch.setattr(vf, "build_classifier", lambda seed: built.append(real_build(seed)) or built[-1])
     config = vf.Config(seed=0)
     reconstructions = np.roll(data.x_test, 1, axis=0)  # each "reconstruction" is the previous test image
-    result = vf.generation_quality(vae, data, config, codes, reconstructions)
+    mixtures = vf.class_mixtures(codes, data.y_train, 2, seed=0)
+    result = vf.generation_quality(vae, data, config, codes, mixtures, reconstructions)
 
     classifier = built[0]
     features = vf.keras.Model(classifier.input, classifier.get_layer("features").output)
-    n, per_class = 200, 20
+    n = 200
 
     def probs(images):
         return classifier.predict(images[:n], verbose=0)
@@ -120,17 +124,22 @@ def test_generation_figures_match_the_classifier_on_their_own_image_sets(monkeyp
         return vf.frechet_distance(features.predict(images, verbose=0), features.predict(reference_images, verbose=0))
 
     y = data.y_test[:n]
+    assert result["class_images"] == np.bincount(y, minlength=10).tolist() and result["class_images"][5] < 20
     assert result["classifier_test_accuracy"] == pytest.approx(np.mean(probs(data.x_test).argmax(1) == y), abs=1e-6)
     agreement = np.mean(probs(reconstructions).argmax(1) == y)
     assert result["reconstruction_agreement"] == pytest.approx(agreement, abs=1e-6)
     assert result["classifier_test_accuracy"] - agreement > 0.5  # the data separates the two
-    latents, intended = vf.class_conditional_latents(codes, data.y_train, per_class, vf.seed_for(config, "conditional"))
+    latents, intended = vf.class_conditional_latents(mixtures, np.bincount(y, minlength=10),
+                                                     vf.seed_for(config, "conditional"))
     predicted = classifier.predict(generate(latents), verbose=0).argmax(1)
     per_class_agreement = [np.mean(predicted[intended == c] == c) for c in range(10)]
     for c in range(10):
         assert result[f"conditional_agreement_{c}"] == pytest.approx(per_class_agreement[c], abs=1e-9), c
         assert result[f"fd_conditional_{c}"] == pytest.approx(
             fd(generate(latents[intended == c]), data.x_test[:n][y == c]), rel=1e-3), c
+        assert result[f"fd_reconstruction_{c}"] == pytest.approx(
+            fd(reconstructions[:n][y == c], data.x_test[:n][y == c]), rel=1e-3), c
+        assert abs(result[f"fd_reconstruction_{c}"] - result[f"fd_conditional_{c}"]) > 1e-3, c
     assert per_class_agreement[3] < 0.2 < result["conditional_agreement"] - 0.5  # class 3 differs from the whole
     assert result["fd_conditional_3"] > 2 * max(result[f"fd_conditional_{c}"] for c in (0, 1, 2))
     assert result["conditional_agreement"] == pytest.approx(np.mean(predicted == intended), abs=1e-9)

@@ -80,17 +80,36 @@ def test_the_generator_recovers_a_known_mixture_and_shuffles_its_samples():
     np.testing.assert_allclose(np.bincount(nearest) / 3000, [1 / 3] * 3, atol=0.04)
 
 
-def test_class_conditional_latents_land_in_their_class():
+def test_class_conditional_latents_land_in_their_class_as_many_as_asked():
+    """Each class's samples come from its own mixture (a slip that pools the classes, or pairs a class with another's
+    mixture, puts them elsewhere), counts[c] of class c, and the same seed draws the same latents."""
     rng = np.random.default_rng(3)
     centres = rng.normal(0, 10, (10, 4))
     labels = np.repeat(np.arange(10), 300)
     z = centres[labels] + rng.standard_normal((3000, 4)) * [1.0, 0.5, 0.5, 0.2]
-    latents, intended = vf.class_conditional_latents(z, labels, per_class=50, seed=4)
-    assert latents.shape == (500, 4) and intended.tolist() == np.repeat(np.arange(10), 50).tolist()
+    mixtures = vf.class_mixtures(z, labels, 2, seed=0)
+    counts = np.arange(10) * 3 + 20
+    latents, intended = vf.class_conditional_latents(mixtures, counts, seed=4)
+    assert latents.shape == (counts.sum(), 4) and intended.tolist() == np.repeat(np.arange(10), counts).tolist()
     nearest = np.argmin(((latents[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
     assert np.mean(nearest == intended) > 0.99
     for c in (0, 7):  # each class's samples have that class's mean and spread
         np.testing.assert_allclose(latents[intended == c].mean(axis=0), z[labels == c].mean(axis=0), atol=0.35)
+    np.testing.assert_array_equal(vf.class_conditional_latents(mixtures, counts, seed=4)[0], latents)
+    assert not np.array_equal(vf.class_conditional_latents(mixtures, counts, seed=5)[0], latents)
+
+
+def test_a_small_class_gets_one_component_per_latent_dim_plus_one_codes_and_a_single_code_none():
+    """The rule of conditional_components' meaning, by hand: 4-d codes need 5 per component, so 23 codes get 4
+    components of the 10 asked, 6 get 1, 3 get 1 (the floor), 1 gets no mixture (and no row in 12)."""
+    rng = np.random.default_rng(0)
+    sizes = {0: 200, 1: 23, 2: 6, 3: 3, 4: 1}
+    labels = np.concatenate([np.full(n, c) for c, n in sizes.items()])
+    z = rng.normal(size=(len(labels), 4)) + labels[:, None] * 5.0
+    mixtures = vf.class_mixtures(z, labels, 10, seed=0)
+    assert {c: len(m["weights"]) for c, m in mixtures.items()} == {0: 10, 1: 4, 2: 1, 3: 1}
+    latents, intended = vf.class_conditional_latents(mixtures, [10] * 10, seed=1)
+    assert intended.tolist() == np.repeat([0, 1, 2, 3], 10).tolist() and np.all(np.isfinite(latents))
 
 
 def test_noise_robustness_has_one_row_per_method_and_sigma_and_direct_noisy_psnr():
@@ -212,20 +231,17 @@ def test_the_saved_files_work_without_this_module(tmp_path):
     assert images.shape[1:] == (28, 28, 1) and len(images) > 1 and 0 <= images.min() and images.max() <= 1
 
 
-def test_gaussian_samples_have_the_given_full_covariance():
-    """Correlated components (the ex-post GMM, the class-conditional Gaussians, a full-covariance prior): the
-    sample covariance is the given one. A transposed Cholesky factor would give L^T L, far from L L^T here."""
+def test_mixture_samples_have_the_given_full_covariance():
+    """Correlated components (the ex-post GMM, the class mixtures, a full-covariance prior): the sample covariance
+    is the given one. A transposed Cholesky factor would give L^T L, far from L L^T here."""
     cov = np.array([[2.0, 1.2, -0.6], [1.2, 1.5, 0.3], [-0.6, 0.3, 0.8]])
     factor = np.linalg.cholesky(cov)
     assert np.abs(factor.T @ factor - cov).max() > 0.5  # the bug this test catches would be visible
     n = 200_000
-    means = np.tile([1.0, -2.0, 0.5], (n, 1))
-    z = vf.gaussian_samples(np.random.default_rng(1), means, np.broadcast_to(cov, (n, 3, 3)))
+    one = {"weights": np.array([1.0]), "means": np.array([[1.0, -2.0, 0.5]]), "covariances": cov[None]}
+    z = vf.sample_mixture(one, n, np.random.default_rng(2))
     np.testing.assert_allclose(np.cov(z, rowvar=False), cov, atol=0.03)
     np.testing.assert_allclose(z.mean(axis=0), [1.0, -2.0, 0.5], atol=0.01)
-    mixture = vf.sample_mixture({"weights": np.array([1.0]), "means": np.zeros((1, 3)), "covariances": cov[None]}, n,
-                                np.random.default_rng(2))
-    np.testing.assert_allclose(np.cov(mixture, rowvar=False), cov, atol=0.03)
 
 
 def test_generation_quality_scores_each_set_against_the_test_images_and_the_test_labels(monkeypatch):
@@ -255,8 +271,9 @@ def test_generation_quality_scores_each_set_against_the_test_images_and_the_test
     monkeypatch.setattr(vf, "frechet_distance", lambda a, b: calls.append((a, b)) or frechet(a, b))
     vae = types.SimpleNamespace(generate=generate, sample_generator=only_class_0, sample_prior=every_class)
     config = vf.Config(seed=0)
-    result = vf.generation_quality(vae, data, config, codes, data.x_test.copy())
-    assert result["fd_samples"] == 200 and result["conditional_per_class"] == 20
+    result = vf.generation_quality(vae, data, config, codes, vf.class_mixtures(codes, data.y_train, 1, 0),
+                                   data.x_test.copy())
+    assert result["fd_samples"] == 200 and result["class_images"] == [20] * 10
     assert abs(result["fd_vae_reconstruction"]) < 1e-3, result
     assert result["reconstruction_agreement"] == pytest.approx(result["classifier_test_accuracy"])
     assert result["classifier_test_accuracy"] > 0.9
@@ -273,8 +290,8 @@ def test_generation_quality_scores_each_set_against_the_test_images_and_the_test
     subset = codes[vf.seeded_subset(600, 200, vf.seed_for(config, "training_codes"))]
     assert any(d.shape == subset.shape and np.array_equal(d, subset) for d in decoded)
     reference = calls[0][1]
-    for c, (_mine, theirs) in enumerate(calls[-10:]):
-        np.testing.assert_array_equal(theirs, reference[data.y_test[:200] == c])
+    for i, (_mine, theirs) in enumerate(calls[-20:]):  # per class: its samples, then its reconstructions
+        np.testing.assert_array_equal(theirs, reference[data.y_test[:200] == i // 2])
 
 
 def _bars_with_templates(shift_test_labels: int = 0):
@@ -296,5 +313,6 @@ def test_the_fd_classifier_learns_from_the_training_images_not_the_test_images()
     data, templates, codes = _bars_with_templates(shift_test_labels=1)
     vae = types.SimpleNamespace(generate=lambda latents: templates[np.argmax(latents, axis=1)],
                                 sample_generator=lambda n, seed: codes[:n], sample_prior=lambda n, seed: codes[:n])
-    result = vf.generation_quality(vae, data, vf.Config(seed=0), codes, data.x_test.copy())
+    result = vf.generation_quality(vae, data, vf.Config(seed=0), codes, vf.class_mixtures(codes, data.y_train, 1, 0),
+                                   data.x_test.copy())
     assert result["classifier_test_accuracy"] < 0.2 and result["reconstruction_agreement"] < 0.2

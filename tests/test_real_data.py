@@ -23,7 +23,9 @@ def reduced_run():
     evaluated = vf.evaluate(vae, data, config)
     vae.generator = vf.fit_generator(evaluated["z_mean_train"], config.expost_components,
                                            vf.seed_for(config, "expost_fit"))
-    generation = vf.generation_quality(vae, data, config, evaluated["z_mean_train"], evaluated["denoised"])
+    mixtures = vf.class_mixtures(evaluated["z_mean_train"], data.y_train, config.conditional_components,
+                                 vf.seed_for(config, "conditional_fit"))
+    generation = vf.generation_quality(vae, data, config, evaluated["z_mean_train"], mixtures, evaluated["denoised"])
     return data, history, evaluated, vf.denoising_summary(evaluated["quality"]), generation
 
 

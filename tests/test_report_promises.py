@@ -20,13 +20,13 @@ def _metrics_values():
     values = {name: float(i + 1) for i, name in enumerate(vf.METRICS)}
     representation = {name: values[name] for name in ("linear_probe_accuracy", "knn10_accuracy", "silhouette")}
     classical = {name: value for name, value in values.items() if vf.METRICS[name][2] == "classical"}
-    generation = {name: value for name, value in values.items() if vf.METRICS[name][2] in ("generation",
-                                                                                          "conditional")}
+    generation = {name: value for name, value in values.items()
+                  if vf.METRICS[name][2] == "generation" or vf.METRICS[name][2].startswith("class ")}
     summary = {name: value for name, value in values.items() if vf.METRICS[name][2] == "test"
                and name not in representation}
     table = vf.metrics_table(summary, {**representation, "silhouette_samples": 7}, 100,
                              {**classical, "classical_samples": 20},
-                             {**generation, "fd_samples": 50, "conditional_per_class": 5})
+                             {**generation, "fd_samples": 50, "class_images": list(range(3, 13))})
     return values, table
 
 
@@ -40,8 +40,8 @@ def test_metrics_csv_names_each_figure_with_its_own_value_unit_and_image_count()
     expected = {"vae_psnr": 100, "noisy_ssim": 100, "psnr_gain_db": 100, "clean_input_psnr_pooled": 100,
                 "linear_probe_accuracy": 100, "knn10_accuracy": 100, "silhouette": 7, "tv_chambolle_psnr": 20,
                 "vae_subset_mse": 20, "noisy_subset_psnr_pooled": 20, "fd_prior_samples": 50,
-                "fd_vae_reconstruction": 50, "reconstruction_agreement": 50, "fd_conditional_3": 5,
-                "conditional_agreement_9": 5}
+                "fd_vae_reconstruction": 50, "reconstruction_agreement": 50, "fd_conditional_3": 6,
+                "fd_reconstruction_3": 6, "conditional_agreement_9": 12, "fd_reconstruction_0": 3}
     assert {name: rows.loc[name, "n_images"] for name in expected} == expected
 
 

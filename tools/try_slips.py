@@ -74,7 +74,7 @@ SLIPS = [
  ("ssim verdict from psnr", 'wide = table.pivot(index="sigma", columns="method", values=column)', 'wide = table.pivot(index="sigma", columns="method", values="psnr")', [T]),
  ("robustness VAE is noisy", '("VAE", denoise(noisy))', '("VAE", noisy)', [T]),
  ("robustness TV is VAE", '("TV (Chambolle)", denoise_tv(noisy))', '("TV (Chambolle)", denoise(noisy))', [T]),
- ("class FD mask swapped", 'frechet_distance(conditional_features[mine], reference[theirs])', 'frechet_distance(conditional_features[theirs], reference[theirs])', [T]),
+ ("class FD mask swapped", '("conditional", conditional_features[mine])', '("conditional", conditional_features[theirs])', [T]),
  ("confidence of generator", 'float(probs.max(axis=1).mean())', 'float(sets["prior"][1].max(axis=1).mean())', [T]),
  ("clean-train FD on test", '("train", data.x_train), ("reconstruction", denoised)', '("train", data.x_test), ("reconstruction", denoised)', [T]),
  ("conditional FD of codes", '"fd_conditional_samples": frechet_distance(sets["conditional"][0], reference)', '"fd_conditional_samples": frechet_distance(sets["training_codes"][0], reference)', [T]),
@@ -83,6 +83,15 @@ SLIPS = [
  ("silhouette count requested", '"silhouette_samples": int(len(subset)),', '"silhouette_samples": silhouette_samples,', [T]),
  ("diverged epoch backed up", "        if self.guard.failure is not None:\n            return\n        logs = logs or {}", "        logs = logs or {}", [B]),
  ("weights not checked", "if self.failure is None and not all(np.isfinite(w.numpy()).all() for w in self.model.weights):", "if False:", [B]),
+ # issue 45: a mixture per class
+ ("class mixtures pooled", "codes = z_train[y_train == c]", "codes = z_train", [A, G]),
+ ("one Gaussian per class", "max(1, min(components, len(codes) // (codes.shape[1] + 1)))", "1", [A]),
+ ("small-class rule without the mean", "len(codes) // (codes.shape[1] + 1)", "len(codes) // codes.shape[1]", [G]),
+ ("samples of the first class's mixture", "sample_mixture(mixture, counts[c], rng)", "sample_mixture(mixtures[0], counts[c], rng)", [G]),
+ ("uniform class counts", "class_images = np.bincount(data.y_test[:n], minlength=NUM_CLASSES)", "class_images = np.full(NUM_CLASSES, n // NUM_CLASSES)", [T]),
+ ("class recon FD of samples", '("reconstruction", sets["reconstruction"][0][theirs])', '("reconstruction", conditional_features[mine])', [T]),
+ ("class fit on the sampling stream", 'seed_for(config, "conditional_fit"))', 'seed_for(config, "conditional"))', [A]),
+ ("class components from expost", "mixtures = class_mixtures(z_mean_train, data.y_train, config.conditional_components,", "mixtures = class_mixtures(z_mean_train, data.y_train, config.expost_components,", [A]),
  ("nan rows resumed", "rows = list(itertools.takewhile(lambda row: all(map(math.isfinite, row.values())), self.history()))", "rows = self.history()", [B]),
 ]
 
