@@ -175,7 +175,7 @@ class Config:
                                      high=1000, trains=False)
     conditional_components: int = setting(10, "generation", "components of each class's mixture for the class-"
                                           "conditional samples (full covariances; at most one per latent_dim + 1 of "
-                                          "the class's training images)", low=1, high=1000, trains=False)
+                                          "the class's z_mean fitted)", low=1, high=1000, trains=False)
     # evaluation
     embed_samples: int = setting(3000, "evaluation", "seeded test subset for t-SNE and UMAP (0: neither, for a quick "
                                  "run)", low=0, high=10**7,
@@ -684,6 +684,7 @@ CLASS_NAMES_TR = ["Tişört/Üst", "Pantolon", "Kazak", "Elbise", "Ceket", "Sand
 SILHOUETTE_SAMPLES = 5000  # test z_mean scored by the silhouette (O(n^2) distances)
 ROBUSTNESS_SAMPLES = 1000  # test images denoised at every noise level of 13_noise_robustness.png
 EXPOST_FIT_SAMPLES = 20_000  # training z_mean the generator's mixture is fitted to after training
+CONDITIONAL_FIT_SAMPLES = 2000  # training z_mean of a class its mixture is fitted to (docs/RESULTS.md)
 SEED_OFFSETS |= {  # the analysis's random streams (seed_for)
     "prior_grid": 2, "prior_fd": 3, "classical_subset": 4, "training_codes": 5, "conditional": 6,
     "robustness_subset": 7, "silhouette_subset": 9, "embed_subset": 10, "tsne": 11, "umap": 12, "expost_fit": 13,
@@ -843,14 +844,15 @@ def fit_generator(z_train: np.ndarray, components: int, seed: int, size: int = E
     return {"weights": mixture.weights_, "means": mixture.means_, "covariances": mixture.covariances_}
 
 
-def class_mixtures(z_train, y_train, components: int, seed: int) -> dict:
-    """Class -> the generator's kind of mixture (fit_generator) fitted to that class's training z_mean, for every
-    class with two or more; at most one component per latent_dim + 1 codes, which a full covariance needs."""
+def class_mixtures(z_train, y_train, components: int, seed: int, size: int = CONDITIONAL_FIT_SAMPLES) -> dict:
+    """Class -> the generator's kind of mixture (fit_generator) fitted to `size` of that class's training z_mean, for
+    every class with two or more."""
     fitted = {}
     for c in range(NUM_CLASSES):
         codes = z_train[y_train == c]
+        most = min(len(codes), size) // (codes.shape[1] + 1)  # a full covariance needs latent_dim + 1 codes
         if len(codes) > 1:
-            fitted[c] = fit_generator(codes, max(1, min(components, len(codes) // (codes.shape[1] + 1))), seed)
+            fitted[c] = fit_generator(codes, max(1, min(components, most)), seed, size)
     return fitted
 
 
@@ -1553,7 +1555,8 @@ METRICS = {
         "test images: the limit of any density of the training z_mean"),
     "fd_conditional_samples": ("generation", "", "generation",
         "Fréchet distance of class-conditional samples (decoder(z), z ~ a Gaussian mixture of conditional_components"
-        " fitted to one class's training z_mean; as many of each class as the test images hold) to clean test images"),
+        " fitted to CONDITIONAL_FIT_SAMPLES seeded training z_mean of one class; as many of each class as the test "
+        "images hold) to clean test images"),
     "conditional_agreement": ("generation", "", "generation",
         "share of the class-conditional samples that the classifier labels as the class they were drawn for"),
     "reconstruction_agreement": ("generation", "", "generation",

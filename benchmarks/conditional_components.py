@@ -1,7 +1,7 @@
 """How many components should each class's mixture have (setting conditional_components)? Measured on finished
 runs, from their output folders alone (encoder.keras, decoder.keras, prior.npz, config.json):
 
-    python3 benchmarks/conditional_components.py RUN_FOLDER [RUN_FOLDER ...] [--components 1,4,10,16]
+    python3 benchmarks/conditional_components.py RUN_FOLDER [RUN_FOLDER ...] [--components 1,4,10,16] [--codes N]
 
 For each run it rebuilds the run's data and codes, then runs the run's generation_quality() (its FD classifier,
 trained as in the run) once per component count, and prints per class the Fréchet distance of the class's
@@ -26,12 +26,12 @@ from analysis_costs import run_from_folder  # noqa: E402
 import vae_fashion as vf  # noqa: E402
 
 
-def measure(folder: Path, components: list[int]) -> pd.DataFrame:
+def measure(folder: Path, components: list[int], codes: int) -> pd.DataFrame:
     config, data, vae, z_train, denoised = run_from_folder(folder)
     rows, per_class = [], {}
     for k in components:
         began = time.perf_counter()
-        mixtures = vf.class_mixtures(z_train, data.y_train, k, vf.seed_for(config, "conditional_fit"))
+        mixtures = vf.class_mixtures(z_train, data.y_train, k, vf.seed_for(config, "conditional_fit"), codes)
         fitted = time.perf_counter() - began
         figures = vf.generation_quality(vae, data, config, z_train, mixtures, denoised)
         ratios = np.array([figures[f"fd_conditional_{c}"] / figures[f"fd_reconstruction_{c}"]
@@ -58,6 +58,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--components", default="1,4,10,16")
+    parser.add_argument("--codes", type=int, default=vf.CONDITIONAL_FIT_SAMPLES, help="seeded codes per class fitted")
     arguments = parser.parse_args()
     for folder in arguments.folders:
-        measure(folder, [int(k) for k in arguments.components.split(",")])
+        measure(folder, [int(k) for k in arguments.components.split(",")], arguments.codes)

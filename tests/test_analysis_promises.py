@@ -52,8 +52,8 @@ def test_analyse_fits_the_generator_to_the_noisy_training_codes_and_keeps_each_s
     on a stream of its own."""
     fits = []
 
-    def fit_generator(z, components, seed):
-        fits.append((z, components, seed))
+    def fit_generator(z, components, seed, size=vf.EXPOST_FIT_SAMPLES):
+        fits.append((z, components, seed, size))
         return {"weights": np.ones(1), "means": z.mean(axis=0, keepdims=True), "covariances": np.eye(LATENT)[None]}
 
     monkeypatch.setattr(vf, "fit_generator", fit_generator)
@@ -66,13 +66,13 @@ def test_analyse_fits_the_generator_to_the_noisy_training_codes_and_keeps_each_s
     z_noisy_train = _encode(data.x_train_noisy)[0]
     class_fits = [fit for fit in fits if fit[2] == vf.seed_for(config, "conditional_fit")]
     assert len(class_fits) == 10
-    for c, (z, components, _seed) in enumerate(class_fits):
+    for c, (z, components, _seed, size) in enumerate(class_fits):
         np.testing.assert_array_equal(z, z_noisy_train[data.y_train == c])
-        assert components == 2
+        assert components == 2 and size == vf.CONDITIONAL_FIT_SAMPLES
     fits = [fit for fit in fits if fit[2] != vf.seed_for(config, "conditional_fit")]
     if generator == "expost":
         assert len(fits) == 1
-        z, components, seed = fits[0]
+        z, components, seed, _size = fits[0]
         np.testing.assert_array_equal(z, z_noisy_train)
         assert components == 3 and seed == vf.seed_for(config, "expost_fit")
     else:
@@ -177,9 +177,9 @@ def test_frechet_distance_handles_covariances_that_do_not_commute():
 
 def test_each_class_s_mixture_recovers_its_own_clusters_with_full_covariances():
     """Class 0 is two clusters of its own (turned opposite ways, 3:1), class 1 one: each class's mixture is
-    scikit-learn's full-covariance EM on that class's codes alone, and its samples fill those clusters in their
-    proportions (one Gaussian per class, or one mixture of all codes, would put samples between or in the other
-    class's clusters)."""
+    scikit-learn's full-covariance EM on `size` seeded codes of that class alone, and its samples fill those
+    clusters in their proportions (one Gaussian per class, or one mixture of all codes, would put samples between
+    or in the other class's clusters)."""
     from sklearn.mixture import GaussianMixture
 
     rng = np.random.default_rng(1)
@@ -188,9 +188,9 @@ def test_each_class_s_mixture_recovers_its_own_clusters_with_full_covariances():
                     rng.multivariate_normal(means[1], [[1, -0.8], [-0.8, 1]], 1000)])
     z1 = rng.multivariate_normal(means[2], [[0.5, 0], [0, 2]], 2000)
     z, labels = np.vstack([z0, z1]), np.repeat([0, 1], [4000, 2000])
-    mixtures = vf.class_mixtures(z, labels, 2, seed=3)
+    mixtures = vf.class_mixtures(z, labels, 2, seed=3, size=1000)
     assert list(mixtures) == [0, 1]
-    reference = GaussianMixture(2, covariance_type="full", random_state=3).fit(z0)
+    reference = GaussianMixture(2, covariance_type="full", random_state=3).fit(z0[vf.seeded_subset(4000, 1000, 3)])
     order = np.argsort(mixtures[0]["means"][:, 0])[::-1]
     np.testing.assert_allclose(mixtures[0]["means"][order], reference.means_[np.argsort(reference.means_[:, 0])[::-1]])
     np.testing.assert_allclose(mixtures[0]["means"][order], means[:2], atol=0.1)

@@ -101,13 +101,15 @@ def test_class_conditional_latents_land_in_their_class_as_many_as_asked():
 
 def test_a_small_class_gets_one_component_per_latent_dim_plus_one_codes_and_a_single_code_none():
     """The rule of conditional_components' meaning, by hand: 4-d codes need 5 per component, so 23 codes get 4
-    components of the 10 asked, 6 get 1, 3 get 1 (the floor), 1 gets no mixture (and no row in 12)."""
+    components of the 10 asked, 6 get 1, 3 get 1 (the floor), 1 gets no mixture (and no row in 12); the codes
+    counted are those fitted: 200 codes of which size=30 are fitted get 6."""
     rng = np.random.default_rng(0)
     sizes = {0: 200, 1: 23, 2: 6, 3: 3, 4: 1}
     labels = np.concatenate([np.full(n, c) for c, n in sizes.items()])
     z = rng.normal(size=(len(labels), 4)) + labels[:, None] * 5.0
     mixtures = vf.class_mixtures(z, labels, 10, seed=0)
     assert {c: len(m["weights"]) for c, m in mixtures.items()} == {0: 10, 1: 4, 2: 1, 3: 1}
+    assert len(vf.class_mixtures(z, labels, 10, seed=0, size=30)[0]["weights"]) == 6
     latents, intended = vf.class_conditional_latents(mixtures, [10] * 10, seed=1)
     assert intended.tolist() == np.repeat([0, 1, 2, 3], 10).tolist() and np.all(np.isfinite(latents))
 

@@ -85,8 +85,9 @@ SLIPS = [
  ("weights not checked", "if self.failure is None and not all(np.isfinite(w.numpy()).all() for w in self.model.weights):", "if False:", [B]),
  # issue 45: a mixture per class
  ("class mixtures pooled", "codes = z_train[y_train == c]", "codes = z_train", [A, G]),
- ("one Gaussian per class", "max(1, min(components, len(codes) // (codes.shape[1] + 1)))", "1", [A]),
- ("small-class rule without the mean", "len(codes) // (codes.shape[1] + 1)", "len(codes) // codes.shape[1]", [G]),
+ ("one Gaussian per class", "max(1, min(components, most))", "1", [A]),
+ ("small-class rule without the mean", "most = min(len(codes), size) // (codes.shape[1] + 1)", "most = min(len(codes), size) // codes.shape[1]", [G]),
+ ("small-class rule of all codes", "most = min(len(codes), size) // (codes.shape[1] + 1)", "most = len(codes) // (codes.shape[1] + 1)", [G]),
  ("samples of the first class's mixture", "sample_mixture(mixture, counts[c], rng)", "sample_mixture(mixtures[0], counts[c], rng)", [G]),
  ("uniform class counts", "class_images = np.bincount(data.y_test[:n], minlength=NUM_CLASSES)", "class_images = np.full(NUM_CLASSES, n // NUM_CLASSES)", [T]),
  ("class recon FD of samples", '("reconstruction", sets["reconstruction"][0][theirs])', '("reconstruction", conditional_features[mine])', [T]),
