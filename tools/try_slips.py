@@ -1,5 +1,5 @@
 """Issue 33's slip check: apply each one-line slip to a copy of vae_fashion.py and run the test module that must
-catch it; prints CAUGHT or MISSED per slip (of issues 33, 40 and 38; each takes 10-110 s on 2 cores).
+catch it; prints CAUGHT or MISSED per slip (of issues 33, 38, 40 and 45; each takes 10-110 s on 2 cores).
 
     python3 tools/try_slips.py [SLIP NAME ...]
 
