@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -47,10 +47,11 @@ def measure(folder: Path, components: list[int], codes: int) -> pd.DataFrame:
     # the run's classifier once more, for the agreement of each class's reconstructions (not in metrics.csv)
     classifier = vf.build_classifier(vf.seed_for(config, "classifier"))
     classifier.fit(data.x_train, data.y_train, batch_size=256, epochs=3, verbose=0)
-    predicted = classifier.predict(denoised, batch_size=1024, verbose=0).argmax(axis=1)
+    n = min(len(data.x_test), len(data.x_train))  # the images generation_quality() scores
+    predicted = classifier.predict(denoised[:n], batch_size=1024, verbose=0).argmax(axis=1)
     classes = pd.DataFrame({"class": vf.CLASS_NAMES_EN, "fd_reconstruction": reference,
                             **{f"{k} comp. ratio": ratios for k, ratios in per_class.items()},
-                            "reconstruction agreement": [np.mean(predicted[data.y_test == c] == c)
+                            "reconstruction agreement": [np.mean(predicted[data.y_test[:n] == c] == c)
                                                          for c in range(vf.NUM_CLASSES)],
                             f"{k} comp. agreement": [figures[f"conditional_agreement_{c}"]
                                                      for c in range(vf.NUM_CLASSES)]})
