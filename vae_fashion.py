@@ -850,8 +850,8 @@ def class_mixtures(z_train, y_train, components: int, seed: int, size: int = CON
     fitted = {}
     for c in range(NUM_CLASSES):
         codes = z_train[y_train == c]
-        most = min(len(codes), size) // (codes.shape[1] + 1)  # a full covariance needs latent_dim + 1 codes
         if len(codes) > 1:
+            most = min(len(codes), size) // (codes.shape[1] + 1)  # a full covariance needs latent_dim + 1 codes
             fitted[c] = fit_generator(codes, max(1, min(components, most)), seed, size)
     return fitted
 

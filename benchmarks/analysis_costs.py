@@ -37,8 +37,8 @@ def timed(fn):
 
 
 def run_from_folder(folder: Path):
-    """The run's config, data (with its noise), a stand-in VAE from its saved models, training codes and
-    reconstructions."""
+    """The run's config, data (with its noise), a stand-in VAE from its saved models, training and test codes,
+    and reconstructions."""
     record = json.loads((folder / "config.json").read_text())["config"]
     config = vf.Config(**{k: v for k, v in record.items() if k in vf.SETTINGS})
     vf.setup_devices(config)  # the run's precision: the classifier trains in it too
@@ -51,17 +51,15 @@ def run_from_folder(folder: Path):
     generator = {k: prior[k] for k in ("weights", "means", "covariances")}
     trained = {k.removeprefix("trained_"): prior[k] for k in prior.files if k.startswith("trained_")}
     vae = types.SimpleNamespace(
-        encode=lambda x: encoder.predict(x, batch_size=1024, verbose=0)[0],
         generate=lambda z: decoder.predict(np.asarray(z, np.float32), batch_size=1024, verbose=0),
         sample_generator=lambda n, seed: vf.sample_mixture(generator, n, np.random.default_rng(seed)),
         sample_prior=lambda n, seed: vf.sample_mixture(trained, n, np.random.default_rng(seed)))
-    return config, data, vae, z_train, denoised
+    return config, data, vae, z_train, z_test, denoised
 
 
 def compare(folder: Path) -> None:
-    config, data, vae, z_train, denoised = run_from_folder(folder)
+    config, data, vae, z_train, z_test, denoised = run_from_folder(folder)
     stored = pd.read_csv(folder / "metrics.csv").set_index("name")["value"]
-    z_test = vae.encode(data.x_test_noisy)
     mixtures = vf.class_mixtures(z_train, data.y_train, config.conditional_components,
                                  vf.seed_for(config, "conditional_fit"))
     rows = []

@@ -27,7 +27,7 @@ import vae_fashion as vf  # noqa: E402
 
 
 def measure(folder: Path, components: list[int], codes: int) -> pd.DataFrame:
-    config, data, vae, z_train, denoised = run_from_folder(folder)
+    config, data, vae, z_train, _z_test, denoised = run_from_folder(folder)
     rows, per_class = [], {}
     for k in components:
         began = time.perf_counter()
