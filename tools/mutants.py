@@ -1,0 +1,410 @@
+"""Issue 46's mutation testing: mutants made by operators (not by hand) in every function changed since a base
+commit, each run against only the tests that reach its function, in processes that import TensorFlow once.
+
+    python3 tools/mutants.py map                  # the suite once, in one process: which tests reach what (~25 min)
+    python3 tools/mutants.py run [--jobs 2] [FUNCTION ...]   # every mutant (of the functions named, or all)
+    python3 tools/mutants.py report               # mutants, killed, equivalent, survived per function
+
+Everything runs in a copy of the tracked files under .mutants/ (a mutant that writes files cannot touch the
+checkout); results go to .mutants/results.jsonl. A mutant swaps the `__code__` of the live function, compiled
+from the mutated module in place, so every reference to it (`from vae_fashion import ...`, bound methods, Keras'
+retracing of `train_step`) runs the mutant; tests that run the script in a subprocess do not reach it and are not
+counted as reaching. Why not mutmut or cosmic-ray: docs/RESULTS.md, "Mutation testing".
+
+Operators, applied to every line of each function's body (its docstring and annotations excepted): a comparison
+flipped (< <=, > >=, == !=, is / is not, in / not in), and <-> or, `not x` -> `x`, a number +1 and -1, True <->
+False, two adjacent positional arguments swapped, a statement dropped.
+"""
+
+import argparse
+import ast
+import collections
+import copy
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "91b76ab"  # issue 46: every function changed since this commit
+SOURCES = {"vae_fashion": "vae_fashion.py", "sync_docs": "tools/sync_docs.py"}
+WORK = ROOT / ".mutants"
+COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+           ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}
+# Survivors that behave exactly as the original: key -> why (docs/RESULTS.md lists them).
+EQUIVALENT = {}
+
+
+def functions(tree):
+    """Module-level functions and methods: qualname -> node."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    yield f"{node.name}.{item.name}", item
+
+
+def changed_functions(path: str, root: Path = ROOT) -> list[str]:
+    """The functions of `path` whose text differs from BASE's (or that BASE lacks), in file order."""
+    source = (root / path).read_text(encoding="utf-8")
+    old = subprocess.run(["git", "show", f"{BASE}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    before = {name: ast.get_source_segment(old, node) for name, node in functions(ast.parse(old))}
+    return [name for name, node in functions(ast.parse(source)) if before.get(name) != ast.get_source_segment(source, node)]
+
+
+def _is_docstring(statement) -> bool:
+    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) and isinstance(
+        statement.value.value, str)
+
+
+def sites(function: ast.FunctionDef) -> list:
+    """Every mutation of the function's body, in a fixed order: (kind, apply) where apply() mutates the tree
+    in place and returns (before, after) as text."""
+    found = []
+
+    def replace(parent, field, index, new):
+        def apply():
+            old = getattr(parent, field) if index is None else getattr(parent, field)[index]
+            if index is None:
+                setattr(parent, field, new)
+            else:
+                getattr(parent, field)[index] = new
+            return ast.unparse(old), ast.unparse(new)
+        return apply
+
+    def visit(node):
+        for field, value in ast.iter_fields(node):
+            if field in ("annotation", "returns", "type_comment") or node is function and field != "body":
+                continue
+            children = value if isinstance(value, list) else [value]
+            for index, child in enumerate(children):
+                if not isinstance(child, ast.AST):
+                    continue
+                at = index if isinstance(value, list) else None
+                if isinstance(child, ast.stmt) and not isinstance(child, (ast.Pass, ast.Global, ast.Nonlocal)) \
+                        and not _is_docstring(child):
+                    # `if False:` keeps the names the statement used, so a closure's cells still match.
+                    test = ast.copy_location(ast.Constant(False), child)
+                    dropped = ast.copy_location(ast.If(test, [child], []), child)
+                    found.append(("statement dropped", replace(node, field, at, dropped)))
+                mutations(node, field, at, child)
+                visit(child)
+
+    def mutations(parent, field, at, node):
+        if isinstance(node, ast.Compare):
+            for i, op in enumerate(node.ops):
+                new = copy.copy(node)
+                new.ops = [*node.ops[:i], COMPARE[type(op)](), *node.ops[i + 1:]]
+                found.append(("comparison", replace(parent, field, at, new)))
+        elif isinstance(node, ast.BoolOp):
+            new = ast.BoolOp(ast.Or() if isinstance(node.op, ast.And) else ast.And(), node.values)
+            found.append(("and/or", replace(parent, field, at, ast.copy_location(new, node))))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            found.append(("not dropped", replace(parent, field, at, node.operand)))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
+            found.append(("True/False", replace(parent, field, at, ast.copy_location(ast.Constant(not node.value), node))))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            for step in (1, -1):
+                new = ast.copy_location(ast.Constant(node.value + step), node)
+                found.append(("number ±1", replace(parent, field, at, new)))
+        elif isinstance(node, ast.Call):
+            args = node.args
+            for i in range(len(args) - 1):
+                if not any(isinstance(a, ast.Starred) for a in args[i:i + 2]) and ast.dump(args[i]) != ast.dump(args[i + 1]):
+                    new = copy.copy(node)
+                    new.args = [*args[:i], args[i + 1], args[i], *args[i + 2:]]
+                    found.append(("arguments swapped", replace(parent, field, at, new)))
+
+    visit(function)
+    return found
+
+
+def mutated(tree, name: str, ordinal: int):
+    """The module tree with one mutation, in a copy of the function (the rest shared, not copied):
+    (tree, kind, (before, after))."""
+    body, (owner, _, method) = list(tree.body), name.rpartition(".")
+    for i, node in enumerate(body):
+        if owner and isinstance(node, ast.ClassDef) and node.name == owner:
+            body[i] = copy.copy(node)
+            body[i].body = [copy.deepcopy(item) if isinstance(item, ast.FunctionDef) and item.name == method else item
+                            for item in node.body]
+        elif not owner and isinstance(node, ast.FunctionDef) and node.name == name:
+            body[i] = copy.deepcopy(node)
+    new = ast.Module(body, tree.type_ignores)
+    kind, apply = sites(dict(functions(new))[name])[ordinal]
+    return new, kind, apply()
+
+
+def mutants(module: str, root: Path = ROOT) -> list[dict]:
+    """Every mutant of the module's changed functions: its key, function, line and text."""
+    tree = ast.parse((root / SOURCES[module]).read_text(encoding="utf-8"))
+    out, seen = [], collections.Counter()
+    for name in changed_functions(SOURCES[module], root):
+        for ordinal in range(len(sites(dict(functions(tree))[name]))):
+            _, kind, (before, after) = mutated(tree, name, ordinal)
+            text = f"{' '.join(before.split())[:90]} -> {' '.join(after.split())[:90]}"
+            key = f"{module}:{name}: {text}"
+            seen[key] += 1
+            key += f" #{seen[key]}" if seen[key] > 1 else ""
+            out.append({"key": key, "module": module, "function": name, "ordinal": ordinal, "kind": kind, "text": text})
+    return out
+
+
+def code_of(code: types.CodeType, qualname: str):
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            if const.co_qualname == qualname:
+                return const
+            if (found := code_of(const, qualname)) is not None:
+                return found
+    return None
+
+
+def live_function(module, qualname: str):
+    owner, name = module, qualname
+    if "." in qualname:
+        owner_name, name = qualname.split(".")
+        owner = getattr(module, owner_name)
+    attribute = inspect.getattr_static(owner, name)
+    if isinstance(attribute, property):
+        attribute = attribute.fget
+    return inspect.unwrap(getattr(attribute, "__func__", attribute))
+
+
+def compiled(module, tree, qualnames):
+    """Compile the (mutated) module tree; the new code of each function in qualnames."""
+    code = compile(tree, module.__file__, "exec")
+    return {name: code_of(code, name) for name in qualnames}
+
+
+# ---------------------------------------------------------------- the map: which tests reach which function
+class MapPlugin:
+    """Records, per test, the scoped functions entered during it and during the wider-scoped fixtures it uses."""
+
+    def __init__(self):
+        self.hits, self.tests, self.fixtures, self.failed = set(), {}, [], set()
+
+    def hit(self, name):
+        self.hits.add(name)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        outer, self.hits = self.hits, set()
+        yield
+        if fixturedef.scope != "function":
+            self.fixtures.append((fixturedef.argname, request.node.nodeid, sorted(self.hits)))
+        self.hits = outer | self.hits
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.hits, start = set(), time.perf_counter()
+        yield
+        self.tests[item.nodeid] = {"reach": self.hits, "seconds": time.perf_counter() - start,
+                                   "fixtures": list(item.fixturenames), "passed": item.nodeid not in self.failed}
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            self.failed.add(report.nodeid)
+
+
+def instrument(modules):
+    """Every scoped function first calls _mutants_hit_(its name): its code swapped, as a mutant's is."""
+    plugin = MapPlugin()
+    for module_name, module in modules.items():
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+        names = changed_functions(SOURCES[module_name], Path.cwd())
+        for name, node in functions(tree):
+            if name in names:
+                key = f"{module_name}:{name}"
+                at = 1 if node.body and _is_docstring(node.body[0]) else 0
+                probe = ast.parse(f"_mutants_hit_({key!r})").body[0]
+                node.body.insert(at, probe)
+        ast.fix_missing_locations(tree)
+        module._mutants_hit_ = plugin.hit
+        for name, code in compiled(module, tree, names).items():
+            live_function(module, name).__code__ = code
+    return plugin
+
+
+def load_modules():
+    sys.path[:0] = [str(Path.cwd()), str(Path.cwd() / "tools"), str(Path.cwd() / "tests")]
+    import sync_docs
+    import vae_fashion
+    return {"vae_fashion": vae_fashion, "sync_docs": sync_docs}
+
+
+def run_map(tests):
+    plugin = instrument(load_modules())
+    code = pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", *(tests or ["tests"])],
+                       plugins=[plugin])
+    reach = {}
+    for nodeid, test in plugin.tests.items():
+        hits = set(test["reach"])
+        for argname, scope, fixture_hits in plugin.fixtures:
+            if argname in test["fixtures"] and nodeid.startswith(scope):
+                hits |= set(fixture_hits)
+        reach[nodeid] = {"reach": sorted(hits), "seconds": round(test["seconds"], 3), "passed": test["passed"]}
+    (Path.cwd().parent / "map.json").write_text(json.dumps(reach, indent=1))
+    print(f"pytest exit {code}; {len(reach)} tests mapped")
+
+
+# ---------------------------------------------------------------- running the mutants
+class Timeout(BaseException):
+    pass
+
+
+class RunPlugin:
+    """Runs each mutant's reaching tests (fastest first, stopping at the first failure) in one pytest session."""
+
+    def __init__(self, work, modules, reach, out):
+        self.work, self.modules, self.reach, self.out, self.failed = work, modules, reach, out, None
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed and self.failed is None:
+            self.failed = report.nodeid
+
+    def pytest_runtestloop(self, session):
+        items = {item.nodeid: item for item in session.items}
+        trees = {name: ast.parse(Path(m.__file__).read_text(encoding="utf-8")) for name, m in self.modules.items()}
+        signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(Timeout()))
+        for mutant in self.work:
+            module = self.modules[mutant["module"]]
+            name = f"{mutant['module']}:{mutant['function']}"
+            tests = sorted((t for t, v in self.reach.items() if name in v["reach"] and t in items),
+                           key=lambda t: self.reach[t]["seconds"])
+            result = {**mutant, "tests": len(tests)}
+            if not tests:
+                self.write({**result, "status": "no test reaches it"})
+                continue
+            tree = mutated(trees[mutant["module"]], mutant["function"], mutant["ordinal"])[0]
+            function = live_function(module, mutant["function"])
+            original = function.__code__
+            try:
+                function.__code__ = compiled(module, tree, [mutant["function"]])[mutant["function"]]
+            except (SyntaxError, ValueError, TypeError) as error:
+                self.write({**result, "status": "error", "by": f"does not compile: {error}"})
+                continue
+            self.failed, start = None, time.perf_counter()
+            limit = int(30 + 3 * sum(self.reach[t]["seconds"] for t in tests))
+            signal.alarm(limit)
+            try:
+                for i, nodeid in enumerate(tests):
+                    nextitem = items[tests[i + 1]] if i + 1 < len(tests) else None
+                    session.config.hook.pytest_runtest_protocol(item=items[nodeid], nextitem=nextitem)
+                    if self.failed:
+                        break
+            except Timeout:
+                self.failed = f"timeout after {limit} s"
+            finally:
+                signal.alarm(0)
+                function.__code__ = original
+                session._setupstate.teardown_exact(None)
+                shutil.rmtree(session.config._tmp_path_factory.getbasetemp(), ignore_errors=True)
+                session.config._tmp_path_factory._basetemp = None
+            self.write({**result, "status": "killed" if self.failed else "survived", "by": self.failed,
+                        "seconds": round(time.perf_counter() - start, 1)})
+        return True
+
+    def write(self, result):
+        with open(self.out, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(result) + "\n")
+
+
+def work(shard: int, shards: int, out: str, names):
+    modules = load_modules()
+    reach = json.loads((Path.cwd().parent / "map.json").read_text())
+    done = set()
+    if Path(out).exists():
+        done = {json.loads(line)["key"] for line in Path(out).read_text().splitlines()}
+    todo = [m for module in SOURCES for m in mutants(module, Path.cwd())
+            if not names or m["function"] in names][shard::shards]
+    plugin = RunPlugin([m for m in todo if m["key"] not in done], modules, reach, out)
+    pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", "tests"], plugins=[plugin])
+
+
+def copy_tree() -> Path:
+    tree = WORK / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    shutil.copy2(__file__, tree / "tools" / "mutants.py")  # this script, committed or not
+    (tree / ".git").symlink_to(ROOT / ".git")  # changed_functions reads BASE from the history
+    return tree
+
+
+def run(jobs: int, names):
+    tree = copy_tree()
+    shards = [(WORK / f"results-{k}.jsonl") for k in range(jobs)]
+    processes = {}
+    while True:
+        for k, out in enumerate(shards):
+            process = processes.get(k)
+            if process is None or (process.poll() is not None and process.returncode != 0):
+                if process is not None:  # died in a mutant: that mutant is killed (a crash is a failure)
+                    print(f"worker {k} exited {process.returncode}; restarting", flush=True)
+                log = open(WORK / f"worker-{k}.log", "a")
+                processes[k] = subprocess.Popen([sys.executable, "tools/mutants.py", "work", str(k), str(jobs), str(out),
+                                                 *names], cwd=tree, stdout=log, stderr=subprocess.STDOUT)
+        if all(p.poll() == 0 for p in processes.values()):
+            break
+        time.sleep(5)
+    with open(WORK / "results.jsonl", "w", encoding="utf-8") as handle:
+        for out in shards:
+            handle.write(out.read_text())
+
+
+def report():
+    results = [json.loads(line) for line in (WORK / "results.jsonl").read_text().splitlines()]
+    table = collections.defaultdict(collections.Counter)
+    for r in results:
+        status = "equivalent" if r["status"] == "survived" and r["key"] in EQUIVALENT else r["status"]
+        table[f"{r['module']}:{r['function']}"][status] += 1
+    print("| function | mutants | killed | equivalent | survived | no test reaches it |")
+    print("|---|---|---|---|---|---|")
+    total = collections.Counter()
+    for name, counts in table.items():
+        total.update(counts)
+        print(f"| `{name}` | {sum(counts.values())} | {counts['killed']} | {counts['equivalent']} | "
+              f"{counts['survived']} | {counts['no test reaches it']} |")
+    print(f"| all | {sum(total.values())} | {total['killed']} | {total['equivalent']} | {total['survived']} | "
+          f"{total['no test reaches it']} |")
+    live = sum(total.values()) - total["equivalent"]
+    print(f"killed {total['killed']} of {live} non-equivalent: {total['killed'] / max(live, 1):.1%}")
+    for r in results:
+        if r["status"] != "killed" and r["key"] not in EQUIVALENT:
+            print(f"{r['status'].upper()} {r['key']}  ({r['tests']} tests)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["map", "map-here", "run", "report", "work", "count"])
+    parser.add_argument("rest", nargs="*")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    if args.command == "map":
+        WORK.mkdir(exist_ok=True)
+        tree = copy_tree()
+        sys.exit(subprocess.run([sys.executable, "tools/mutants.py", "map-here", *args.rest], cwd=tree).returncode)
+    elif args.command == "map-here":
+        run_map(args.rest)
+    elif args.command == "work":
+        work(int(args.rest[0]), int(args.rest[1]), args.rest[2], set(args.rest[3:]))
+    elif args.command == "run":
+        run(args.jobs, args.rest)
+    elif args.command == "count":
+        found = [m for module in SOURCES for m in mutants(module)]
+        print(len(found), collections.Counter(m["kind"] for m in found))
+    else:
+        report()
