@@ -36,7 +36,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "91b76ab"  # issue 46: every function changed since this commit
 SOURCES = {"vae_fashion": "vae_fashion.py", "sync_docs": "tools/sync_docs.py"}
-WORK = ROOT / ".mutants"
+WORK = Path(os.environ.get("MUTANTS_WORK", ROOT / ".mutants"))  # the copy's processes write to the checkout's
+MAP = WORK / "map.json"  # test -> the statements of scoped functions it runs, its seconds
 COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
            ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}
 # Survivors that behave exactly as the original: key -> why (docs/RESULTS.md lists them).
@@ -59,7 +60,8 @@ def changed_functions(path: str, root: Path = ROOT) -> list[str]:
     source = (root / path).read_text(encoding="utf-8")
     old = subprocess.run(["git", "show", f"{BASE}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     before = {name: ast.get_source_segment(old, node) for name, node in functions(ast.parse(old))}
-    return [name for name, node in functions(ast.parse(source)) if before.get(name) != ast.get_source_segment(source, node)]
+    return [name for name, node in functions(ast.parse(source))
+            if before.get(name) != ast.get_source_segment(source, node)]
 
 
 def _is_docstring(statement) -> bool:
@@ -68,8 +70,9 @@ def _is_docstring(statement) -> bool:
 
 
 def sites(function: ast.FunctionDef) -> list:
-    """Every mutation of the function's body, in a fixed order: (kind, apply) where apply() mutates the tree
-    in place and returns (before, after) as text."""
+    """Every mutation of the function's body, in a fixed order: (kind, line, apply) where line is the innermost
+    statement holding it (a test reaches the mutant when it runs that statement) and apply() mutates the tree in
+    place and returns (before, after) as text."""
     found = []
 
     def replace(parent, field, index, new):
@@ -82,7 +85,7 @@ def sites(function: ast.FunctionDef) -> list:
             return ast.unparse(old), ast.unparse(new)
         return apply
 
-    def visit(node):
+    def visit(node, line):
         for field, value in ast.iter_fields(node):
             if field in ("annotation", "returns", "type_comment") or node is function and field != "body":
                 continue
@@ -96,42 +99,45 @@ def sites(function: ast.FunctionDef) -> list:
                     # `if False:` keeps the names the statement used, so a closure's cells still match.
                     test = ast.copy_location(ast.Constant(False), child)
                     dropped = ast.copy_location(ast.If(test, [child], []), child)
-                    found.append(("statement dropped", replace(node, field, at, dropped)))
-                mutations(node, field, at, child)
-                visit(child)
+                    found.append(("statement dropped", child.lineno, replace(node, field, at, dropped)))
+                child_line = child.lineno if isinstance(child, ast.stmt) else line
+                mutations(node, field, at, child, child_line)
+                visit(child, child_line)
 
-    def mutations(parent, field, at, node):
+    def mutations(parent, field, at, node, line):
         if isinstance(node, ast.Compare):
             for i, op in enumerate(node.ops):
                 new = copy.copy(node)
                 new.ops = [*node.ops[:i], COMPARE[type(op)](), *node.ops[i + 1:]]
-                found.append(("comparison", replace(parent, field, at, new)))
+                found.append(("comparison", line, replace(parent, field, at, new)))
         elif isinstance(node, ast.BoolOp):
             new = ast.BoolOp(ast.Or() if isinstance(node.op, ast.And) else ast.And(), node.values)
-            found.append(("and/or", replace(parent, field, at, ast.copy_location(new, node))))
+            found.append(("and/or", line, replace(parent, field, at, ast.copy_location(new, node))))
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-            found.append(("not dropped", replace(parent, field, at, node.operand)))
+            found.append(("not dropped", line, replace(parent, field, at, node.operand)))
         elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
-            found.append(("True/False", replace(parent, field, at, ast.copy_location(ast.Constant(not node.value), node))))
+            new = ast.copy_location(ast.Constant(not node.value), node)
+            found.append(("True/False", line, replace(parent, field, at, new)))
         elif isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
             for step in (1, -1):
                 new = ast.copy_location(ast.Constant(node.value + step), node)
-                found.append(("number ±1", replace(parent, field, at, new)))
+                found.append(("number ±1", line, replace(parent, field, at, new)))
         elif isinstance(node, ast.Call):
             args = node.args
             for i in range(len(args) - 1):
-                if not any(isinstance(a, ast.Starred) for a in args[i:i + 2]) and ast.dump(args[i]) != ast.dump(args[i + 1]):
+                starred = any(isinstance(a, ast.Starred) for a in args[i:i + 2])
+                if not starred and ast.dump(args[i]) != ast.dump(args[i + 1]):
                     new = copy.copy(node)
                     new.args = [*args[:i], args[i + 1], args[i], *args[i + 2:]]
-                    found.append(("arguments swapped", replace(parent, field, at, new)))
+                    found.append(("arguments swapped", line, replace(parent, field, at, new)))
 
-    visit(function)
+    visit(function, function.lineno)
     return found
 
 
 def mutated(tree, name: str, ordinal: int):
     """The module tree with one mutation, in a copy of the function (the rest shared, not copied):
-    (tree, kind, (before, after))."""
+    (tree, kind, line, (before, after))."""
     body, (owner, _, method) = list(tree.body), name.rpartition(".")
     for i, node in enumerate(body):
         if owner and isinstance(node, ast.ClassDef) and node.name == owner:
@@ -141,8 +147,8 @@ def mutated(tree, name: str, ordinal: int):
         elif not owner and isinstance(node, ast.FunctionDef) and node.name == name:
             body[i] = copy.deepcopy(node)
     new = ast.Module(body, tree.type_ignores)
-    kind, apply = sites(dict(functions(new))[name])[ordinal]
-    return new, kind, apply()
+    kind, line, apply = sites(dict(functions(new))[name])[ordinal]
+    return new, kind, line, apply()
 
 
 def mutants(module: str, root: Path = ROOT) -> list[dict]:
@@ -151,12 +157,13 @@ def mutants(module: str, root: Path = ROOT) -> list[dict]:
     out, seen = [], collections.Counter()
     for name in changed_functions(SOURCES[module], root):
         for ordinal in range(len(sites(dict(functions(tree))[name]))):
-            _, kind, (before, after) = mutated(tree, name, ordinal)
+            _, kind, line, (before, after) = mutated(tree, name, ordinal)
             text = f"{' '.join(before.split())[:90]} -> {' '.join(after.split())[:90]}"
             key = f"{module}:{name}: {text}"
             seen[key] += 1
             key += f" #{seen[key]}" if seen[key] > 1 else ""
-            out.append({"key": key, "module": module, "function": name, "ordinal": ordinal, "kind": kind, "text": text})
+            out.append({"key": key, "module": module, "function": name, "ordinal": ordinal, "kind": kind, "line": line,
+                        "text": text})
     return out
 
 
@@ -218,17 +225,27 @@ class MapPlugin:
 
 
 def instrument(modules):
-    """Every scoped function first calls _mutants_hit_(its name): its code swapped, as a mutant's is."""
+    """Every statement of the scoped functions first calls _mutants_hit_("module:function:line"): their code
+    swapped, as a mutant's is."""
     plugin = MapPlugin()
     for module_name, module in modules.items():
         tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
         names = changed_functions(SOURCES[module_name], Path.cwd())
-        for name, node in functions(tree):
-            if name in names:
-                key = f"{module_name}:{name}"
-                at = 1 if node.body and _is_docstring(node.body[0]) else 0
-                probe = ast.parse(f"_mutants_hit_({key!r})").body[0]
-                node.body.insert(at, probe)
+        for name, function in functions(tree):
+            if name not in names:
+                continue
+            for node in ast.walk(function):
+                for field in ("body", "orelse", "finalbody"):
+                    statements = getattr(node, field, None)
+                    if not isinstance(statements, list) or not statements or not isinstance(statements[0], ast.stmt):
+                        continue
+                    probed = []
+                    for statement in statements:
+                        if not _is_docstring(statement):
+                            probe = ast.parse(f"_mutants_hit_('{module_name}:{name}:{statement.lineno}')").body[0]
+                            probed.append(ast.copy_location(probe, statement))
+                        probed.append(statement)
+                    setattr(node, field, probed)
         ast.fix_missing_locations(tree)
         module._mutants_hit_ = plugin.hit
         for name, code in compiled(module, tree, names).items():
@@ -239,6 +256,7 @@ def instrument(modules):
 def load_modules():
     sys.path[:0] = [str(Path.cwd()), str(Path.cwd() / "tools"), str(Path.cwd() / "tests")]
     import sync_docs
+
     import vae_fashion
     return {"vae_fashion": vae_fashion, "sync_docs": sync_docs}
 
@@ -247,14 +265,14 @@ def run_map(tests):
     plugin = instrument(load_modules())
     code = pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", *(tests or ["tests"])],
                        plugins=[plugin])
-    reach = {}
+    reach = json.loads(MAP.read_text()) if tests and MAP.exists() else {}  # a subset updates the map
     for nodeid, test in plugin.tests.items():
         hits = set(test["reach"])
         for argname, scope, fixture_hits in plugin.fixtures:
             if argname in test["fixtures"] and nodeid.startswith(scope):
                 hits |= set(fixture_hits)
         reach[nodeid] = {"reach": sorted(hits), "seconds": round(test["seconds"], 3), "passed": test["passed"]}
-    (Path.cwd().parent / "map.json").write_text(json.dumps(reach, indent=1))
+    MAP.write_text(json.dumps(reach, indent=1))
     print(f"pytest exit {code}; {len(reach)} tests mapped")
 
 
@@ -267,7 +285,8 @@ class RunPlugin:
     """Runs each mutant's reaching tests (fastest first, stopping at the first failure) in one pytest session."""
 
     def __init__(self, work, modules, reach, out):
-        self.work, self.modules, self.reach, self.out, self.failed = work, modules, reach, out, None
+        self.work, self.modules, self.out, self.failed = work, modules, out, None
+        self.reach = {test: {**v, "reach": set(v["reach"])} for test, v in reach.items()}
 
     def pytest_runtest_logreport(self, report):
         if report.failed and self.failed is None:
@@ -279,7 +298,7 @@ class RunPlugin:
         signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(Timeout()))
         for mutant in self.work:
             module = self.modules[mutant["module"]]
-            name = f"{mutant['module']}:{mutant['function']}"
+            name = f"{mutant['module']}:{mutant['function']}:{mutant['line']}"
             tests = sorted((t for t, v in self.reach.items() if name in v["reach"] and t in items),
                            key=lambda t: self.reach[t]["seconds"])
             result = {**mutant, "tests": len(tests)}
@@ -294,6 +313,7 @@ class RunPlugin:
             except (SyntaxError, ValueError, TypeError) as error:
                 self.write({**result, "status": "error", "by": f"does not compile: {error}"})
                 continue
+            Path(f"{self.out}.current").write_text(json.dumps(result))
             self.failed, start = None, time.perf_counter()
             limit = int(30 + 3 * sum(self.reach[t]["seconds"] for t in tests))
             signal.alarm(limit)
@@ -318,11 +338,12 @@ class RunPlugin:
     def write(self, result):
         with open(self.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(result) + "\n")
+        Path(f"{self.out}.current").unlink(missing_ok=True)
 
 
 def work(shard: int, shards: int, out: str, names):
     modules = load_modules()
-    reach = json.loads((Path.cwd().parent / "map.json").read_text())
+    reach = json.loads(MAP.read_text())
     done = set()
     if Path(out).exists():
         done = {json.loads(line)["key"] for line in Path(out).read_text().splitlines()}
@@ -345,20 +366,23 @@ def copy_tree() -> Path:
 
 
 def run(jobs: int, names):
-    tree = copy_tree()
-    shards = [(WORK / f"results-{k}.jsonl") for k in range(jobs)]
-    processes = {}
-    while True:
+    """`jobs` worker processes, each on its share of the mutants; a worker that dies in a mutant (a crash is a
+    failure: killed) is started again on the rest."""
+    tree, shards, processes = copy_tree(), [WORK / f"results-{k}.jsonl" for k in range(jobs)], {}
+    while not processes or any(p.poll() != 0 for p in processes.values()):
         for k, out in enumerate(shards):
             process = processes.get(k)
-            if process is None or (process.poll() is not None and process.returncode != 0):
-                if process is not None:  # died in a mutant: that mutant is killed (a crash is a failure)
-                    print(f"worker {k} exited {process.returncode}; restarting", flush=True)
-                log = open(WORK / f"worker-{k}.log", "a")
-                processes[k] = subprocess.Popen([sys.executable, "tools/mutants.py", "work", str(k), str(jobs), str(out),
-                                                 *names], cwd=tree, stdout=log, stderr=subprocess.STDOUT)
-        if all(p.poll() == 0 for p in processes.values()):
-            break
+            if process is not None and (process.poll() is None or process.returncode == 0):
+                continue
+            current = Path(f"{out}.current")
+            if process is not None and current.exists():
+                print(f"worker {k} exited {process.returncode} in {current.read_text()}", flush=True)
+                with open(out, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({**json.loads(current.read_text()), "status": "killed",
+                                             "by": f"the process died ({process.returncode})"}) + "\n")
+            command = [sys.executable, "tools/mutants.py", "work", str(k), str(jobs), str(out), *names]
+            processes[k] = subprocess.Popen(command, cwd=tree, stdout=open(WORK / f"worker-{k}.log", "a"),
+                                            stderr=subprocess.STDOUT, env={**os.environ, "MUTANTS_WORK": str(WORK)})
         time.sleep(5)
     with open(WORK / "results.jsonl", "w", encoding="utf-8") as handle:
         for out in shards:
@@ -396,11 +420,13 @@ if __name__ == "__main__":
     if args.command == "map":
         WORK.mkdir(exist_ok=True)
         tree = copy_tree()
-        sys.exit(subprocess.run([sys.executable, "tools/mutants.py", "map-here", *args.rest], cwd=tree).returncode)
+        sys.exit(subprocess.run([sys.executable, "tools/mutants.py", "map-here", *args.rest], cwd=tree,
+                                env={**os.environ, "MUTANTS_WORK": str(WORK)}).returncode)
     elif args.command == "map-here":
         run_map(args.rest)
     elif args.command == "work":
         work(int(args.rest[0]), int(args.rest[1]), args.rest[2], set(args.rest[3:]))
+        os._exit(0)  # done: the failures pytest counts are the mutants' (a crash exits otherwise)
     elif args.command == "run":
         run(args.jobs, args.rest)
     elif args.command == "count":
