@@ -196,27 +196,30 @@ def compiled(module, tree, qualnames):
 
 # ---------------------------------------------------------------- the map: which tests reach which function
 class MapPlugin:
-    """Records, per test, the scoped functions entered during it and during the wider-scoped fixtures it uses."""
+    """Records, per test, the statements of scoped functions run during it and during the wider-scoped fixtures
+    it uses, and its cost: its own seconds plus those fixtures' set-up (what running it alone takes)."""
 
     def __init__(self):
-        self.hits, self.tests, self.fixtures, self.failed = set(), {}, [], set()
+        self.hits, self.tests, self.fixtures, self.failed, self.fixture_seconds = set(), {}, [], set(), 0.0
 
     def hit(self, name):
         self.hits.add(name)
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_fixture_setup(self, fixturedef, request):
-        outer, self.hits = self.hits, set()
+        outer, self.hits, start = self.hits, set(), time.perf_counter()
         yield
         if fixturedef.scope != "function":
-            self.fixtures.append((fixturedef.argname, request.node.nodeid, sorted(self.hits)))
+            seconds = time.perf_counter() - start
+            self.fixtures.append((fixturedef.argname, request.node.nodeid, sorted(self.hits), seconds))
+            self.fixture_seconds += seconds
         self.hits = outer | self.hits
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item, nextitem):
-        self.hits, start = set(), time.perf_counter()
+        self.hits, self.fixture_seconds, start = set(), 0.0, time.perf_counter()
         yield
-        self.tests[item.nodeid] = {"reach": self.hits, "seconds": time.perf_counter() - start,
+        self.tests[item.nodeid] = {"reach": self.hits, "seconds": time.perf_counter() - start - self.fixture_seconds,
                                    "fixtures": list(item.fixturenames), "passed": item.nodeid not in self.failed}
 
     def pytest_runtest_logreport(self, report):
@@ -267,11 +270,12 @@ def run_map(tests):
                        plugins=[plugin])
     reach = json.loads(MAP.read_text()) if tests and MAP.exists() else {}  # a subset updates the map
     for nodeid, test in plugin.tests.items():
-        hits = set(test["reach"])
-        for argname, scope, fixture_hits in plugin.fixtures:
+        hits, seconds = set(test["reach"]), test["seconds"]
+        for argname, scope, fixture_hits, fixture_seconds in plugin.fixtures:
             if argname in test["fixtures"] and nodeid.startswith(scope):
                 hits |= set(fixture_hits)
-        reach[nodeid] = {"reach": sorted(hits), "seconds": round(test["seconds"], 3), "passed": test["passed"]}
+                seconds += fixture_seconds
+        reach[nodeid] = {"reach": sorted(hits), "seconds": round(seconds, 3), "passed": test["passed"]}
     MAP.write_text(json.dumps(reach, indent=1))
     print(f"pytest exit {code}; {len(reach)} tests mapped")
 
@@ -284,8 +288,8 @@ class Timeout(BaseException):
 class RunPlugin:
     """Runs each mutant's reaching tests (fastest first, stopping at the first failure) in one pytest session."""
 
-    def __init__(self, work, modules, reach, out):
-        self.work, self.modules, self.out, self.failed = work, modules, out, None
+    def __init__(self, work, modules, reach, out, budget):
+        self.work, self.modules, self.out, self.failed, self.budget = work, modules, out, None, budget
         self.reach = {test: {**v, "reach": set(v["reach"])} for test, v in reach.items()}
 
     def pytest_runtest_logreport(self, report):
@@ -318,10 +322,11 @@ class RunPlugin:
             limit = int(30 + 3 * sum(self.reach[t]["seconds"] for t in tests))
             signal.alarm(limit)
             try:
-                for i, nodeid in enumerate(tests):
-                    nextitem = items[tests[i + 1]] if i + 1 < len(tests) else None
+                for ran, nodeid in enumerate(tests, 1):
+                    last = ran == len(tests) or time.perf_counter() - start > self.budget
+                    nextitem = None if last else items[tests[ran]]
                     session.config.hook.pytest_runtest_protocol(item=items[nodeid], nextitem=nextitem)
-                    if self.failed:
+                    if self.failed or last:
                         break
             except Timeout:
                 self.failed = f"timeout after {limit} s"
@@ -331,7 +336,7 @@ class RunPlugin:
                 session._setupstate.teardown_exact(None)
                 shutil.rmtree(session.config._tmp_path_factory.getbasetemp(), ignore_errors=True)
                 session.config._tmp_path_factory._basetemp = None
-            self.write({**result, "status": "killed" if self.failed else "survived", "by": self.failed,
+            self.write({**result, "status": "killed" if self.failed else "survived", "by": self.failed, "ran": ran,
                         "seconds": round(time.perf_counter() - start, 1)})
         return True
 
@@ -341,7 +346,7 @@ class RunPlugin:
         Path(f"{self.out}.current").unlink(missing_ok=True)
 
 
-def work(shard: int, shards: int, out: str, names):
+def work(shard: int, shards: int, out: str, budget: float, names):
     modules = load_modules()
     reach = json.loads(MAP.read_text())
     done = set()
@@ -349,7 +354,7 @@ def work(shard: int, shards: int, out: str, names):
         done = {json.loads(line)["key"] for line in Path(out).read_text().splitlines()}
     todo = [m for module in SOURCES for m in mutants(module, Path.cwd())
             if not names or m["function"] in names][shard::shards]
-    plugin = RunPlugin([m for m in todo if m["key"] not in done], modules, reach, out)
+    plugin = RunPlugin([m for m in todo if m["key"] not in done], modules, reach, out, budget)
     pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", "tests"], plugins=[plugin])
 
 
@@ -365,7 +370,7 @@ def copy_tree() -> Path:
     return tree
 
 
-def run(jobs: int, names):
+def run(jobs: int, budget: float, names):
     """`jobs` worker processes, each on its share of the mutants; a worker that dies in a mutant (a crash is a
     failure: killed) is started again on the rest."""
     tree, shards, processes = copy_tree(), [WORK / f"results-{k}.jsonl" for k in range(jobs)], {}
@@ -380,7 +385,7 @@ def run(jobs: int, names):
                 with open(out, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps({**json.loads(current.read_text()), "status": "killed",
                                              "by": f"the process died ({process.returncode})"}) + "\n")
-            command = [sys.executable, "tools/mutants.py", "work", str(k), str(jobs), str(out), *names]
+            command = [sys.executable, "tools/mutants.py", "work", str(k), str(jobs), str(out), str(budget), *names]
             processes[k] = subprocess.Popen(command, cwd=tree, stdout=open(WORK / f"worker-{k}.log", "a"),
                                             stderr=subprocess.STDOUT, env={**os.environ, "MUTANTS_WORK": str(WORK)})
         time.sleep(5)
@@ -416,6 +421,8 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["map", "map-here", "run", "report", "work", "count"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds of a mutant's tests after which no further test starts: it counts as survived")
     args = parser.parse_args()
     if args.command == "map":
         WORK.mkdir(exist_ok=True)
@@ -425,10 +432,10 @@ if __name__ == "__main__":
     elif args.command == "map-here":
         run_map(args.rest)
     elif args.command == "work":
-        work(int(args.rest[0]), int(args.rest[1]), args.rest[2], set(args.rest[3:]))
+        work(int(args.rest[0]), int(args.rest[1]), args.rest[2], float(args.rest[3]), set(args.rest[4:]))
         os._exit(0)  # done: the failures pytest counts are the mutants' (a crash exits otherwise)
     elif args.command == "run":
-        run(args.jobs, args.rest)
+        run(args.jobs, args.budget, args.rest)
     elif args.command == "count":
         found = [m for module in SOURCES for m in mutants(module)]
         print(len(found), collections.Counter(m["kind"] for m in found))
