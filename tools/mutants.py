@@ -346,14 +346,14 @@ class RunPlugin:
         Path(f"{self.out}.current").unlink(missing_ok=True)
 
 
-def work(shard: int, shards: int, out: str, budget: float, names):
+def work(shard: int, shards: int, out: str, budget: float):
     modules = load_modules()
     reach = json.loads(MAP.read_text())
     done = set()
     if Path(out).exists():
         done = {json.loads(line)["key"] for line in Path(out).read_text().splitlines()}
-    todo = [m for module in SOURCES for m in mutants(module, Path.cwd())
-            if not names or m["function"] in names][shard::shards]
+    keys = set(json.loads((WORK / "todo.json").read_text()))
+    todo = [m for module in SOURCES for m in mutants(module, Path.cwd()) if m["key"] in keys][shard::shards]
     plugin = RunPlugin([m for m in todo if m["key"] not in done], modules, reach, out, budget)
     pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", "tests"], plugins=[plugin])
 
@@ -370,10 +370,20 @@ def copy_tree() -> Path:
     return tree
 
 
-def run(jobs: int, budget: float, names):
-    """`jobs` worker processes, each on its share of the mutants; a worker that dies in a mutant (a crash is a
-    failure: killed) is started again on the rest."""
+def run(jobs: int, budget: float, names, again: bool):
+    """`jobs` worker processes, each on its share of the mutants (of the functions named, or those that survived
+    the last pass when `again`); a worker that dies in a mutant (a crash is a failure: killed) is started again on
+    the rest. Results of a pass replace the earlier results of the same mutants."""
     tree, shards, processes = copy_tree(), [WORK / f"results-{k}.jsonl" for k in range(jobs)], {}
+    earlier = {}
+    if (WORK / "results.jsonl").exists():
+        earlier = {r["key"]: r for r in map(json.loads, (WORK / "results.jsonl").read_text().splitlines())}
+    survived = {key for key, r in earlier.items() if r["status"] == "survived"}
+    keys = [m["key"] for module in SOURCES for m in mutants(module)
+            if (not names or m["function"] in names) and (not again or m["key"] in survived)]
+    if not any(out.exists() for out in shards):  # else: resuming a pass that was stopped
+        (WORK / "todo.json").write_text(json.dumps(keys))
+    start = time.perf_counter()
     while not processes or any(p.poll() != 0 for p in processes.values()):
         for k, out in enumerate(shards):
             process = processes.get(k)
@@ -385,13 +395,15 @@ def run(jobs: int, budget: float, names):
                 with open(out, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps({**json.loads(current.read_text()), "status": "killed",
                                              "by": f"the process died ({process.returncode})"}) + "\n")
-            command = [sys.executable, "tools/mutants.py", "work", str(k), str(jobs), str(out), str(budget), *names]
+            command = [sys.executable, "tools/mutants.py", "work", str(k), str(jobs), str(out), str(budget)]
             processes[k] = subprocess.Popen(command, cwd=tree, stdout=open(WORK / f"worker-{k}.log", "a"),
                                             stderr=subprocess.STDOUT, env={**os.environ, "MUTANTS_WORK": str(WORK)})
         time.sleep(5)
-    with open(WORK / "results.jsonl", "w", encoding="utf-8") as handle:
-        for out in shards:
-            handle.write(out.read_text())
+    for out in shards:
+        earlier.update((r["key"], r) for r in map(json.loads, out.read_text().splitlines()))
+        out.unlink()
+    (WORK / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier.values()))
+    print(f"{len(keys)} mutants in {time.perf_counter() - start:.0f} s with {jobs} workers")
 
 
 def report():
@@ -421,6 +433,7 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["map", "map-here", "run", "report", "work", "count"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--again", action="store_true", help="only the mutants that survived the last pass")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds of a mutant's tests after which no further test starts: it counts as survived")
     args = parser.parse_args()
@@ -432,10 +445,10 @@ if __name__ == "__main__":
     elif args.command == "map-here":
         run_map(args.rest)
     elif args.command == "work":
-        work(int(args.rest[0]), int(args.rest[1]), args.rest[2], float(args.rest[3]), set(args.rest[4:]))
+        work(int(args.rest[0]), int(args.rest[1]), args.rest[2], float(args.rest[3]))
         os._exit(0)  # done: the failures pytest counts are the mutants' (a crash exits otherwise)
     elif args.command == "run":
-        run(args.jobs, args.budget, args.rest)
+        run(args.jobs, args.budget, args.rest, args.again)
     elif args.command == "count":
         found = [m for module in SOURCES for m in mutants(module)]
         print(len(found), collections.Counter(m["kind"] for m in found))
