@@ -232,6 +232,14 @@ def test_every_setting_is_declared_once_with_its_variable_group_and_meaning():
     assert not {"generator", "expost_components"} & trained  # fitted after training: a rerun reuses the training
 
 
+def test_a_setting_s_kind_is_its_default_s_type_unless_declared():
+    field = vf.setting(3, "model", "m")
+    assert field.default == 3 and field.metadata["kind"] is int and field.metadata["trains"] is True
+    assert vf.setting(None, "data", "d", str).metadata["kind"] is str
+    assert dict(vf.setting(0.5, "loss", "l", low=0, high=1, open_low=True, trains=False).metadata) == {
+        "group": "loss", "meaning": "l", "kind": float, "low": 0, "high": 1, "open_low": True, "trains": False}
+
+
 def test_preset_values_pass_the_same_validation(monkeypatch):
     monkeypatch.setitem(vf.PRESETS, "quality", {"epochs": 0})
     with pytest.raises(vf.ConfigError, match="PRESETS\\['quality'\\]\\['epochs'\\]='0' is out of range"):

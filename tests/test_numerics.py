@@ -352,6 +352,34 @@ def test_the_faithful_preset_builds_the_original_layers():
                                 ("Conv2DTranspose", 32, (2, 2)), ("Conv2D", 1, (1, 1))]
 
 
+def test_the_default_builds_two_3x3_convolutions_per_level_and_a_subpixel_output():
+    """README's architecture, layer by layer: (kind, width, kernel, strides, activation) of each layer with
+    weights."""
+    config = vf.Config()
+    encoder, decoder = vf.build_encoder(config), vf.build_decoder(config)
+
+    def summary(model):
+        return [(type(layer).__name__, getattr(layer, "filters", getattr(layer, "units", None)),
+                 getattr(layer, "kernel_size", None), getattr(layer, "strides", None),
+                 getattr(getattr(layer, "activation", None), "__name__", None))
+                for layer in model.layers if layer.weights]
+
+    k3, s1, s2 = (3, 3), (1, 1), (2, 2)
+    assert summary(encoder) == [("Conv2D", 32, k3, s2, "relu"), ("Conv2D", 32, k3, s1, "relu"),
+                                ("Conv2D", 64, k3, s2, "relu"), ("Conv2D", 64, k3, s1, "relu"),
+                                ("Dense", 256, None, None, "relu"), ("Dense", 16, None, None, "linear"),
+                                ("Dense", 16, None, None, "linear")]
+    assert summary(decoder) == [("Dense", 256, None, None, "relu"), ("Dense", 3136, None, None, "relu"),
+                                ("Conv2DTranspose", 64, k3, s2, "relu"), ("Conv2D", 64, k3, s1, "relu"),
+                                ("Conv2D", 4, k3, s1, "linear")]
+    assert decoder.output.shape[1:] == (28, 28, 1) and decoder.layers[-1].name == "image"
+    conv = vf.build_decoder(vf.Config(output_layer="conv", decoder_depth=3))
+    assert summary(conv)[2:] == [("Conv2DTranspose", 64, k3, s2, "relu"), ("Conv2D", 64, k3, s1, "relu"),
+                                 ("Conv2D", 64, k3, s1, "relu"), ("Conv2DTranspose", 32, k3, s2, "relu"),
+                                 ("Conv2D", 32, k3, s1, "relu"), ("Conv2D", 32, k3, s1, "relu"),
+                                 ("Conv2D", 1, k3, s1, "linear")]
+
+
 def _bars(n: int, seed: int):
     """Clean structured images: a bar at a row set by the class, of random brightness, and a vertical bar for
     odd classes, on black. (The conftest images carry a noisy background that no denoiser can predict.)"""

@@ -291,6 +291,7 @@ class RunPlugin:
     def __init__(self, work, modules, reach, out, budget):
         self.work, self.modules, self.out, self.failed, self.budget = work, modules, out, None, budget
         self.reach = {test: {**v, "reach": set(v["reach"])} for test, v in reach.items()}
+        self.killers = collections.defaultdict(collections.Counter)
 
     def pytest_runtest_logreport(self, report):
         if report.failed and self.failed is None:
@@ -303,8 +304,10 @@ class RunPlugin:
         for mutant in self.work:
             module = self.modules[mutant["module"]]
             name = f"{mutant['module']}:{mutant['function']}:{mutant['line']}"
+            # the tests that killed this function's other mutants first, then the cheapest
+            killers = self.killers[mutant["function"]]
             tests = sorted((t for t, v in self.reach.items() if name in v["reach"] and t in items),
-                           key=lambda t: self.reach[t]["seconds"])
+                           key=lambda t: (-killers[t], self.reach[t]["seconds"]))
             result = {**mutant, "tests": len(tests)}
             if not tests:
                 self.write({**result, "status": "no test reaches it"})
@@ -336,6 +339,8 @@ class RunPlugin:
                 session._setupstate.teardown_exact(None)
                 shutil.rmtree(session.config._tmp_path_factory.getbasetemp(), ignore_errors=True)
                 session.config._tmp_path_factory._basetemp = None
+            if self.failed in items:
+                self.killers[mutant["function"]][self.failed] += 1
             self.write({**result, "status": "killed" if self.failed else "survived", "by": self.failed, "ran": ran,
                         "seconds": round(time.perf_counter() - start, 1)})
         return True
