@@ -66,6 +66,17 @@ def test_supcon_matches_reference(temperature):
     assert ours == pytest.approx(supcon_reference(features, labels, temperature), rel=1e-4)
 
 
+def test_supcon_is_computed_in_float32_from_bfloat16_features():
+    """Mixed precision hands SupCon bfloat16 codes: its logits (/ 0.1) and log-sum-exp are float32 all the same."""
+    rng = np.random.default_rng(3)
+    features = tf.cast(rng.standard_normal((24, 5)), tf.bfloat16)
+    labels = rng.integers(0, 4, 24)
+    ours = vf.supcon_loss(features, labels.astype(np.int32), 0.1)
+    assert ours.dtype == "float32"
+    exact = supcon_reference(tf.cast(features, tf.float32).numpy(), labels, 0.1)
+    assert float(ours) == pytest.approx(exact, rel=1e-5)
+
+
 def test_supcon_skips_anchors_without_positive_and_never_nans():
     features = np.random.default_rng(1).standard_normal((6, 3)).astype(np.float32)
     labels = np.array([0, 0, 1, 2, 3, 4], np.int32)  # only anchors 0 and 1 have a positive
