@@ -48,6 +48,23 @@ def test_fit_retraces_the_training_step_only_when_its_epoch_length_or_decay_chan
     assert vae.train_function is traced
     fit_begins(vae, steps=12, epochs=2)
     assert vae.train_function is not traced and vae.schedule.decay_steps == 24
+    traced = vae.train_function
+    fit_begins(vae, steps=12, epochs=3)  # the same epoch length, a longer run: the decay is traced anew
+    assert vae.train_function is not traced and vae.schedule.decay_steps == 36
+    fit_begins(vae, steps=1, epochs=1)
+    assert vae.schedule.decay_steps == 1
+    with pytest.raises(ValueError, match="pass steps_per_epoch"):
+        fit_begins(vae, steps=None, epochs=2)
+
+
+def test_build_vae_seeds_the_weights_with_vae_seed_and_its_uses_print_nothing(capsys):
+    first, again, other = (vf.build_vae(vf.Config(latent_dim=4, hidden_units=8, seed=seed)) for seed in (5, 5, 6))
+    for a, b in zip(first.weights, again.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first.weights, other.weights, strict=True))
+    capsys.readouterr()
+    first.generate(first.encode(np.zeros((3, 28, 28, 1), np.float32))[0])
+    assert capsys.readouterr().out == ""  # no progress bar per call: the run's log stays readable
 
 
 class _RecordingPrior:
