@@ -363,8 +363,8 @@ def work(shard: int, shards: int, out: str, budget: float):
     pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", "tests"], plugins=[plugin])
 
 
-def copy_tree() -> Path:
-    tree = WORK / "tree"
+def copy_tree(name: str) -> Path:
+    tree = WORK / name
     shutil.rmtree(tree, ignore_errors=True)
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -379,7 +379,7 @@ def run(jobs: int, budget: float, names, again: bool):
     """`jobs` worker processes, each on its share of the mutants (of the functions named, or those that survived
     the last pass when `again`); a worker that dies in a mutant (a crash is a failure: killed) is started again on
     the rest. Results of a pass replace the earlier results of the same mutants."""
-    tree, shards, processes = copy_tree(), [WORK / f"results-{k}.jsonl" for k in range(jobs)], {}
+    tree, shards, processes = copy_tree("tree"), [WORK / f"results-{k}.jsonl" for k in range(jobs)], {}
     earlier = {}
     if (WORK / "results.jsonl").exists():
         earlier = {r["key"]: r for r in map(json.loads, (WORK / "results.jsonl").read_text().splitlines())}
@@ -444,7 +444,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.command == "map":
         WORK.mkdir(exist_ok=True)
-        tree = copy_tree()
+        tree = copy_tree("tree-map")  # not the tree a pass may be running in
         sys.exit(subprocess.run([sys.executable, "tools/mutants.py", "map-here", *args.rest], cwd=tree,
                                 env={**os.environ, "MUTANTS_WORK": str(WORK)}).returncode)
     elif args.command == "map-here":
