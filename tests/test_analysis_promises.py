@@ -137,6 +137,14 @@ def test_silhouette_is_of_a_seeded_subset_of_test_codes_and_knn_asks_ten_neighbo
     y_train = np.array([0] * 4 + [1] * 7)
     result = vf.representation_quality(z_train, y_train, np.zeros((1, 2)), np.array([1]), seed=0)
     assert result["knn10_accuracy"] == 1.0
+    # exactly ten: five class-1 codes at radius 1, then class 0 at radius 2 (and class 1 at 3). Nine neighbours
+    # vote class 1; ten tie 5:5, which the smaller label wins; eleven vote class 1 again.
+    ring = np.stack([np.cos(angles[:5]), np.sin(angles[:5])], axis=1)
+    for far, far_labels in ((2 * np.vstack([ring, [[0.0, 1.0]]]), [0] * 6), (np.vstack([2 * ring, [[0.0, 3.0]]]),
+                                                                               [0] * 5 + [1])):
+        z_train, y_train = np.vstack([ring, far]), np.array([1] * 5 + far_labels)
+        result = vf.representation_quality(z_train, y_train, np.zeros((1, 2)), np.array([0]), seed=0)
+        assert result["knn10_accuracy"] == 1.0
 
 
 def test_classical_references_use_noise_factor_and_score_the_vae_on_the_same_subset():
