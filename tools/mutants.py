@@ -304,10 +304,12 @@ class RunPlugin:
         for mutant in self.work:
             module = self.modules[mutant["module"]]
             name = f"{mutant['module']}:{mutant['function']}:{mutant['line']}"
-            # the tests that killed this function's other mutants first, then the cheapest
+            # among the tests that fit the budget, those that killed this function's other mutants first; then
+            # the cheapest
             killers = self.killers[mutant["function"]]
             tests = sorted((t for t, v in self.reach.items() if name in v["reach"] and t in items),
-                           key=lambda t: (-killers[t], self.reach[t]["seconds"]))
+                           key=lambda t: (self.reach[t]["seconds"] > self.budget, -killers[t],
+                                          self.reach[t]["seconds"]))
             result = {**mutant, "tests": len(tests)}
             if not tests:
                 self.write({**result, "status": "no test reaches it"})
