@@ -284,3 +284,26 @@ def test_a_new_run_removes_every_output_of_the_previous_one_but_the_checkpoint(t
     vf.prepare_output_dir(tmp_path)
     assert [name for name in names if (tmp_path / name).exists()] == []
     assert (tmp_path / "checkpoint" / "state.json").exists() and (tmp_path / "notes.txt").exists()
+
+
+def test_t_sne_and_umap_take_the_usual_neighbourhoods_shrunk_to_a_small_subset(monkeypatch):
+    """Perplexity 30 and 15 neighbours (the libraries' defaults), at most a third / all of the other points of a
+    small subset, never under 2; two components, PCA initialisation, seeded."""
+    made = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def fit_transform(self, z):
+            return z[:, :2]
+
+    monkeypatch.setattr(vf, "TSNE", Recorder)
+    for n, perplexity in ((1000, 30.0), (91, 30.0), (31, 10.0), (4, 2.0)):
+        vf.project_tsne(np.zeros((n, 3)), seed=7)
+        assert made.pop() == {"n_components": 2, "perplexity": perplexity, "init": "pca", "random_state": 7,
+                              "n_jobs": -1}, n
+    umap_module = types.SimpleNamespace(UMAP=Recorder)
+    for n, neighbours in ((1000, 15), (16, 15), (9, 8), (2, 2)):
+        vf.project_umap(np.zeros((n, 3)), 5, umap_module)
+        assert made.pop() == {"n_neighbors": neighbours, "min_dist": 0.1, "random_state": 5}, n

@@ -77,6 +77,11 @@ EQUIVALENT = {
     "vae_fashion:class_mixtures: min(len(codes), size) -> min(size, len(codes))": SWAPPED,
     "vae_fashion:class_mixtures: min(components, most) -> min(most, components)": SWAPPED,
     "vae_fashion:class_mixtures: max(1, min(components, most)) -> max(min(components, most), 1)": SWAPPED,
+    "vae_fashion:generation_quality: min(len(data.x_test), len(data.x_train)) -> "
+    "min(len(data.x_train), len(data.x_test))": SWAPPED,
+    **{f"vae_fashion:generation_quality: frechet_distance(sets['{name}'][0], reference) -> "
+       f"frechet_distance(reference, sets['{name}'][0])": "the Fréchet distance is symmetric"
+       for name in ("train", "reconstruction", "prior", "noisy", "trained_prior", "training_codes", "conditional")},
 }
 
 
