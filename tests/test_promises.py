@@ -224,14 +224,22 @@ def test_the_interpolation_lines_join_test_images_of_two_different_classes_and_a
     # each line starts at its first image's code and ends at its second's (coordinate 0: 3 for class 0, else 0)
     for line, (a, b) in zip(paths["interpolation"], chosen):
         assert line[0, 0, 0, 0] == z[a, 0] and line[-1, 0, 0, 0] == z[b, 0]
+    assert paths["interpolation"].shape == (8, 10, 28, 28, 1) and paths["traversal"].shape == (5, 9, 28, 28, 1)
+    # the traversal: mean + t * sd * PC_k for t from -2.5 to 2.5 in 9 steps (README's 11_latent_traversal.png)
+    pca = vf.PCA().fit(z + np.random.default_rng(0).normal(0, 0.1, z.shape))
+    grid, ratios = vf.latent_traversal(pca)
+    sd = np.sqrt(pca.explained_variance_[:5])[:, None]
+    for column, t in ((0, -2.5), (4, 0.0), (8, 2.5)):
+        np.testing.assert_allclose(grid[:, column], pca.mean_ + t * sd * pca.components_[:5], atol=1e-5)
+    np.testing.assert_array_equal(ratios, pca.explained_variance_ratio_[:5])
 
 
 def test_interpolation_pairs_join_two_classes_present_and_refuse_a_test_set_of_one_class():
     """A small test set may lack classes: every pair still joins two different classes, among those present."""
-    labels = np.repeat([3, 7, 8], 4)
-    for seed in range(20):
-        pairs = vf.interpolation_pairs(labels, 8, seed)
-        assert len(pairs) == 8 and all(labels[a] != labels[b] for a, b in pairs), (seed, pairs)
+    for labels in (np.repeat([3, 7], 4), np.repeat([3, 7, 8], 4)):
+        for seed in range(20):
+            pairs = vf.interpolation_pairs(labels, 8, seed)
+            assert len(pairs) == 8 and all(labels[a] != labels[b] for a, b in pairs), (seed, pairs)
     assert {labels[a] for pair in vf.interpolation_pairs(labels, 8, 0) for a in pair} == {3, 7, 8}
     with pytest.raises(vf.DatasetError, match="the 20 test images hold only one class.*VAE_TEST_SAMPLES"):
         vf.interpolation_pairs(np.full(20, 5), 8, 0)
