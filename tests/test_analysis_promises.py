@@ -237,6 +237,14 @@ def test_the_embedding_plots_label_the_seeded_subset_and_put_each_method_in_its_
     np.testing.assert_array_equal(embeddings["subset"], subset)
     np.testing.assert_array_equal(embedded[0][0], z[subset])
     assert embedded[0][1] == vf.seed_for(config, "tsne") and warnings and "UMAP" not in embeddings
+    umap_module = types.SimpleNamespace()
+    monkeypatch.setattr(vf, "import_umap", lambda: (umap_module, None))
+    monkeypatch.setattr(vf, "project_umap", lambda codes, seed, module: embedded.append((codes, seed, module)) or
+                        codes[:, 1:])
+    embeddings, warnings = vf.latent_embeddings(z, config, vf.StageTimer().stage)
+    np.testing.assert_array_equal(embedded[-1][0], z[subset])
+    assert embedded[-1][1:] == (vf.seed_for(config, "umap"), umap_module) and not warnings
+    np.testing.assert_array_equal(embeddings["UMAP"], z[subset][:, 1:])
     embedded.clear()
     assert vf.latent_embeddings(z, vf.Config(embed_samples=0), vf.StageTimer().stage)[0].keys() == {"subset"}
     assert embedded == []
