@@ -426,7 +426,7 @@ def run(jobs: int, budget: float, names, again: bool):
     earlier = {}
     if (WORK / "results.jsonl").exists():
         earlier = {r["key"]: r for r in map(json.loads, (WORK / "results.jsonl").read_text().splitlines())}
-    survived = {key for key, r in earlier.items() if r["status"] == "survived"}
+    survived = {key for key, r in earlier.items() if r["status"] in ("survived", "no test reaches it")}
     keys = [m["key"] for module in SOURCES for m in mutants(module)
             if (not names or m["function"] in names) and (not again or m["key"] in survived)]
     if not any(out.exists() for out in shards):  # else: resuming a pass that was stopped
@@ -485,7 +485,7 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["map", "map-here", "run", "report", "work", "count"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--again", action="store_true", help="only the mutants that survived the last pass")
+    parser.add_argument("--again", action="store_true", help="only the mutants that survived the last pass (or that no test reached)")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds of a mutant's tests after which no further test starts: it counts as survived")
     args = parser.parse_args()
