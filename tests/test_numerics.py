@@ -84,6 +84,11 @@ def test_supcon_skips_anchors_without_positive_and_never_nans():
     assert ours == pytest.approx(supcon_reference(features, labels, 0.2), rel=1e-4)
     all_distinct = float(vf.supcon_loss(features, np.arange(6, dtype=np.int32), 0.2))
     assert all_distinct == 0.0
+    assert float(vf.supcon_loss(features, labels[:, None], 0.2)) == pytest.approx(ours)  # labels as a column
+    variable = tf.Variable(features)
+    with tf.GradientTape() as tape:  # the anchors left out do not make the gradient NaN either
+        loss = vf.supcon_loss(variable, labels, 0.2)
+    assert np.all(np.isfinite(tape.gradient(loss, variable).numpy()))
 
 
 def test_supcon_gradient_is_finite_and_pulls_classes_together():

@@ -47,6 +47,13 @@ EQUIVALENT = {
     "vae_fashion:supcon_loss: 1 -> 0 #4": "n_positive summed over the other axis of a symmetric matrix",
     "vae_fashion:supcon_loss: 1.0 -> 2.0 #2": "positives come in pairs: n_anchors is 0 (then the sum is 0) or >= 2",
     "vae_fashion:supcon_loss: 1000000000.0 -> 999999999.0": "the same float32, -1e9",
+    "vae_fashion:supcon_loss: 1000000000.0 -> 1000000001.0": "the same float32, -1e9",
+    "vae_fashion:supcon_loss: True -> False #2": "log-sum-exp by column: every anchor of a class has as many "
+    "positives, so the mean over anchors is the same sum",
+    "vae_fashion:supcon_loss: 1 -> 0 #2": "log-sum-exp by column: the mean over anchors is the same sum",
+    "vae_fashion:supcon_loss: 1 -> 0 #5": "positives summed by column: the mean over anchors is the same sum",
+    "vae_fashion:supcon_loss: ops.equal(labels[:, None], labels[None, :]) -> ops.equal(labels[None, :], "
+    "labels[:, None])": SWAPPED,
     "vae_fashion:supcon_loss: ops.logical_and(ops.equal(labels[:, None], labels[None, :]), ops.logical_not(is_self)) "
     "-> ops.logical_and(ops.logical_not(is_self), ops.equal(labels[:, None], labels[None, :]))": SWAPPED,
     "vae_fashion:supcon_loss: ops.maximum(n_positive, 1.0) -> ops.maximum(1.0, n_positive)": SWAPPED,
@@ -427,8 +434,8 @@ def run(jobs: int, budget: float, names, again: bool):
     if (WORK / "results.jsonl").exists():
         earlier = {r["key"]: r for r in map(json.loads, (WORK / "results.jsonl").read_text().splitlines())}
     survived = {key for key, r in earlier.items() if r["status"] in ("survived", "no test reaches it")}
-    keys = [m["key"] for module in SOURCES for m in mutants(module)
-            if (not names or m["function"] in names) and (not again or m["key"] in survived)]
+    keys = [m["key"] for module in SOURCES for m in mutants(module) if (not names or m["function"] in names)
+            and (not again or m["key"] in survived and m["key"] not in EQUIVALENT)]
     if not any(out.exists() for out in shards):  # else: resuming a pass that was stopped
         (WORK / "todo.json").write_text(json.dumps(keys))
     start = time.perf_counter()
@@ -485,7 +492,8 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["map", "map-here", "run", "report", "work", "count"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--again", action="store_true", help="only the mutants that survived the last pass (or that no test reached)")
+    parser.add_argument("--again", action="store_true",
+                        help="only the mutants that survived the last pass (or that no test reached)")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds of a mutant's tests after which no further test starts: it counts as survived")
     args = parser.parse_args()
