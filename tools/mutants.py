@@ -1,19 +1,21 @@
 """Issue 46's mutation testing: mutants made by operators (not by hand) in every function changed since a base
-commit, each run against only the tests that reach its function, in processes that import TensorFlow once.
+commit, each run against only the tests that run its statement, in processes that import TensorFlow once.
 
-    python3 tools/mutants.py map                  # the suite once, in one process: which tests reach what (~25 min)
-    python3 tools/mutants.py run [--jobs 2] [FUNCTION ...]   # every mutant (of the functions named, or all)
-    python3 tools/mutants.py report               # mutants, killed, equivalent, survived per function
+    python3 tools/mutants.py map [TEST ...]     # the suite (or TESTs, updating the map) once, probed: ~14 min
+    python3 tools/mutants.py run [--jobs 2] [--budget S] [--again] [FUNCTION ...]
+    python3 tools/mutants.py report             # mutants, killed, equivalent, survived per function; survivors
 
-Everything runs in a copy of the tracked files under .mutants/ (a mutant that writes files cannot touch the
-checkout); results go to .mutants/results.jsonl. A mutant swaps the `__code__` of the live function, compiled
-from the mutated module in place, so every reference to it (`from vae_fashion import ...`, bound methods, Keras'
-retracing of `train_step`) runs the mutant; tests that run the script in a subprocess do not reach it and are not
-counted as reaching. Why not mutmut or cosmic-ray: docs/RESULTS.md, "Mutation testing".
+Everything runs in a copy of the working tree's tracked files under .mutants/ (a mutant that writes files cannot
+touch the checkout); results go to .mutants/results.jsonl. A mutant swaps the `__code__` of the live function,
+compiled from the mutated module in place, so every reference to it (`from vae_fashion import ...`, bound methods,
+Keras' retracing of `train_step`) runs the mutant; tests that run the script in a subprocess do not reach it and
+are not counted as reaching. --budget S: no further test starts after S seconds of a mutant's tests (it then
+counts as survived: a lower bound on the kill rate); --again: only the last results' survivors. Why not mutmut or
+cosmic-ray, and the results: docs/RESULTS.md, "Mutation testing".
 
-Operators, applied to every line of each function's body (its docstring and annotations excepted): a comparison
-flipped (< <=, > >=, == !=, is / is not, in / not in), and <-> or, `not x` -> `x`, a number +1 and -1, True <->
-False, two adjacent positional arguments swapped, a statement dropped.
+Operators, applied to every statement of each function's body (its docstring and annotations excepted): a
+comparison flipped (< <=, > >=, == !=, is / is not, in / not in), and <-> or, `not x` -> `x`, a number +1 and -1,
+True <-> False, two adjacent positional arguments swapped, a statement dropped.
 """
 
 import argparse
