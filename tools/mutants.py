@@ -86,6 +86,9 @@ EQUIVALENT = {
     "vae_fashion:class_mixtures: min(len(codes), size) -> min(size, len(codes))": SWAPPED,
     "vae_fashion:class_mixtures: min(components, most) -> min(most, components)": SWAPPED,
     "vae_fashion:class_mixtures: max(1, min(components, most)) -> max(min(components, most), 1)": SWAPPED,
+    "vae_fashion:project_tsne: min(30.0, max(2.0, (len(z) - 1) / 3.0)) -> "
+    "min(max(2.0, (len(z) - 1) / 3.0), 30.0)": SWAPPED,
+    "vae_fashion:project_tsne: max(2.0, (len(z) - 1) / 3.0) -> max((len(z) - 1) / 3.0, 2.0)": SWAPPED,
     "vae_fashion:generation_quality: min(len(data.x_test), len(data.x_train)) -> "
     "min(len(data.x_train), len(data.x_test))": SWAPPED,
     **{f"vae_fashion:generation_quality: frechet_distance(sets['{name}'][0], reference) -> "
@@ -498,7 +501,7 @@ if __name__ == "__main__":
                         help="only the mutants that survived the last pass (or that no test reached)")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds of a mutant's tests after which no further test starts: it counts as survived")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options before or after the function names
     if args.command == "map":
         WORK.mkdir(exist_ok=True)
         tree = copy_tree("tree-map")  # not the tree a pass may be running in
