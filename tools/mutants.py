@@ -406,14 +406,16 @@ class RunPlugin:
         Path(f"{self.out}.current").unlink(missing_ok=True)
 
 
+def read_results(*paths) -> dict:
+    """key -> result, the later files' results replacing the earlier's; missing files are empty."""
+    return {r["key"]: r for path in paths if path.exists() for r in map(json.loads, path.read_text().splitlines())}
+
+
 def work(shard: int, shards: int, out: str, budget: float):
     modules = load_modules()
     reach = json.loads(MAP.read_text())
-    done = set()
-    if Path(out).exists():
-        done = {json.loads(line)["key"] for line in Path(out).read_text().splitlines()}
-    keys = set(json.loads((WORK / "todo.json").read_text()))
-    todo = [m for module in SOURCES for m in mutants(module, Path.cwd()) if m["key"] in keys][shard::shards]
+    done = read_results(Path(out))
+    todo = json.loads((WORK / "todo.json").read_text())[shard::shards]  # the mutants, as run() listed them
     plugin = RunPlugin([m for m in todo if m["key"] not in done], modules, reach, out, budget)
     pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", "tests"], plugins=[plugin])
 
@@ -435,14 +437,12 @@ def run(jobs: int, budget: float, names, again: bool):
     the last pass when `again`); a worker that dies in a mutant (a crash is a failure: killed) is started again on
     the rest. Results of a pass replace the earlier results of the same mutants."""
     tree, shards, processes = copy_tree("tree"), [WORK / f"results-{k}.jsonl" for k in range(jobs)], {}
-    earlier = {}
-    if (WORK / "results.jsonl").exists():
-        earlier = {r["key"]: r for r in map(json.loads, (WORK / "results.jsonl").read_text().splitlines())}
+    earlier = read_results(WORK / "results.jsonl")
     survived = {key for key, r in earlier.items() if r["status"] in ("survived", "no test reaches it")}
-    keys = [m["key"] for module in SOURCES for m in mutants(module) if (not names or m["function"] in names)
+    todo = [m for module in SOURCES for m in mutants(module) if (not names or m["function"] in names)
             and (not again or m["key"] in survived and m["key"] not in EQUIVALENT)]
     if not any(out.exists() for out in shards):  # else: resuming a pass that was stopped
-        (WORK / "todo.json").write_text(json.dumps(keys))
+        (WORK / "todo.json").write_text(json.dumps(todo))
     start = time.perf_counter()
     while not processes or any(p.poll() != 0 for p in processes.values()):
         for k, out in enumerate(shards):
@@ -459,19 +459,16 @@ def run(jobs: int, budget: float, names, again: bool):
             processes[k] = subprocess.Popen(command, cwd=tree, stdout=open(WORK / f"worker-{k}.log", "a"),
                                             stderr=subprocess.STDOUT, env={**os.environ, "MUTANTS_WORK": str(WORK)})
         time.sleep(5)
+    earlier.update(read_results(*shards))
     for out in shards:
-        earlier.update((r["key"], r) for r in map(json.loads, out.read_text().splitlines()))
         out.unlink()
     (WORK / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier.values()))
-    print(f"{len(keys)} mutants in {time.perf_counter() - start:.0f} s with {jobs} workers")
+    print(f"{len(todo)} mutants in {time.perf_counter() - start:.0f} s with {jobs} workers")
 
 
 def report():
-    results = {}  # the last pass's results, then those of a pass still running or stopped
-    for path in [WORK / "results.jsonl", *sorted(WORK.glob("results-*.jsonl"))]:
-        if path.exists():
-            results.update((r["key"], r) for r in map(json.loads, path.read_text().splitlines()))
-    results = list(results.values())
+    # the last pass's results, then those of a pass still running or stopped
+    results = list(read_results(WORK / "results.jsonl", *sorted(WORK.glob("results-*.jsonl"))).values())
     table = collections.defaultdict(collections.Counter)
     for r in results:
         status = "equivalent" if r["status"] == "survived" and r["key"] in EQUIVALENT else r["status"]
@@ -494,7 +491,7 @@ def report():
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["map", "map-here", "run", "report", "work", "count"])
+    parser.add_argument("command", choices=["map", "map-here", "run", "report", "work"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--again", action="store_true",
@@ -514,8 +511,5 @@ if __name__ == "__main__":
         os._exit(0)  # done: the failures pytest counts are the mutants' (a crash exits otherwise)
     elif args.command == "run":
         run(args.jobs, args.budget, args.rest, args.again)
-    elif args.command == "count":
-        found = [m for module in SOURCES for m in mutants(module)]
-        print(len(found), collections.Counter(m["kind"] for m in found))
     else:
         report()
