@@ -195,7 +195,7 @@ def test_unknown_preset_lists_the_known_ones():
         vf.config_from_env({"VAE_PRESET": "fast"})
 
 
-def test_auto_precision_picks_bfloat16_only_where_it_was_measured_faster():
+def test_auto_precision_picks_bfloat16_only_where_it_was_measured_faster(monkeypatch):
     intel_amx = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
     intel_bf16_only = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx512f avx512_bf16\n"
     amd_bf16 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx512f avx512_bf16\n"
@@ -203,6 +203,14 @@ def test_auto_precision_picks_bfloat16_only_where_it_was_measured_faster():
     assert vf.cpu_prefers_bfloat16(intel_amx) and vf.cpu_prefers_bfloat16(amd_bf16)
     assert not vf.cpu_prefers_bfloat16(intel_bf16_only) and not vf.cpu_prefers_bfloat16(amd_plain)
     assert not vf.cpu_prefers_bfloat16("flags: avx512_bf16x amx_bf16_fake")  # whole words only
+    monkeypatch.setattr(vf.Path, "read_text", lambda self: intel_amx if str(self) == "/proc/cpuinfo" else "")
+    assert vf.cpu_prefers_bfloat16()  # this machine's own flags, when none are given
+
+    def unreadable(self):
+        raise PermissionError(f"{self}: denied")
+
+    monkeypatch.setattr(vf.Path, "read_text", unreadable)
+    assert not vf.cpu_prefers_bfloat16()  # flags it cannot read: float32
 
 
 def test_an_unknown_vae_variable_stops_the_run_naming_the_setting_it_probably_meant(tmp_path, monkeypatch, capsys):

@@ -144,6 +144,7 @@ def test_csv_only_folder_is_read(tmp_path):
         (lambda text: text.rsplit("\n", 2)[0] + "\n1,2,3\n", "non-integer or empty cells"),
         (lambda text: text.replace("\n3,", "\n13,", 1), "label 13 at index \\d+ is outside 0-9"),
         (lambda text: text + "0," + ",".join(["300"] * 784) + "\n", "pixel values outside 0-255"),
+        (lambda text: "", "not a readable CSV"),
     ],
 )
 def test_malformed_csv_is_reported(tmp_path, mutate, message):
@@ -181,6 +182,19 @@ def test_nothing_found_lists_every_place_and_the_three_fixes(tmp_path):
         assert fix in message
 
 
+def test_the_keras_download_is_the_last_resort_and_is_checked_like_the_files(tmp_path):
+    """Keras' download (offline here) stands in as a function returning its four arrays."""
+    (x_train, y_train), (x_test, y_test) = synthetic_split(30, 1), synthetic_split(20, 2)
+    raw, source = vf.find_and_load_raw(search_dirs=[tmp_path / "absent"],
+                                       download=lambda: ((x_train, y_train), (x_test, y_test)))
+    assert source == "keras download"
+    for loaded, expected, dtype in zip(raw, (x_train, y_train, x_test, y_test), ("uint8", "int32") * 2):
+        assert loaded.dtype == dtype and np.array_equal(loaded, expected)
+    y_test[3] = 10
+    with pytest.raises(vf.DatasetError, match="keras.datasets.fashion_mnist test labels: label 10 at index 3"):
+        vf.find_and_load_raw(search_dirs=[], download=lambda: ((x_train, y_train), (x_test, y_test)))
+
+
 def test_default_search_order_starts_with_kaggle_and_ends_with_keras_cache():
     folders = vf.candidate_data_dirs()
     assert folders[0] == vf.KAGGLE_INPUT / "fashionmnist"
@@ -192,6 +206,10 @@ def test_kaggle_walk_finds_nested_dataset(tmp_path):
     _write_csvs(tmp_path / "other" / "csv-only")
     found = list(vf._kaggle_folders(tmp_path))
     assert nested in found and tmp_path / "other" / "csv-only" in found
+    five = write_dataset(tmp_path / "1" / "2" / "3" / "4" / "5", 20, 20)  # the deepest level searched
+    six = write_dataset(five / "6", 20, 20)
+    found = list(vf._kaggle_folders(tmp_path))
+    assert five in found and six not in found
 
 
 def test_load_fashion_mnist_preprocesses_and_takes_first_n(dataset_dir):

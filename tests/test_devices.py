@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pandas as pd
@@ -67,6 +68,23 @@ def test_several_replicas_train_on_full_batches_that_split_evenly():
         vf.batches_per_epoch(500, config, 3)
     with pytest.raises(vf.ConfigError, match="VAE_TRAIN_SAMPLES=40 is less than one batch"):
         vf.batches_per_epoch(40, config, 2)
+
+
+def test_all_devices_mirror_over_the_gpus_else_over_the_cpu_s_logical_devices(monkeypatch):
+    """Which devices "all" trains on, decided from the device lists (stand-ins here: one CPU in this process)."""
+    listed = {"GPU": [], "CPU": ["CPU:0"]}
+    monkeypatch.setattr(vf.tf.config, "list_logical_devices", lambda kind: [
+        types.SimpleNamespace(name=f"/device:{name}") for name in listed[kind]])
+    monkeypatch.setattr(vf.tf.distribute, "MirroredStrategy", lambda names: ("mirrored", names))
+    default, every = vf.tf.distribute.get_strategy(), vf.Config(devices="all", precision="float32")
+    assert vf.setup_devices(every) is default  # a single device
+    listed["CPU"] = ["CPU:0", "CPU:1"]
+    assert vf.setup_devices(every) == ("mirrored", ["/device:CPU:0", "/device:CPU:1"])
+    listed["GPU"] = ["GPU:0", "GPU:1"]
+    assert vf.setup_devices(every) == ("mirrored", ["/device:GPU:0", "/device:GPU:1"])
+    assert vf.setup_devices(vf.Config(devices="one", precision="float32")) is default
+    listed["GPU"] = ["GPU:0"]  # one GPU: not mirrored with the CPUs
+    assert vf.setup_devices(every) is default
 
 
 def test_a_tpu_runtime_is_told_that_the_run_uses_the_host_cpu(monkeypatch):

@@ -183,6 +183,15 @@ def test_the_title_cards_are_1536_by_864_pixels_with_the_original_s_titles(tmp_p
     assert not vf.plt.fignum_exists(fig.number)  # closed once saved
 
 
+def test_a_notebook_shows_the_saved_file(tmp_path, monkeypatch):
+    display = pytest.importorskip("IPython.display")
+    shown = []
+    monkeypatch.setattr(display, "display", shown.append)
+    vf.save_figure(vf.plt.figure(figsize=(2, 1)), tmp_path / "shown.png", show=True)
+    vf.save_figure(vf.plt.figure(figsize=(2, 1)), tmp_path / "not-shown.png")
+    assert len(shown) == 1 and shown[0].data == (tmp_path / "shown.png").read_bytes()
+
+
 def test_the_title_cards_frame_the_original_s_titles(figures):
     vf.draw_title_cards(None, [name for name, _title, _subtitle in vf.TITLE_PANELS])
     for name, title, subtitle in vf.TITLE_PANELS:

@@ -171,6 +171,23 @@ def test_the_live_progress_bar_only_where_a_person_watches(monkeypatch):
     assert vf.progress_verbosity() == 1  # a terminal
 
 
+def test_in_a_kernel_given_no_command_the_progress_bar_follows_its_parent_process(monkeypatch):
+    """The command that started the kernel is read from /proc: its parent's command line."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "jupyter", "nbconvert"])
+    monkeypatch.setattr(os, "getppid", lambda: parent.pid)
+    try:
+        assert vf.progress_verbosity() == 2  # headless
+    finally:
+        parent.kill()
+        parent.wait()
+    assert vf.progress_verbosity() == 1  # the parent is gone: unreadable, so taken as a person watching
+    monkeypatch.setattr(os, "getppid", os.getpid)  # pytest's own command
+    assert vf.progress_verbosity() == 1
+
+
 def test_readme_results_are_the_committed_runs_of_the_current_settings():
     """README's results table is made from docs/runs/*/ (a cell changed by hand fails), and every committed run
     was made with the settings its recorded variables give today (a run of changed defaults fails)."""
@@ -183,6 +200,30 @@ def test_readme_results_are_the_committed_runs_of_the_current_settings():
         ran = {k: v for k, v in record["config"].items() if k not in ("out_dir", "data_dir")}
         assert ran == {k: today[k] for k in ran}, folder
         assert record["config"]["train_samples"] is None and record["config"]["test_samples"] is None, folder
+
+
+def test_sync_docs_rewrites_every_table_of_a_stale_readme_and_the_notebook(tmp_path, monkeypatch):
+    """From a README whose three tables are stale, tools/sync_docs.py writes the committed README back, and a
+    notebook with the committed notebook's cells; a failed regeneration is not silent."""
+    readme, notebook = (ROOT / "README.md").read_text(encoding="utf-8"), ROOT / "vae_fashion.ipynb"
+    stale = re.sub(r"(<!-- (settings|outputs) table -->\n)(?:.+\n)+", r"\1| stale |\n", readme)
+    stale = re.sub(r"(<!-- results table -->\n).*?(<!-- /results table -->)", r"\1| stale |\n\2", stale, flags=re.S)
+    assert stale.count("| stale |") == 3
+    results = sync_docs.results_table()  # from the committed runs, before ROOT moves
+    monkeypatch.setattr(sync_docs, "README_TABLES", {**sync_docs.README_TABLES, "results": lambda: results})
+    monkeypatch.setattr(sync_docs, "ROOT", tmp_path)
+    (tmp_path / "README.md").write_text(stale, encoding="utf-8")
+    shutil.copy(ROOT / "vae_fashion.py", tmp_path)
+    sync_docs.main()
+    assert (tmp_path / "README.md").read_text(encoding="utf-8") == readme
+    cells = [[cell.cell_type, cell.source] for cell in jupytext.read(tmp_path / "vae_fashion.ipynb").cells]
+    assert cells == [[cell.cell_type, cell.source] for cell in jupytext.read(notebook).cells]
+    (tmp_path / "vae_fashion.py").unlink()
+    with pytest.raises(subprocess.CalledProcessError):
+        sync_docs.main()
+    (tmp_path / "README.md").write_text(stale.replace("<!-- outputs table -->", ""), encoding="utf-8")
+    with pytest.raises(SystemExit, match="no '<!-- outputs table -->' line to put the outputs table after"):
+        sync_docs.main()
 
 
 def test_readme_is_a_product_page_of_at_most_170_lines():

@@ -129,11 +129,13 @@ def test_no_readable_backup_restarts_training_from_the_first_epoch(tmp_path, dat
     reference_history, reference_weights = train(tmp_path / "ref")
     checkpoint = vf.Checkpoint(tmp_path / "ref" / "checkpoint")
     checkpoint.weights.unlink()  # as if killed before the end
-    for epoch in (1, 2):
-        checkpoint.epoch_weights(epoch).write_bytes(b"not an HDF5 file")
+    checkpoint.epoch_weights(2).unlink()  # missing: skipped without a word
+    checkpoint.epoch_weights(1).write_bytes(b"not an HDF5 file")
     capsys.readouterr()
     history, weights = train(tmp_path / "ref")
-    assert "no readable backup" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"cannot read the backup {checkpoint.epoch_weights(1)}" in out and "epoch-0002" not in out
+    assert "no readable backup" in out
     pd.testing.assert_frame_equal(history, reference_history)
     for ours, theirs in zip(weights, reference_weights):
         np.testing.assert_array_equal(ours, theirs)
@@ -148,6 +150,9 @@ def test_checkpoint_with_other_settings_is_refused_unless_fresh(tmp_path, datase
     # settings that do not change the model are no reason to refuse
     vf.open_checkpoint(tmp_path, vf.Config(epochs=1, batch_size=64, latent_dim=4, train_samples=128,
                                            test_samples=50, embed_samples=100, out_dir=str(tmp_path)))
+    (tmp_path / "checkpoint" / "fingerprint.json").write_text("{not json")  # unreadable: differs in everything
+    with pytest.raises(vf.CheckpointMismatchError, match="epochs: stored None vs now 1"):
+        vf.open_checkpoint(tmp_path, config)
     (tmp_path / "checkpoint" / "vae.weights.h5").write_text("stale")
     fresh = vf.open_checkpoint(tmp_path, vf.dataclasses.replace(changed, fresh=True))
     assert not fresh.weights.exists()

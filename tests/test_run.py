@@ -1,5 +1,5 @@
-"""Whole runs in one process under the settings that change what a run writes: the faithful preset, no
-generation classifier (gen_metrics 0), and no umap-learn."""
+"""Whole runs in one process under the settings that change what a run writes: the faithful preset with the
+generation classifier, no generation classifier (gen_metrics 0), and no umap-learn."""
 
 import json
 import subprocess
@@ -7,6 +7,7 @@ import sys
 import types
 
 import pandas as pd
+import pytest
 
 import vae_fashion as vf
 from conftest import TINY_RUN
@@ -16,9 +17,9 @@ def _config(dataset_dir, out, **environ):
     return vf.config_from_env({**TINY_RUN, "VAE_DATA_DIR": str(dataset_dir), "VAE_OUT_DIR": str(out), **environ}, {})
 
 
-def test_one_epoch_of_the_faithful_preset_runs_the_original_model_to_the_end(tmp_path, dataset_dir):
+def test_one_epoch_of_the_faithful_preset_runs_the_original_model_and_the_generation_metrics(tmp_path, dataset_dir):
     environ = {**TINY_RUN, "VAE_DATA_DIR": str(dataset_dir), "VAE_OUT_DIR": str(tmp_path / "out"),
-               "VAE_PRESET": "faithful", "VAE_EPOCHS": "1"}
+               "VAE_PRESET": "faithful", "VAE_EPOCHS": "1", "VAE_GEN_METRICS": "1"}
     metrics = vf.run(vf.config_from_env(environ, {}), environ=environ)
     out = tmp_path / "out"
     record = json.loads((out / "config.json").read_text())
@@ -28,7 +29,8 @@ def test_one_epoch_of_the_faithful_preset_runs_the_original_model_to_the_end(tmp
         False, "none", 128)
     assert json.loads((out / "run_status.json").read_text())["status"] == "finished"
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1]
-    assert "vae_psnr" in set(metrics["name"])
+    assert {"vae_psnr", "classifier_test_accuracy", "fd_prior_samples", "conditional_agreement"} <= set(metrics["name"])
+    assert "generation quality" in set(pd.read_csv(out / "timings.csv")["stage"])
     decoder = vf.keras.models.load_model(out / "decoder.keras")
     assert decoder.get_layer("logits").__class__.__name__ == "Conv2D"  # the 28x28 output layer, not the pixel shuffle
 
@@ -61,6 +63,10 @@ def test_without_umap_and_the_classifier_every_other_output_is_written(tmp_path,
 
 
 def test_a_missing_umap_is_installed_once_and_a_failed_install_is_reported(monkeypatch):
+    installed = types.ModuleType("umap")
+    monkeypatch.setitem(sys.modules, "umap", installed)
+    monkeypatch.setattr(vf.subprocess, "run", lambda *args, **kwargs: pytest.fail("pip ran though umap imports"))
+    assert vf.import_umap() == (installed, None)
     monkeypatch.setitem(sys.modules, "umap", None)
     calls = []
 

@@ -29,6 +29,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
+import textwrap
 import time
 import types
 from pathlib import Path
@@ -112,9 +114,12 @@ def changed_functions(path: str, root: Path = ROOT) -> list[str]:
     """The functions of `path` whose text differs from BASE's (or that BASE lacks), in file order."""
     source = (root / path).read_text(encoding="utf-8")
     old = subprocess.run(["git", "show", f"{BASE}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    before = {name: ast.get_source_segment(old, node) for name, node in functions(ast.parse(old))}
-    return [name for name, node in functions(ast.parse(source))
-            if before.get(name) != ast.get_source_segment(source, node)]
+
+    def texts(source):  # the lines of each function (ast.get_source_segment splits the file again each call)
+        lines = source.splitlines()
+        return {name: lines[node.lineno - 1:node.end_lineno] for name, node in functions(ast.parse(source))}
+    before = texts(old)
+    return [name for name, text in texts(source).items() if before.get(name) != text]
 
 
 def _is_docstring(statement) -> bool:
@@ -280,29 +285,34 @@ class MapPlugin:
             self.failed.add(report.nodeid)
 
 
+def probed(module_name: str, root: Path):
+    """The module's tree at root in which every statement of the scoped functions first calls
+    _mutants_hit_("module:function:line"); the names of those functions."""
+    tree = ast.parse((root / SOURCES[module_name]).read_text(encoding="utf-8"))
+    names = changed_functions(SOURCES[module_name], root)
+    for name, function in functions(tree):
+        if name not in names:
+            continue
+        for node in ast.walk(function):
+            for field in ("body", "orelse", "finalbody"):
+                statements = getattr(node, field, None)
+                if not isinstance(statements, list) or not statements or not isinstance(statements[0], ast.stmt):
+                    continue
+                probes = []
+                for statement in statements:
+                    if not _is_docstring(statement):
+                        probe = ast.parse(f"_mutants_hit_('{module_name}:{name}:{statement.lineno}')").body[0]
+                        probes.append(ast.copy_location(probe, statement))
+                    probes.append(statement)
+                setattr(node, field, probes)
+    return ast.fix_missing_locations(tree), names
+
+
 def instrument(modules):
-    """Every statement of the scoped functions first calls _mutants_hit_("module:function:line"): their code
-    swapped, as a mutant's is."""
+    """The scoped functions' code swapped for probed code, as a mutant's is."""
     plugin = MapPlugin()
     for module_name, module in modules.items():
-        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
-        names = changed_functions(SOURCES[module_name], Path.cwd())
-        for name, function in functions(tree):
-            if name not in names:
-                continue
-            for node in ast.walk(function):
-                for field in ("body", "orelse", "finalbody"):
-                    statements = getattr(node, field, None)
-                    if not isinstance(statements, list) or not statements or not isinstance(statements[0], ast.stmt):
-                        continue
-                    probed = []
-                    for statement in statements:
-                        if not _is_docstring(statement):
-                            probe = ast.parse(f"_mutants_hit_('{module_name}:{name}:{statement.lineno}')").body[0]
-                            probed.append(ast.copy_location(probe, statement))
-                        probed.append(statement)
-                    setattr(node, field, probed)
-        ast.fix_missing_locations(tree)
+        tree, names = probed(module_name, Path.cwd())
         module._mutants_hit_ = plugin.hit
         for name, code in compiled(module, tree, names).items():
             live_function(module, name).__code__ = code
@@ -312,15 +322,117 @@ def instrument(modules):
 def load_modules():
     sys.path[:0] = [str(Path.cwd()), str(Path.cwd() / "tools"), str(Path.cwd() / "tests")]
     import sync_docs
+    from tensorflow.python.autograph.core import config as autograph  # no public switch for this
 
     import vae_fashion
+
+    # tf.data converts its map functions with AutoGraph, which re-reads their source from the file: it would run
+    # neither a probe nor a mutant. vae_fashion's map functions branch on no tensor: unconverted, they trace alike.
+    autograph.CONVERSION_RULES = (autograph.DoNotConvert("vae_fashion"), *autograph.CONVERSION_RULES)
     return {"vae_fashion": vae_fashion, "sync_docs": sync_docs}
+
+
+# ---------------------------------------------------------------- the map of the tests' child processes
+# During `map`, a .pth file in site-packages makes every Python process that a test starts (PYTEST_CURRENT_TEST
+# set, MUTANTS_CHILD naming this tree) record the scoped statements it runs, for that test: so a mutant that only
+# a script run reaches still has its tests.
+CHILD_HOOK = "mutants-child-hook.pth"
+
+
+def child_probes():
+    """Runs as a test's child process starts: vae_fashion and sync_docs, imported or run as the script, run
+    probed code, which appends each scoped statement, when first run (a child may be killed), to
+    .mutants/child-hits/<pid>.jsonl."""
+    import importlib.machinery
+    import threading
+
+    if getattr(sys, "_mutants_child", False):  # site-packages may be processed twice
+        return
+    sys._mutants_child = True
+    root, test = Path(os.environ["MUTANTS_CHILD"]), os.environ["PYTEST_CURRENT_TEST"].rsplit(" (", 1)[0]
+    files = {str(root / path): name for name, path in SOURCES.items()}
+    (WORK / "child-hits").mkdir(exist_ok=True)
+    out, seen = open(WORK / "child-hits" / f"{os.getpid()}.jsonl", "a", encoding="utf-8"), set()
+
+    def hit(key):
+        if key not in seen:
+            seen.add(key)
+            out.write(json.dumps({"test": test, "key": key}) + "\n")
+            out.flush()
+
+    class ProbedLoader(importlib.machinery.SourceFileLoader):
+        def exec_module(self, module):
+            module._mutants_hit_ = hit
+            tree, _ = probed(files[os.path.abspath(self.path)], root)
+            exec(compile(tree, self.path, "exec"), module.__dict__)
+
+    class ProbedFinder:
+        @staticmethod
+        def find_spec(fullname, path, target=None):
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path) if fullname in SOURCES else None
+            if spec is None or os.path.abspath(spec.origin) not in files:
+                return None
+            spec.loader = ProbedLoader(fullname, spec.origin)
+            return spec
+
+    sys.meta_path.insert(0, ProbedFinder)
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if files.get(script) != "vae_fashion":
+        return
+    # The script itself runs as __main__, not imported: each scoped function, once its `def` has run, gets the
+    # probed code, by a trace of the module's own lines until its last statement. Its libraries are imported
+    # first, untraced (a traced TensorFlow import takes 10 times as long).
+    main_tree, _ = probed("vae_fashion", root)
+    codes = compiled(types.SimpleNamespace(__file__=script), main_tree, changed_functions(SOURCES["vae_fashion"], root))
+    for node in ast.parse(Path(script).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Expr) and "environ.setdefault" in ast.unparse(node) or isinstance(
+                node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0) and "__future__" not in \
+                ast.unparse(node) and "matplotlib" not in ast.unparse(node):
+            exec(compile(ast.Module([node], []), script, "exec"), {"os": os})
+    last = ast.parse(Path(script).read_text(encoding="utf-8")).body[-1].lineno
+    swapped = set()
+
+    def module_lines(frame, event, arg):
+        if event == "line":
+            frame.f_globals["_mutants_hit_"] = hit
+            for name, code in codes.items():
+                owner, _, method = name.rpartition(".")
+                holder = frame.f_globals.get(owner or name)
+                if name not in swapped and holder is not None and (not owner or method in vars(holder)):
+                    live_function(types.SimpleNamespace(**frame.f_globals), name).__code__ = code
+                    swapped.add(name)
+            if frame.f_lineno == last:
+                sys.settrace(None)
+                threading.settrace(None)
+                return None
+        return module_lines
+
+    def calls(frame, event, arg):
+        main = frame.f_code.co_name == "<module>" and os.path.abspath(frame.f_code.co_filename) == script
+        return module_lines if main else None
+
+    sys.settrace(calls)
+    threading.settrace(calls)
 
 
 def run_map(tests):
     plugin = instrument(load_modules())
-    code = pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", *(tests or ["tests"])],
-                       plugins=[plugin])
+    hook = Path(sysconfig.get_paths()["purelib"]) / CHILD_HOOK
+    shutil.rmtree(WORK / "child-hits", ignore_errors=True)
+    hook.write_text("import os, importlib.util as u; s = os.environ.get('MUTANTS_CHILD') and os.environ.get("
+                    "'PYTEST_CURRENT_TEST') and u.spec_from_file_location('mutants_child', os.environ['MUTANTS_CHILD']"
+                    " + '/tools/mutants.py'); m = s and u.module_from_spec(s); s and s.loader.exec_module(m); "
+                    "s and m.child_probes()\n")
+    os.environ["MUTANTS_CHILD"] = str(Path.cwd())
+    try:
+        code = pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", *(tests or ["tests"])],
+                           plugins=[plugin])
+    finally:
+        hook.unlink()
+    children = collections.defaultdict(set)
+    for path in (WORK / "child-hits").glob("*.jsonl"):
+        for hit in map(json.loads, path.read_text().splitlines()):
+            children[hit["test"]].add(hit["key"])
     reach = json.loads(MAP.read_text()) if tests and MAP.exists() else {}  # a subset updates the map
     for nodeid, test in plugin.tests.items():
         hits, seconds = set(test["reach"]), test["seconds"]
@@ -328,7 +440,8 @@ def run_map(tests):
             if argname in test["fixtures"] and nodeid.startswith(scope):
                 hits |= set(fixture_hits)
                 seconds += fixture_seconds
-        reach[nodeid] = {"reach": sorted(hits), "seconds": round(seconds, 3), "passed": test["passed"]}
+        reach[nodeid] = {"reach": sorted(hits), "child_reach": sorted(children[nodeid]), "seconds": round(seconds, 3),
+                         "passed": test["passed"]}
     MAP.write_text(json.dumps(reach, indent=1))
     print(f"pytest exit {code}; {len(reach)} tests mapped")
 
@@ -339,12 +452,15 @@ class Timeout(BaseException):
 
 
 class RunPlugin:
-    """Runs each mutant's reaching tests (fastest first, stopping at the first failure) in one pytest session."""
+    """Runs each mutant's reaching tests (fastest first, stopping at the first failure) in one pytest session;
+    then, if it survived, the tests whose child processes run its statement, in a copy of the tree that holds it."""
 
-    def __init__(self, work, modules, reach, out, budget):
+    def __init__(self, work, modules, reach, out, budget, child_tree):
         self.work, self.modules, self.out, self.failed, self.budget = work, modules, out, None, budget
-        self.reach = {test: {**v, "reach": set(v["reach"])} for test, v in reach.items()}
+        self.reach = {test: {**v, "reach": set(v["reach"]), "child_reach": set(v.get("child_reach", ()))}
+                      for test, v in reach.items()}
         self.killers = collections.defaultdict(collections.Counter)
+        self.child_tree = child_tree
 
     def pytest_runtest_logreport(self, report):
         if report.failed and self.failed is None:
@@ -355,7 +471,6 @@ class RunPlugin:
         trees = {name: ast.parse(Path(m.__file__).read_text(encoding="utf-8")) for name, m in self.modules.items()}
         signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(Timeout()))
         for mutant in self.work:
-            module = self.modules[mutant["module"]]
             name = f"{mutant['module']}:{mutant['function']}:{mutant['line']}"
             # among the tests that fit the budget, those that killed this function's other mutants first; then
             # the cheapest
@@ -363,47 +478,98 @@ class RunPlugin:
             tests = sorted((t for t, v in self.reach.items() if name in v["reach"] and t in items),
                            key=lambda t: (self.reach[t]["seconds"] > self.budget, -killers[t],
                                           self.reach[t]["seconds"]))
-            result = {**mutant, "tests": len(tests)}
-            if not tests:
+            child_tests = sorted((t for t, v in self.reach.items() if name in v["child_reach"] and t in items),
+                                 key=lambda t: self.reach[t]["seconds"])
+            result = {**mutant, "tests": len(tests), "child_tests": len(child_tests)}
+            if not tests and not child_tests:
                 self.write({**result, "status": "no test reaches it"})
                 continue
-            tree = mutated(trees[mutant["module"]], mutant["function"], mutant["ordinal"])[0]
-            function = live_function(module, mutant["function"])
-            original = function.__code__
-            try:
-                function.__code__ = compiled(module, tree, [mutant["function"]])[mutant["function"]]
-            except (SyntaxError, ValueError, TypeError) as error:
-                self.write({**result, "status": "error", "by": f"does not compile: {error}"})
-                continue
             Path(f"{self.out}.current").write_text(json.dumps(result))
-            self.failed, start = None, time.perf_counter()
-            limit = int(30 + 3 * sum(self.reach[t]["seconds"] for t in tests))
-            signal.alarm(limit)
-            try:
-                for ran, nodeid in enumerate(tests, 1):
-                    last = ran == len(tests) or time.perf_counter() - start > self.budget
-                    nextitem = None if last else items[tests[ran]]
-                    session.config.hook.pytest_runtest_protocol(item=items[nodeid], nextitem=nextitem)
-                    if self.failed or last:
-                        break
-            except Timeout:
-                self.failed = f"timeout after {limit} s"
-            finally:
-                signal.alarm(0)
-                function.__code__ = original
-                session._setupstate.teardown_exact(None)
-                shutil.rmtree(session.config._tmp_path_factory.getbasetemp(), ignore_errors=True)
-                session.config._tmp_path_factory._basetemp = None
+            start, ran, error, self.failed = time.perf_counter(), 0, None, None
+            if tests:
+                tree = mutated(trees[mutant["module"]], mutant["function"], mutant["ordinal"])[0]
+                ran = self.in_process(session, items, mutant, tree, tests)
+            if child_tests and not self.failed:
+                # the cheapest, within the budget
+                chosen = [t for k, t in enumerate(child_tests)
+                          if k == 0 or sum(self.reach[u]["seconds"] for u in child_tests[:k + 1]) <= self.budget]
+                ran, error = ran + len(chosen), self.in_children(mutant, chosen)
             if self.failed in items:
                 self.killers[mutant["function"]][self.failed] += 1
-            self.write({**result, "status": "killed" if self.failed else "survived", "by": self.failed, "ran": ran,
+            status = "error" if error else "killed" if self.failed else "survived"
+            self.write({**result, "status": status, "by": error or self.failed, "ran": ran,
                         "seconds": round(time.perf_counter() - start, 1)})
         return True
+
+    def in_process(self, session, items, mutant, tree, tests) -> int:
+        """The mutated function's code swapped in, its tests run to the first failure (self.failed) or the
+        budget; the number run."""
+        module = self.modules[mutant["module"]]
+        function = live_function(module, mutant["function"])
+        original, start = function.__code__, time.perf_counter()
+        function.__code__ = compiled(module, tree, [mutant["function"]])[mutant["function"]]
+        try:
+            for ran, nodeid in enumerate(tests, 1):
+                last = ran == len(tests) or time.perf_counter() - start > self.budget
+                nextitem = None if last else items[tests[ran]]
+                # a test that takes far longer than it did on the original code (a mutant that turns a refusal
+                # into a whole run, or loops) has caught the mutant
+                limit = int(10 + 3 * self.reach[nodeid]["seconds"])
+                signal.alarm(limit)
+                session.config.hook.pytest_runtest_protocol(item=items[nodeid], nextitem=nextitem)
+                signal.alarm(0)
+                if self.failed or last:
+                    break
+        except Timeout:
+            self.failed = f"{nodeid}: over {limit} s"
+        finally:
+            signal.alarm(0)
+            function.__code__ = original
+            session._setupstate.teardown_exact(None)
+            shutil.rmtree(session.config._tmp_path_factory.getbasetemp(), ignore_errors=True)
+            session.config._tmp_path_factory._basetemp = None
+        return ran
+
+    def in_children(self, mutant, chosen) -> str | None:
+        """The mutant written into this worker's copy of the tree, and a new pytest there running the chosen
+        tests (they and all their processes see the mutant) to the first failure (self.failed); what went wrong,
+        if pytest could not run them."""
+        path = self.child_tree / SOURCES[mutant["module"]]
+        original = path.read_text(encoding="utf-8")
+        path.write_text(mutated_source(original, mutant), encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MUTANTS_", "PYTEST_"))}
+        limit = int(60 + 3 * sum(self.reach[t]["seconds"] for t in chosen))
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
+                                   "-p", "no:randomly", *chosen], cwd=self.child_tree, env=env, capture_output=True,
+                                  text=True, timeout=limit)
+            failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+            # exit 4 with a collection error: the test module's import of the mutated module failed
+            if done.returncode in (1, 2, 3) or done.returncode == 4 and "ERROR collecting" in done.stdout:
+                self.failed = f"{failed[0] if failed else 'pytest exit ' + str(done.returncode)} (child processes)"
+            elif done.returncode != 0:
+                return f"pytest exit {done.returncode}: {done.stdout[-300:]}"
+        except subprocess.TimeoutExpired:
+            self.failed = f"timeout after {limit} s (child processes)"
+        finally:
+            path.write_text(original, encoding="utf-8")
+        return None
 
     def write(self, result):
         with open(self.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(result) + "\n")
         Path(f"{self.out}.current").unlink(missing_ok=True)
+
+
+def mutated_source(source: str, mutant: dict) -> str:
+    """The module's text with the mutated function in place of the original (unparsed: its comments gone)."""
+    tree = ast.parse(source)
+    node = dict(functions(tree))[mutant["function"]]
+    new = dict(functions(mutated(tree, mutant["function"], mutant["ordinal"])[0]))[mutant["function"]]
+    lines = source.splitlines(keepends=True)
+    first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+    text = textwrap.indent(ast.unparse(new), " " * node.col_offset) + "\n"
+    return "".join(lines[:first - 1]) + text + "".join(lines[node.end_lineno:])
 
 
 def read_results(*paths) -> dict:
@@ -413,10 +579,11 @@ def read_results(*paths) -> dict:
 
 def work(shard: int, shards: int, out: str, budget: float):
     modules = load_modules()
+    child_tree = copy_tree(f"tree-children-{shard}")  # where the mutants for child processes are written
     reach = json.loads(MAP.read_text())
     done = read_results(Path(out))
     todo = json.loads((WORK / "todo.json").read_text())[shard::shards]  # the mutants, as run() listed them
-    plugin = RunPlugin([m for m in todo if m["key"] not in done], modules, reach, out, budget)
+    plugin = RunPlugin([m for m in todo if m["key"] not in done], modules, reach, out, budget, child_tree)
     pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", "tests"], plugins=[plugin])
 
 
@@ -461,7 +628,7 @@ def run(jobs: int, budget: float, names, again: bool):
         time.sleep(5)
     earlier.update(read_results(*shards))
     for out in shards:
-        out.unlink()
+        out.unlink(missing_ok=True)
     (WORK / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier.values()))
     print(f"{len(todo)} mutants in {time.perf_counter() - start:.0f} s with {jobs} workers")
 
