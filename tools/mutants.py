@@ -460,7 +460,7 @@ class RunPlugin:
         self.reach = {test: {**v, "reach": set(v["reach"]), "child_reach": set(v.get("child_reach", ()))}
                       for test, v in reach.items()}
         self.killers = collections.defaultdict(collections.Counter)
-        self.child_tree = child_tree
+        self.child_tree, self.finished = child_tree, False
 
     def pytest_runtest_logreport(self, report):
         if report.failed and self.failed is None:
@@ -499,6 +499,7 @@ class RunPlugin:
             status = "error" if error else "killed" if self.failed else "survived"
             self.write({**result, "status": status, "by": error or self.failed, "ran": ran,
                         "seconds": round(time.perf_counter() - start, 1)})
+        self.finished = True
         return True
 
     def in_process(self, session, items, mutant, tree, tests) -> int:
@@ -585,6 +586,7 @@ def work(shard: int, shards: int, out: str, budget: float):
     todo = json.loads((WORK / "todo.json").read_text())[shard::shards]  # the mutants, as run() listed them
     plugin = RunPlugin([m for m in todo if m["key"] not in done], modules, reach, out, budget, child_tree)
     pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", "tests"], plugins=[plugin])
+    return plugin.finished
 
 
 def copy_tree(name: str) -> Path:
@@ -674,8 +676,8 @@ if __name__ == "__main__":
     elif args.command == "map-here":
         run_map(args.rest)
     elif args.command == "work":
-        work(int(args.rest[0]), int(args.rest[1]), args.rest[2], float(args.rest[3]))
-        os._exit(0)  # done: the failures pytest counts are the mutants' (a crash exits otherwise)
+        finished = work(int(args.rest[0]), int(args.rest[1]), args.rest[2], float(args.rest[3]))
+        os._exit(0 if finished else 3)  # the failures pytest counts are the mutants'; an internal error is not
     elif args.command == "run":
         run(args.jobs, args.budget, args.rest, args.again)
     else:
