@@ -3,7 +3,7 @@ commit, each run against only the tests that run its statement, in processes tha
 
     python3 tools/mutants.py map [TEST ...]     # the suite (or TESTs, updating the map) once, probed: ~14 min
     python3 tools/mutants.py run [--jobs 2] [--budget S] [--again] [FUNCTION ...]
-    python3 tools/mutants.py report             # mutants, killed, equivalent, survived per function; survivors
+    python3 tools/mutants.py report [EARLIER]   # per function (EARLIER: a results file, before each arrow)
 
 Everything runs in a copy of the working tree's tracked files under .mutants/ (a mutant that writes files cannot
 touch the checkout); results go to .mutants/results.jsonl. A mutant swaps the `__code__` of the live function,
@@ -489,11 +489,12 @@ class RunPlugin:
             if tests:
                 tree = mutated(trees[mutant["module"]], mutant["function"], mutant["ordinal"])[0]
                 ran = self.in_process(session, items, mutant, tree, tests)
-            if child_tests and not self.failed:
-                # the cheapest, within the budget
-                chosen = [t for k, t in enumerate(child_tests)
-                          if k == 0 or sum(self.reach[u]["seconds"] for u in child_tests[:k + 1]) <= self.budget]
-                ran, error = ran + len(chosen), self.in_children(mutant, chosen)
+            left = self.budget - (time.perf_counter() - start)
+            if child_tests and not self.failed and (not tests or left > 0):
+                # the cheapest that fit what is left of the budget (the first, if no test ran in-process)
+                chosen = [t for k, t in enumerate(child_tests) if not tests and k == 0
+                          or sum(self.reach[u]["seconds"] for u in child_tests[:k + 1]) <= left]
+                ran, error = ran + len(chosen), self.in_children(mutant, chosen) if chosen else None
             if self.failed in items:
                 self.killers[mutant["function"]][self.failed] += 1
             status = "error" if error else "killed" if self.failed else "survived"
@@ -635,27 +636,35 @@ def run(jobs: int, budget: float, names, again: bool):
     print(f"{len(todo)} mutants in {time.perf_counter() - start:.0f} s with {jobs} workers")
 
 
-def report():
+def report(before: str | None = None):
+    """Per function: mutants, killed, equivalent, survived, not reached (with an earlier pass's figures before
+    each arrow, given its results file); the kill rate; every survivor but the equivalent."""
     # the last pass's results, then those of a pass still running or stopped
-    results = list(read_results(WORK / "results.jsonl", *sorted(WORK.glob("results-*.jsonl"))).values())
-    table = collections.defaultdict(collections.Counter)
-    for r in results:
-        status = "equivalent" if r["status"] == "survived" and r["key"] in EQUIVALENT else r["status"]
-        table[f"{r['module']}:{r['function']}"][status] += 1
-    print("| function | mutants | killed | equivalent | survived | no test reaches it |")
-    print("|---|---|---|---|---|---|")
-    total = collections.Counter()
-    for name, counts in table.items():
-        total.update(counts)
-        print(f"| `{name}` | {sum(counts.values())} | {counts['killed']} | {counts['equivalent']} | "
-              f"{counts['survived']} | {counts['no test reaches it']} |")
-    print(f"| all | {sum(total.values())} | {total['killed']} | {total['equivalent']} | {total['survived']} | "
-          f"{total['no test reaches it']} |")
-    live = sum(total.values()) - total["equivalent"]
-    print(f"killed {total['killed']} of {live} non-equivalent: {total['killed'] / max(live, 1):.1%}")
-    for r in results:
+    results = read_results(WORK / "results.jsonl", *sorted(WORK.glob("results-*.jsonl")))
+    tables = []
+    for found in ([read_results(Path(before))] if before else []) + [results]:
+        table = collections.defaultdict(collections.Counter)
+        for r in found.values():
+            status = "equivalent" if r["status"] == "survived" and r["key"] in EQUIVALENT else r["status"]
+            table[f"`{r['function']}`" if r["module"] == "vae_fashion" else f"`{r['module']}.{r['function']}`"][
+                status] += 1
+        table["**all**"] = sum(table.values(), collections.Counter())
+        tables.append(table)
+    columns = ["killed", "equivalent", "survived", "no test reaches it"] + ["error"] * any(
+        t["**all**"]["error"] for t in tables)
+    print("| function | mutants | " + " | ".join(columns) + " |\n" + "|---" * (2 + len(columns)) + "|")
+    for name, counts in tables[-1].items():
+        cells = [" → ".join(str(t[name][c]) for t in tables) if c != "equivalent" else str(counts[c])
+                 for c in columns]
+        print(f"| {name} | {sum(counts.values())} | " + " | ".join(cells) + " |")
+    for table in tables:
+        live = sum(table["**all**"].values()) - table["**all**"]["equivalent"]
+        print(f"killed {table['**all**']['killed']} of {live} non-equivalent: "
+              f"{table['**all**']['killed'] / max(live, 1):.1%}")
+    for r in results.values():
         if r["status"] != "killed" and r["key"] not in EQUIVALENT:
-            print(f"{r['status'].upper()} {r['key']}  (line {r['line']}; ran {r.get('ran')} of {r['tests']} tests)")
+            print(f"{r['status'].upper()} {r['key']}  (line {r['line']}; ran {r.get('ran')} of {r['tests']} tests"
+                  f"{' and ' + str(r.get('child_tests')) + ' by child processes' if r.get('child_tests') else ''})")
 
 
 if __name__ == "__main__":
@@ -681,4 +690,4 @@ if __name__ == "__main__":
     elif args.command == "run":
         run(args.jobs, args.budget, args.rest, args.again)
     else:
-        report()
+        report(*args.rest[:1])
