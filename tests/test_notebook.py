@@ -176,16 +176,18 @@ def test_in_a_kernel_given_no_command_the_progress_bar_follows_its_parent_proces
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
-    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "jupyter", "nbconvert"])
-    monkeypatch.setattr(os, "getppid", lambda: parent.pid)
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    headless, lab = subprocess.Popen([*sleep, "jupyter", "nbconvert"]), subprocess.Popen([*sleep, "jupyter-lab"])
     try:
-        assert vf.progress_verbosity() == 2  # headless
+        monkeypatch.setattr(os, "getppid", lambda: headless.pid)
+        assert vf.progress_verbosity() == 2
+        monkeypatch.setattr(os, "getppid", lambda: lab.pid)
+        assert vf.progress_verbosity() == 1
     finally:
-        parent.kill()
-        parent.wait()
+        for process in (headless, lab):
+            process.kill()
+            process.wait()
     assert vf.progress_verbosity() == 1  # the parent is gone: unreadable, so taken as a person watching
-    monkeypatch.setattr(os, "getppid", os.getpid)  # pytest's own command
-    assert vf.progress_verbosity() == 1
 
 
 def test_readme_results_are_the_committed_runs_of_the_current_settings():

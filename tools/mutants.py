@@ -1,17 +1,19 @@
 """Issue 46's mutation testing: mutants made by operators (not by hand) in every function changed since a base
 commit, each run against only the tests that run its statement, in processes that import TensorFlow once.
 
-    python3 tools/mutants.py map [TEST ...]     # the suite (or TESTs, updating the map) once, probed: ~14 min
+    python3 tools/mutants.py map [TEST ...]     # the suite (or TESTs, updating the map) once, probed: ~7 min
     python3 tools/mutants.py run [--jobs 2] [--budget S] [--again] [FUNCTION ...]
     python3 tools/mutants.py report [EARLIER]   # per function (EARLIER: a results file, before each arrow)
 
-Everything runs in a copy of the working tree's tracked files under .mutants/ (a mutant that writes files cannot
+Everything runs in copies of the working tree's tracked files under .mutants/ (a mutant that writes files cannot
 touch the checkout); results go to .mutants/results.jsonl. A mutant swaps the `__code__` of the live function,
 compiled from the mutated module in place, so every reference to it (`from vae_fashion import ...`, bound methods,
-Keras' retracing of `train_step`) runs the mutant; tests that run the script in a subprocess do not reach it and
-are not counted as reaching. --budget S: no further test starts after S seconds of a mutant's tests (it then
-counts as survived: a lower bound on the kill rate); --again: only the last results' survivors. Why not mutmut or
-cosmic-ray, and the results: docs/RESULTS.md, "Mutation testing".
+Keras' retracing of `train_step`) runs the mutant. The map also probes the Python processes the tests start (the
+script, `python -c` runs); a mutant that survives in-process, or that only such processes reach, is written into
+a copy of the tree, where a new pytest runs those tests. --budget S: no further test starts that would end after S
+seconds of a mutant's tests, by its time on the original code (the mutant then counts as survived: a lower bound
+on the kill rate); --again: only the last results' survivors and unreached. Why not mutmut or cosmic-ray, and the
+results: docs/RESULTS.md, "Mutation testing".
 
 Operators, applied to every statement of each function's body (its docstring and annotations excepted): a
 comparison flipped (< <=, > >=, == !=, is / is not, in / not in), and <-> or, `not x` -> `x`, a number +1 and -1,
@@ -21,6 +23,7 @@ True <-> False, two adjacent positional arguments swapped, a statement dropped.
 import argparse
 import ast
 import collections
+import contextlib
 import copy
 import inspect
 import json
@@ -266,7 +269,10 @@ class MapPlugin:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_fixture_setup(self, fixturedef, request):
         outer, self.hits, start = self.hits, set(), time.perf_counter()
+        if fixturedef.scope != "function":  # the child processes it starts count for every test that uses it
+            os.environ["MUTANTS_FIXTURE"] = json.dumps([fixturedef.argname, request.node.nodeid])
         yield
+        os.environ.pop("MUTANTS_FIXTURE", None)
         if fixturedef.scope != "function":
             seconds = time.perf_counter() - start
             self.fixtures.append((fixturedef.argname, request.node.nodeid, sorted(self.hits), seconds))
@@ -350,6 +356,7 @@ def child_probes():
         return
     sys._mutants_child = True
     root, test = Path(os.environ["MUTANTS_CHILD"]), os.environ["PYTEST_CURRENT_TEST"].rsplit(" (", 1)[0]
+    fixture = json.loads(os.environ.get("MUTANTS_FIXTURE", "null"))  # [name, scope] of a wider-scoped fixture
     files = {str(root / path): name for name, path in SOURCES.items()}
     (WORK / "child-hits").mkdir(exist_ok=True)
     out, seen = open(WORK / "child-hits" / f"{os.getpid()}.jsonl", "a", encoding="utf-8"), set()
@@ -357,7 +364,7 @@ def child_probes():
     def hit(key):
         if key not in seen:
             seen.add(key)
-            out.write(json.dumps({"test": test, "key": key}) + "\n")
+            out.write(json.dumps({"test": test, "fixture": fixture, "key": key}) + "\n")
             out.flush()
 
     class ProbedLoader(importlib.machinery.SourceFileLoader):
@@ -432,7 +439,10 @@ def run_map(tests):
     children = collections.defaultdict(set)
     for path in (WORK / "child-hits").glob("*.jsonl"):
         for hit in map(json.loads, path.read_text().splitlines()):
-            children[hit["test"]].add(hit["key"])
+            for nodeid, test in plugin.tests.items():  # a fixture's processes: for every test that uses it
+                if nodeid == hit["test"] if hit["fixture"] is None else (
+                        hit["fixture"][0] in test["fixtures"] and nodeid.startswith(hit["fixture"][1])):
+                    children[nodeid].add(hit["key"])
     reach = json.loads(MAP.read_text()) if tests and MAP.exists() else {}  # a subset updates the map
     for nodeid, test in plugin.tests.items():
         hits, seconds = set(test["reach"]), test["seconds"]
@@ -460,11 +470,11 @@ class RunPlugin:
         self.reach = {test: {**v, "reach": set(v["reach"]), "child_reach": set(v.get("child_reach", ()))}
                       for test, v in reach.items()}
         self.killers = collections.defaultdict(collections.Counter)
-        self.child_tree, self.finished = child_tree, False
+        self.child_tree, self.finished, self.alarm = child_tree, False, None
 
     def pytest_runtest_logreport(self, report):
-        if report.failed and self.failed is None:
-            self.failed = report.nodeid
+        if report.failed and self.failed is None:  # pytest reports the alarm's Timeout as the test's failure
+            self.failed = self.alarm if "Timeout" in str(report.longrepr)[-3000:] else report.nodeid
 
     def pytest_runtestloop(self, session):
         items = {item.nodeid: item for item in session.items}
@@ -509,21 +519,23 @@ class RunPlugin:
         module = self.modules[mutant["module"]]
         function = live_function(module, mutant["function"])
         original, start = function.__code__, time.perf_counter()
-        function.__code__ = compiled(module, tree, [mutant["function"]])[mutant["function"]]
+        function.__code__ = compiled(module, tree, [mutant["function"]])[mutant["function"]]  # errors: run()
         try:
             for ran, nodeid in enumerate(tests, 1):
-                last = ran == len(tests) or time.perf_counter() - start > self.budget
-                nextitem = None if last else items[tests[ran]]
+                following = tests[ran] if ran < len(tests) else None
                 # a test that takes far longer than it did on the original code (a mutant that turns a refusal
                 # into a whole run, or loops) has caught the mutant
-                limit = int(10 + 3 * self.reach[nodeid]["seconds"])
+                limit = int(30 + 3 * self.reach[nodeid]["seconds"])
+                self.alarm = f"{nodeid}: over {limit} s"
                 signal.alarm(limit)
-                session.config.hook.pytest_runtest_protocol(item=items[nodeid], nextitem=nextitem)
+                session.config.hook.pytest_runtest_protocol(item=items[nodeid], nextitem=following and items[following])
                 signal.alarm(0)
-                if self.failed or last:
+                # no test starts that would end past the budget, by its time on the original code
+                if self.failed or following is None or time.perf_counter() - start + self.reach[following][
+                        "seconds"] > self.budget:
                     break
         except Timeout:
-            self.failed = f"{nodeid}: over {limit} s"
+            self.failed = self.alarm
         finally:
             signal.alarm(0)
             function.__code__ = original
@@ -542,9 +554,17 @@ class RunPlugin:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MUTANTS_", "PYTEST_"))}
         limit = int(60 + 3 * sum(self.reach[t]["seconds"] for t in chosen))
         try:
-            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
-                                   "-p", "no:randomly", *chosen], cwd=self.child_tree, env=env, capture_output=True,
-                                  text=True, timeout=limit)
+            process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p",
+                                        "no:cacheprovider", "-p", "no:randomly", *chosen], cwd=self.child_tree,
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       start_new_session=True)  # a timeout stops the scripts it started too
+            try:
+                output = process.communicate(timeout=limit)[0]
+                done = types.SimpleNamespace(stdout=output, returncode=process.returncode)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
             failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
             # exit 4 with a collection error: the test module's import of the mutated module failed
             if done.returncode in (1, 2, 3) or done.returncode == 4 and "ERROR collecting" in done.stdout:
@@ -606,7 +626,11 @@ def run(jobs: int, budget: float, names, again: bool):
     """`jobs` worker processes, each on its share of the mutants (of the functions named, or those that survived
     the last pass when `again`); a worker that dies in a mutant (a crash is a failure: killed) is started again on
     the rest. Results of a pass replace the earlier results of the same mutants."""
+    newest = max(path.stat().st_mtime for path in [*ROOT.glob("tests/*.py"), *(ROOT / s for s in SOURCES.values())])
+    if not MAP.exists() or MAP.stat().st_mtime < newest:
+        raise SystemExit(f"{MAP} is older than the tests or the code: run `python3 tools/mutants.py map` first")
     tree, shards, processes = copy_tree("tree"), [WORK / f"results-{k}.jsonl" for k in range(jobs)], {}
+    deaths = collections.Counter()
     earlier = read_results(WORK / "results.jsonl")
     survived = {key for key, r in earlier.items() if r["status"] in ("survived", "no test reaches it")}
     todo = [m for module in SOURCES for m in mutants(module) if (not names or m["function"] in names)
@@ -622,9 +646,16 @@ def run(jobs: int, budget: float, names, again: bool):
             current = Path(f"{out}.current")
             if process is not None and current.exists():
                 print(f"worker {k} exited {process.returncode} in {current.read_text()}", flush=True)
+                # a crash (a signal, an abort) is a failure; pytest's internal error (3) may be the tool's
+                status = "error" if process.returncode == 3 else "killed"
                 with open(out, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({**json.loads(current.read_text()), "status": "killed",
-                                             "by": f"the process died ({process.returncode})"}) + "\n")
+                    handle.write(json.dumps({**json.loads(current.read_text()), "status": status,
+                                             "by": f"the worker exited {process.returncode}"}) + "\n")
+            elif process is not None:
+                deaths[k] += 1
+                if deaths[k] > 3:
+                    raise SystemExit(f"worker {k} keeps exiting {process.returncode} outside any mutant: see "
+                                     f"{WORK / f'worker-{k}.log'}")
             command = [sys.executable, "tools/mutants.py", "work", str(k), str(jobs), str(out), str(budget)]
             processes[k] = subprocess.Popen(command, cwd=tree, stdout=open(WORK / f"worker-{k}.log", "a"),
                                             stderr=subprocess.STDOUT, env={**os.environ, "MUTANTS_WORK": str(WORK)})
