@@ -130,6 +130,9 @@ def test_silhouette_is_of_a_seeded_subset_of_test_codes_and_knn_asks_ten_neighbo
     assert result["silhouette_samples"] == 50
     assert result["silhouette"] == pytest.approx(silhouette_score(z_test[subset], y_test[subset]))
     assert result["silhouette"] < 0.2
+    two = vf.representation_quality(z_train, y_train, z_test[:40], y_test[:40] % 2, seed=4, silhouette_samples=40)
+    subset = vf.seeded_subset(40, 40, 4, in_order=False)  # two classes are enough for a silhouette
+    assert two["silhouette"] == pytest.approx(silhouette_score(z_test[:40][subset], (y_test[:40] % 2)[subset]))
 
     # one test point at the origin: its 4 nearest training codes are class 0 (radius 1), the next 7 class 1
     # (radius 2). Ten neighbours vote class 1; five or one would vote class 0.
@@ -203,6 +206,9 @@ def test_each_class_s_mixture_recovers_its_own_clusters_with_full_covariances():
                     rng.multivariate_normal(means[1], [[1, -0.8], [-0.8, 1]], 1000)])
     z1 = rng.multivariate_normal(means[2], [[0.5, 0], [0, 2]], 2000)
     z, labels = np.vstack([z0, z1]), np.repeat([0, 1], [4000, 2000])
+    # two codes make a one-Gaussian mixture; a full covariance in 2-d needs 3 codes a component
+    few = vf.class_mixtures(np.arange(16.0).reshape(8, 2) ** 1.5, np.array([0, 0, 1, 1, 1, 1, 1, 1]), 2, seed=0)
+    assert list(few) == [0, 1] and [len(few[c]["means"]) for c in (0, 1)] == [1, 2]
     mixtures = vf.class_mixtures(z, labels, 2, seed=3, size=1000)
     assert list(mixtures) == [0, 1]
     reference = GaussianMixture(2, covariance_type="full", random_state=3).fit(z0[vf.seeded_subset(4000, 1000, 3)])

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,13 @@ def test_frechet_distance_matches_gaussian_closed_forms():
     y = rng.normal(0, 1, (200_000, 3)) * sd_b + [1.0, 0.0, 0.0]
     assert vf.frechet_distance(x, y) == pytest.approx(1.0 + np.sum((sd_a - sd_b) ** 2), rel=0.02)
     assert vf.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    # a dead unit (a feature always 0, as a dead ReLU gives) makes both covariances singular: the distance is
+    # that of the live units, computed without SciPy's warning that the matrix may have no square root
+    dead = np.zeros((len(x), 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert vf.frechet_distance(np.hstack([x, dead]), np.hstack([y, dead])) == pytest.approx(
+            vf.frechet_distance(x, y), rel=1e-5)
 
 
 def test_normalised_entropy():

@@ -85,6 +85,15 @@ EQUIVALENT = {
     "vae_fashion:representation_quality: 1000 -> 1001": "lbfgs converges in far fewer iterations (else it warns)",
     "vae_fashion:representation_quality: 1000 -> 999": "lbfgs converges in far fewer iterations (else it warns)",
     "vae_fashion:representation_quality: min(10, len(z_train)) -> min(len(z_train), 10)": SWAPPED,
+    "vae_fashion:representation_quality: 1 -> 2": "kNN's n_jobs -2 instead of -1: how many processes, not the result",
+    "vae_fashion:VAE.encode: 0 -> -1": "Keras' progress bar prints for verbose 1 and 2 only",
+    "vae_fashion:image_quality: zip(ref, img) -> zip(img, ref)": "PSNR (with data_range) and SSIM are symmetric, "
+    "bit for bit",
+    "vae_fashion:image_quality: zip(ref, img) -> zip(img, ref) #2": "SSIM is symmetric, bit for bit",
+    "vae_fashion:image_quality: structural_similarity(r, i, data_range=1.0) -> "
+    "structural_similarity(i, r, data_range=1.0)": "SSIM is symmetric, bit for bit",
+    "vae_fashion:classical_references: image_quality(clean[subset], output) -> "
+    "image_quality(output, clean[subset])": "image_quality is symmetric (MSE, PSNR with data_range, SSIM)",
     "vae_fashion:classical_references: 0 -> -1": "the channel axis has one entry: index 0 is index -1",
     "vae_fashion:classical_references: max(config.noise_factor, 0.001) -> max(0.001, config.noise_factor)": SWAPPED,
     "vae_fashion:denoise_tv: 0 -> -1": "the channel axis has one entry: index 0 is index -1",
