@@ -563,7 +563,7 @@ class RunPlugin:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MUTANTS_", "PYTEST_"))}
         limit = int(60 + 3 * sum(self.reach[t]["seconds"] for t in chosen))
         try:
-            process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p",
+            process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "--tb=line", "-p",
                                         "no:cacheprovider", "-p", "no:randomly", *chosen], cwd=self.child_tree,
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        start_new_session=True)  # a timeout stops the scripts it started too
@@ -615,7 +615,9 @@ def work(shard: int, shards: int, out: str, budget: float):
     done = read_results(Path(out))
     todo = json.loads((WORK / "todo.json").read_text())[shard::shards]  # the mutants, as run() listed them
     plugin = RunPlugin([m for m in todo if m["key"] not in done], modules, reach, out, budget, child_tree)
-    pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", "tests"], plugins=[plugin])
+    # --tb=line: pytest formats no source (its ast.parse of a deep failure hit a CPython 3.11 SystemError)
+    pytest.main(["-q", "-n", "0", "--tb=line", "-p", "no:cacheprovider", "-p", "no:randomly", "tests"],
+                plugins=[plugin])
     return plugin.finished
 
 
