@@ -132,6 +132,17 @@ def test_the_time_estimate_counts_the_steps_after_the_first_and_the_epochs_left(
     estimate.on_epoch_begin(3)
     estimate.on_epoch_end(3)
     assert capsys.readouterr().out == ""
+    # minutes from 120 s on; two steps are enough to time one; at one second a step
+    for steps, epochs, expected in ((4, 30, "take about 2.0 min on this machine, 116 s from now"),
+                                    (6, 50, "take about 5.0 min on this machine, 4.9 min from now"),
+                                    (2, 3, "take about 6 s on this machine, 4 s from now")):
+        estimate = vf.TrainingTimeEstimate(epochs=epochs)
+        estimate.set_params({"steps": steps})
+        clock.now = 0.0
+        estimate.on_train_batch_end(0)
+        clock.now = steps - 1.0
+        estimate.on_epoch_end(0)
+        assert expected in capsys.readouterr().out
 
 
 BOUNDED = [field for field, rule in vf.SETTINGS.items() if rule["low"] is not None]

@@ -87,6 +87,8 @@ EQUIVALENT = {
     "vae_fashion:representation_quality: min(10, len(z_train)) -> min(len(z_train), 10)": SWAPPED,
     "vae_fashion:representation_quality: 1 -> 2": "kNN's n_jobs -2 instead of -1: how many processes, not the result",
     "vae_fashion:VAE.encode: 0 -> -1": "Keras' progress bar prints for verbose 1 and 2 only",
+    "vae_fashion:TrainingTimeEstimate.on_epoch_end: 0 -> 1": "steps unknown: 0 or 1, both under 2, print nothing",
+    "vae_fashion:TrainingTimeEstimate.on_epoch_end: 0 -> -1": "steps unknown: 0 or -1, both under 2, print nothing",
     "vae_fashion:image_quality: zip(ref, img) -> zip(img, ref)": "PSNR (with data_range) and SSIM are symmetric, "
     "bit for bit",
     "vae_fashion:image_quality: zip(ref, img) -> zip(img, ref) #2": "SSIM is symmetric, bit for bit",
@@ -491,12 +493,11 @@ class RunPlugin:
         signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(Timeout()))
         for mutant in self.work:
             name = f"{mutant['module']}:{mutant['function']}:{mutant['line']}"
-            # among the tests that fit the budget, those that killed this function's other mutants first; then
-            # the cheapest
+            # among the tests that fit the budget, the cheapest per mutant of this function they killed first
             killers = self.killers[mutant["function"]]
             tests = sorted((t for t, v in self.reach.items() if name in v["reach"] and t in items),
-                           key=lambda t: (self.reach[t]["seconds"] > self.budget, -killers[t],
-                                          self.reach[t]["seconds"]))
+                           key=lambda t: (self.reach[t]["seconds"] > self.budget,
+                                          self.reach[t]["seconds"] / (1 + killers[t])))
             child_tests = sorted((t for t, v in self.reach.items() if name in v["child_reach"] and t in items),
                                  key=lambda t: self.reach[t]["seconds"])
             result = {**mutant, "tests": len(tests), "child_tests": len(child_tests)}
