@@ -16,6 +16,10 @@ def test_parse_idx_round_trip_images_and_labels():
     labels = np.array([3, 9], dtype=np.uint8)
     np.testing.assert_array_equal(vf.parse_idx(idx_bytes(images), expected_ndim=3), images)
     np.testing.assert_array_equal(vf.parse_idx(idx_bytes(labels), expected_ndim=1), labels)
+    four = np.arange(24, dtype=np.uint8).reshape(1, 2, 3, 4)  # the most dimensions IDX has
+    np.testing.assert_array_equal(vf.parse_idx(idx_bytes(four)), four)
+    with pytest.raises(vf.DatasetError, match=r"f: .* says 1 dimension\(s\), but images \(idx3\) were expected"):
+        vf.parse_idx(idx_bytes(labels), "f", expected_ndim=3)
 
 
 def test_read_idx_reads_raw_and_gzip(tmp_path):
@@ -31,6 +35,10 @@ def test_read_idx_reads_raw_and_gzip(tmp_path):
     "data, message",
     [
         (b"", "only 0 bytes"),
+        (b"\x00\x00\x08", "only 3 bytes"),
+        (b"\x00\x00\x08\x01", r"truncated header \(4 bytes, need 8\)"),  # the magic number alone
+        (b"\x00\x00\x08\x00" + b"\x00" * 4, "bad magic number 0x00000800"),  # 0 dimensions
+        (b"\x00\x00\x08\x05" + b"\x00" * 24, "bad magic number 0x00000805"),  # 5 dimensions
         (b"\x00\x00\x0d\x03" + b"\x00" * 12, "bad magic number 0x00000d03"),
         (b"\x01\x00\x08\x01" + b"\x00" * 4, "bad magic number"),
         (b"\x00\x00\x08\x03\x00\x00", "truncated header"),

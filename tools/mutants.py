@@ -87,6 +87,8 @@ EQUIVALENT = {
     "vae_fashion:representation_quality: min(10, len(z_train)) -> min(len(z_train), 10)": SWAPPED,
     "vae_fashion:representation_quality: 1 -> 2": "kNN's n_jobs -2 instead of -1: how many processes, not the result",
     "vae_fashion:VAE.encode: 0 -> -1": "Keras' progress bar prints for verbose 1 and 2 only",
+    "vae_fashion:parse_idx: len(data) < expected -> len(data) <= expected": "inside `len(data) != expected`: "
+    "never equal",
     "vae_fashion:TrainingTimeEstimate.on_epoch_end: 0 -> 1": "steps unknown: 0 or 1, both under 2, print nothing",
     "vae_fashion:TrainingTimeEstimate.on_epoch_end: 0 -> -1": "steps unknown: 0 or -1, both under 2, print nothing",
     "vae_fashion:image_quality: zip(ref, img) -> zip(img, ref)": "PSNR (with data_range) and SSIM are symmetric, "
