@@ -153,6 +153,7 @@ def test_csv_only_folder_is_read(tmp_path):
         (lambda text: text.replace("\n3,", "\n13,", 1), "label 13 at index \\d+ is outside 0-9"),
         (lambda text: text + "0," + ",".join(["300"] * 784) + "\n", "pixel values outside 0-255"),
         (lambda text: "", "not a readable CSV"),
+        (lambda text: text.split("\n", 1)[0] + "\n", "has 0 rows x 785 columns"),  # the header alone
     ],
 )
 def test_malformed_csv_is_reported(tmp_path, mutate, message):
@@ -198,8 +199,8 @@ def test_the_keras_download_is_the_last_resort_and_is_checked_like_the_files(tmp
     assert source == "keras download"
     for loaded, expected, dtype in zip(raw, (x_train, y_train, x_test, y_test), ("uint8", "int32") * 2):
         assert loaded.dtype == dtype and np.array_equal(loaded, expected)
-    y_test[3] = 10
-    with pytest.raises(vf.DatasetError, match="keras.datasets.fashion_mnist test labels: label 10 at index 3"):
+    y_test[3], y_test[7] = 10, 12  # the first is named, and how many there are
+    with pytest.raises(vf.DatasetError, match=r"fashion_mnist test labels: label 10 at index 3 .*\(2 such labels\)"):
         vf.find_and_load_raw(search_dirs=[], download=lambda: ((x_train, y_train), (x_test, y_test)))
 
 
@@ -214,6 +215,9 @@ def test_kaggle_walk_finds_nested_dataset(tmp_path):
     _write_csvs(tmp_path / "other" / "csv-only")
     found = list(vf._kaggle_folders(tmp_path))
     assert nested in found and tmp_path / "other" / "csv-only" in found
+    for name in ("q", "c", "x", "a", "m"):  # found in sorted order, whatever order the folders were made in
+        write_dataset(tmp_path / "sorted" / name, 20, 20)
+    assert [f.name for f in vf._kaggle_folders(tmp_path / "sorted")] == ["a", "c", "m", "q", "x"]
     five = write_dataset(tmp_path / "1" / "2" / "3" / "4" / "5", 20, 20)  # the deepest level searched
     six = write_dataset(five / "6", 20, 20)
     found = list(vf._kaggle_folders(tmp_path))

@@ -2,6 +2,7 @@
 slip would break while a run still finishes: the order of the stages and files, the counts and units of
 metrics.csv, the columns of metrics.txt, the bounds of every setting, the time estimate."""
 
+import datetime
 import json
 import os
 import re
@@ -181,19 +182,21 @@ def test_run_goes_through_its_stages_in_order_and_marks_the_folder_at_the_end(mo
     `running` with this process's pid until `finished`, the same started_at; timings.csv in stage order;
     config.json and the checkpoint's fingerprint name the precision that ran. A drawing that fails leaves no
     metrics file and the status `failed`."""
-    data = bars_data(40, 20)
-    calls, statuses = [], []
+    data, vae, history = bars_data(40, 20), object(), pd.DataFrame({"epoch": [1]})
+    calls, statuses, received = [], [], {}
 
     def record(name, result=None):
         def stage(*args, **kwargs):
             calls.append(name)
+            received[name] = args
             statuses.append(json.loads((tmp_path / "run_status.json").read_text()))
             return result
         return stage
 
-    def analyse(vae, data, history, config, stage):
+    def analyse(*args):
         calls.append("analyse")
-        with stage("evaluate"):
+        received["analyse"] = args
+        with args[-1]("evaluate"):
             pass
         return types.SimpleNamespace(metrics=pd.DataFrame({"name": ["x"]}), warnings=[])
 
@@ -203,8 +206,8 @@ def test_run_goes_through_its_stages_in_order_and_marks_the_folder_at_the_end(mo
         (out / "metrics.txt").write_text("report\n")
 
     monkeypatch.setattr(vf, "load_fashion_mnist", record("load", data))
-    monkeypatch.setattr(vf, "build_distributed_vae", record("build", object()))
-    monkeypatch.setattr(vf, "train_vae", record("train", pd.DataFrame()))
+    monkeypatch.setattr(vf, "build_distributed_vae", record("build", vae))
+    monkeypatch.setattr(vf, "train_vae", record("train", history))
     monkeypatch.setattr(vf, "analyse", analyse)
     monkeypatch.setattr(vf, "save_models", record("save models"))
     monkeypatch.setattr(vf, "render", record("plots"))
@@ -212,9 +215,21 @@ def test_run_goes_through_its_stages_in_order_and_marks_the_folder_at_the_end(mo
     config = vf.Config(out_dir=str(tmp_path), precision="mixed_bfloat16")
     vf.run(config)
     assert calls == ["load", "build", "train", "analyse", "save models", "plots", "report"]
+    # each stage is handed what the one before made: the model trains from the noisy copy to the clean images
+    trained, noisy, clean, labels = received["train"][:4]
+    assert trained is vae and clean is data.x_train and labels is data.y_train
+    assert noisy.shape == clean.shape and 0 < np.abs(noisy - clean).mean() < 0.5
+    (analysed, noised, analysed_history, analysed_config, _stage) = received["analyse"]
+    assert analysed is vae and noised.x_train_noisy is noisy and analysed_history is history
+    assert analysed_config == config
+    assert received["save models"] == (vae, tmp_path)
+    assert received["plots"][1:] == (tmp_path, False)
     assert {(s["status"], s["pid"]) for s in statuses} == {("running", os.getpid())}
     final = json.loads((tmp_path / "run_status.json").read_text())
     assert final["status"] == "finished" and final["started_at"] == statuses[0]["started_at"]
+    started, updated = (datetime.datetime.fromisoformat(final[k]) for k in ("started_at", "updated_at"))
+    utc = datetime.timezone.utc
+    assert started.tzinfo == utc and started <= updated <= datetime.datetime.now(utc)
     stages = pd.read_csv(tmp_path / "timings.csv")["stage"].tolist()
     assert stages == ["load", "noise", "build", "train", "evaluate", "save models", "plots", "report", "total"]
     assert json.loads((tmp_path / "config.json").read_text())["dtype_policy"] == "mixed_bfloat16"

@@ -150,6 +150,9 @@ def test_checkpoint_with_other_settings_is_refused_unless_fresh(tmp_path, datase
     # settings that do not change the model are no reason to refuse
     vf.open_checkpoint(tmp_path, vf.Config(epochs=1, batch_size=64, latent_dim=4, train_samples=128,
                                            test_samples=50, embed_samples=100, out_dir=str(tmp_path)))
+    (tmp_path / "checkpoint" / "vae.weights.h5").write_text("stale")
+    same = vf.open_checkpoint(tmp_path, vf.dataclasses.replace(config, fresh=True))  # discarded though it matches
+    assert not same.weights.exists() and same.fingerprint.exists()
     (tmp_path / "checkpoint" / "fingerprint.json").write_text("{not json")  # unreadable: differs in everything
     with pytest.raises(vf.CheckpointMismatchError, match="epochs: stored None vs now 1"):
         vf.open_checkpoint(tmp_path, config)
