@@ -99,6 +99,8 @@ def test_generation_quality_draws_every_distance_and_the_classes_of_the_samples(
     assert legend[1] == ("ex-post GMM (3): entropy 0.50, confidence 0.25" if generator == "expost"
                          else "trained prior: entropy 0.50, confidence 0.25")
     assert legend[0] == "uniform" and len(legend) == len(histograms) + 1
+    assert (ax2.get_title(), ax2.get_xlabel(), ax2.get_ylabel()) == (
+        "Classes of the samples, as the classifier labels them", "predicted class", "count")
     if generator == "expost":
         assert legend[2] == "trained prior: entropy 0.60, confidence 0.35"
     assert [t.get_text() for t in ax2.get_xticklabels()] == vf.CLASS_NAMES_TR
