@@ -64,6 +64,7 @@ EQUIVALENT = {
     "vae_fashion:supcon_loss: ops.logical_and(ops.equal(labels[:, None], labels[None, :]), ops.logical_not(is_self)) "
     "-> ops.logical_and(ops.logical_not(is_self), ops.equal(labels[:, None], labels[None, :]))": SWAPPED,
     "vae_fashion:supcon_loss: ops.maximum(n_positive, 1.0) -> ops.maximum(1.0, n_positive)": SWAPPED,
+    "vae_fashion:supcon_loss: ops.maximum(n_anchors, 1.0) -> ops.maximum(1.0, n_anchors)": SWAPPED,
     "vae_fashion:supcon_weight: ops.maximum(supcon, 1.0) -> ops.maximum(1.0, supcon)": SWAPPED,
     "vae_fashion:warmup_beta: warmup_epochs <= 0 -> warmup_epochs < 0": "warm-up 0: beta_max * min(1, inf) = beta_max",
     "vae_fashion:warmup_beta: 0 -> -1": "warm-up 0: beta_max * min(1, inf) = beta_max",
@@ -99,6 +100,10 @@ EQUIVALENT = {
     "vae_fashion:classical_references: image_quality(clean[subset], output) -> "
     "image_quality(output, clean[subset])": "image_quality is symmetric (MSE, PSNR with data_range, SSIM)",
     "vae_fashion:classical_references: 0 -> -1": "the channel axis has one entry: index 0 is index -1",
+    "vae_fashion:plot_images: 0 -> -1": "the channel axis has one entry: index 0 is index -1",
+    "vae_fashion:draw_generated_samples: 0 -> -1": "one file a figure: paths[0] is paths[-1]",
+    "vae_fashion:draw_class_conditional: 0 -> -1": "one file a figure: paths[0] is paths[-1]",
+    "vae_fashion:draw_per_class_psnr: max(max(vae), max(noisy)) -> max(max(noisy), max(vae))": SWAPPED,
     "vae_fashion:classical_references: max(config.noise_factor, 0.001) -> max(0.001, config.noise_factor)": SWAPPED,
     "vae_fashion:denoise_tv: 0 -> -1": "the channel axis has one entry: index 0 is index -1",
     "vae_fashion:class_mixtures: min(len(codes), size) -> min(size, len(codes))": SWAPPED,
