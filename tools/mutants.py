@@ -44,6 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = "91b76ab"  # issue 46: every function changed since this commit
 SOURCES = {"vae_fashion": "vae_fashion.py", "sync_docs": "tools/sync_docs.py"}
 WORK = Path(os.environ.get("MUTANTS_WORK", ROOT / ".mutants"))  # the copy's processes write to the checkout's
+# one process, no cache or reordering; --tb=line: pytest formats no source (its ast.parse of a deep failure hit a
+# CPython 3.11 SystemError in a worker)
+PYTEST = ["-q", "-n", "0", "--tb=line", "-p", "no:cacheprovider", "-p", "no:randomly"]
 MAP = WORK / "map.json"  # test -> the statements of scoped functions it runs, its seconds
 COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
            ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}
@@ -407,14 +410,18 @@ def child_probes():
     # The script itself runs as __main__, not imported: each scoped function, once its `def` has run, gets the
     # probed code, by a trace of the module's own lines until its last statement. Its libraries are imported
     # first, untraced (a traced TensorFlow import takes 10 times as long).
-    main_tree, _ = probed("vae_fashion", root)
-    codes = compiled(types.SimpleNamespace(__file__=script), main_tree, changed_functions(SOURCES["vae_fashion"], root))
-    for node in ast.parse(Path(script).read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.Expr) and "environ.setdefault" in ast.unparse(node) or isinstance(
-                node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0) and "__future__" not in \
-                ast.unparse(node) and "matplotlib" not in ast.unparse(node):
+    main_tree, names = probed("vae_fashion", root)
+    codes = compiled(types.SimpleNamespace(__file__=script), main_tree, names)
+    body = ast.parse(Path(script).read_text(encoding="utf-8")).body
+    for node in body:  # the environment it sets first, then its imports (but __future__'s and matplotlib's)
+        if isinstance(node, ast.Expr):
+            wanted = "environ.setdefault" in ast.unparse(node)
+        else:
+            wanted = isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0) and not any(
+                name in ast.unparse(node) for name in ("__future__", "matplotlib"))
+        if wanted:
             exec(compile(ast.Module([node], []), script, "exec"), {"os": os})
-    last = ast.parse(Path(script).read_text(encoding="utf-8")).body[-1].lineno
+    last = body[-1].lineno
     swapped = set()
 
     def module_lines(frame, event, arg):
@@ -450,8 +457,7 @@ def run_map(tests):
                     "s and m.child_probes()\n")
     os.environ["MUTANTS_CHILD"] = str(Path.cwd())
     try:
-        code = pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly", *(tests or ["tests"])],
-                           plugins=[plugin])
+        code = pytest.main([*PYTEST, *(tests or ["tests"])], plugins=[plugin])
     finally:
         hook.unlink()
     children = collections.defaultdict(set)
@@ -571,23 +577,22 @@ class RunPlugin:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MUTANTS_", "PYTEST_"))}
         limit = int(60 + 3 * sum(self.reach[t]["seconds"] for t in chosen))
         try:
-            process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "--tb=line", "-p",
-                                        "no:cacheprovider", "-p", "no:randomly", *chosen], cwd=self.child_tree,
+            process = subprocess.Popen([sys.executable, "-m", "pytest", *PYTEST, "-x", *chosen], cwd=self.child_tree,
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        start_new_session=True)  # a timeout stops the scripts it started too
             try:
                 output = process.communicate(timeout=limit)[0]
-                done = types.SimpleNamespace(stdout=output, returncode=process.returncode)
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-            failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+            code = process.returncode
+            failed = [line.split()[1] for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
             # exit 4 with a collection error: the test module's import of the mutated module failed
-            if done.returncode in (1, 2, 3) or done.returncode == 4 and "ERROR collecting" in done.stdout:
-                self.failed = f"{failed[0] if failed else 'pytest exit ' + str(done.returncode)} (child processes)"
-            elif done.returncode != 0:
-                return f"pytest exit {done.returncode}: {done.stdout[-300:]}"
+            if code in (1, 2, 3) or code == 4 and "ERROR collecting" in output:
+                self.failed = f"{failed[0] if failed else f'pytest exit {code}'} (child processes)"
+            elif code != 0:
+                return f"pytest exit {code}: {output[-300:]}"
         except subprocess.TimeoutExpired:
             self.failed = f"timeout after {limit} s (child processes)"
         finally:
@@ -623,9 +628,7 @@ def work(shard: int, shards: int, out: str, budget: float):
     done = read_results(Path(out))
     todo = json.loads((WORK / "todo.json").read_text())[shard::shards]  # the mutants, as run() listed them
     plugin = RunPlugin([m for m in todo if m["key"] not in done], modules, reach, out, budget, child_tree)
-    # --tb=line: pytest formats no source (its ast.parse of a deep failure hit a CPython 3.11 SystemError)
-    pytest.main(["-q", "-n", "0", "--tb=line", "-p", "no:cacheprovider", "-p", "no:randomly", "tests"],
-                plugins=[plugin])
+    pytest.main([*PYTEST, "tests"], plugins=[plugin])
     return plugin.finished
 
 
