@@ -49,11 +49,14 @@ def test_the_generator_samples_as_well_as_the_model_reconstructs(reduced_run):
     generation = reduced_run[4]
     assert generation["classifier_test_accuracy"] > 0.8, generation
     assert generation["fd_samples"] == 2000
-    # measured at this size (seed 42): reconstructions 48.9, the generator (a mixture of 80 full-covariance
-    # Gaussians fitted to the training z_mean after training) 48.2, the training codes decoded 49.7, the trained
-    # prior 56.4 (seed 7: 45.6 / 45.6 / 45.5 / 54.6)
-    assert generation["fd_prior_samples"] < 1.05 * generation["fd_vae_reconstruction"], generation
-    assert generation["fd_prior_samples"] < 0.95 * generation["fd_trained_prior_samples"], generation
+    # The generator is a mixture of 80 full-covariance Gaussians fitted to the training z_mean after training.
+    # Its FD over the reconstructions' and over the trained prior's, measured at this size (seeds 42 / 7):
+    #   AMD EPYC family 25 model 17, TF 2.21:  0.986 / 1.000 and 0.855 / 0.835
+    #   AMD EPYC family 26 model 2,  TF 2.21:  1.002 / 0.996 and 0.902 / 0.819
+    #   AMD EPYC family 26 model 2,  TF 2.16.1 (the lowest versions): 1.038 / 1.035 and 0.951 / 0.855
+    # (the FD of 2000 samples varies by a few percent between such runs; N(0, I) as the generator gives 1.4x)
+    assert generation["fd_prior_samples"] < 1.08 * generation["fd_vae_reconstruction"], generation
+    assert generation["fd_prior_samples"] < generation["fd_trained_prior_samples"], generation
     assert 0.9 < generation["fd_training_codes"] / generation["fd_vae_reconstruction"] < 1.1, generation
     assert generation["fd_clean_train"] < generation["fd_vae_reconstruction"] < generation["fd_noisy_input"], generation
     assert generation["fd_vae_reconstruction"] < MEASURED["fd_reconstruction"] * 1.3, generation
