@@ -328,3 +328,35 @@ def test_t_sne_and_umap_take_the_usual_neighbourhoods_shrunk_to_a_small_subset(m
     for n, neighbours in ((1000, 15), (16, 15), (9, 8), (2, 2)):
         vf.project_umap(np.zeros((n, 3)), 5, umap_module)
         assert made.pop() == {"n_neighbors": neighbours, "min_dist": 0.1, "random_state": 5}, n
+
+
+def test_analyse_lays_out_each_grid_row_by_row_and_scores_the_references_on_their_own_images(monkeypatch):
+    """The sample grids are 10 x 10 images of 28 x 28 x 1, sample r * 10 + c at row r, column c; the class grid
+    has a row per class that has training codes (three here), ten samples each. The classical references compare
+    the noisy input and the VAE's output, each with the clean images (MSE by hand on the same seeded subset);
+    with gen_metrics, the generation metrics score the class mixtures and the VAE's output of the noisy test set."""
+    scored = []
+    monkeypatch.setattr(vf, "generation_quality", lambda vae, data, config, z, mixtures, denoised: scored.append(
+        (sorted(mixtures), denoised)) or {})
+    monkeypatch.setattr(vf, "metrics_table", lambda *args: pd.DataFrame())
+    config = vf.Config(latent_dim=LATENT, seed=3, embed_samples=0, gen_metrics=True, classical_samples=7,
+                       conditional_components=1)
+    data = vf.with_noise(bars_data(n_train=400), config)
+    three = data.y_train < 3
+    data = vf.FashionMNIST(data.x_train[three], data.y_train[three], data.x_test, data.y_test, "bars",
+                           data.x_train_noisy[three], data.x_test_noisy)
+    vae = _stand_in_vae()
+    vae.sample_generator = lambda n, seed: np.repeat(np.arange(n, dtype=np.float32)[:, None] / n, LATENT, axis=1)
+    results = vf.analyse(vae, data, pd.DataFrame(), config, vf.StageTimer().stage)
+
+    assert results.generated_grid.shape == results.trained_prior_grid.shape == (10, 10, 28, 28, 1)
+    np.testing.assert_allclose(results.generated_grid[..., 0].mean(axis=(2, 3)), np.arange(100).reshape(10, 10) / 100,
+                               atol=1e-6)
+    assert results.conditional_grid.shape == (3, 10, 28, 28, 1) and list(results.conditional_classes) == [0, 1, 2]
+    subset = vf.seeded_subset(len(data.x_test), 7, vf.seed_for(config, "classical_subset"))
+    clean = data.x_test[subset].astype(np.float64)
+    denoised = vae.denoise(data.x_test_noisy)
+    assert results.classical["noisy_subset_mse"] == pytest.approx(np.mean((clean - data.x_test_noisy[subset]) ** 2))
+    assert results.classical["vae_subset_mse"] == pytest.approx(np.mean((clean - denoised[subset]) ** 2))
+    assert len(scored) == 1 and scored[0][0] == [0, 1, 2]
+    np.testing.assert_array_equal(scored[0][1], denoised)

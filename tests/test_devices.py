@@ -87,6 +87,62 @@ def test_all_devices_mirror_over_the_gpus_else_over_the_cpu_s_logical_devices(mo
     assert vf.setup_devices(every) is default
 
 
+def test_setup_devices_asks_for_a_thread_per_cpu_and_goes_on_once_tensorflow_has_started(monkeypatch):
+    """docs/RESULTS.md: an explicit intra-op thread count (the CPU count) trains faster than TensorFlow's own choice
+    (0), which it falls back to when the count is unknown; TensorFlow refuses the setting once it has run an
+    operation (RuntimeError), and the set-up goes on. Stand-ins here: this process's TensorFlow has started."""
+    asked = []
+
+    def set_threads(count):
+        asked.append(count)
+        raise RuntimeError("Intra op parallelism cannot be modified after initialization.")
+
+    monkeypatch.setattr(vf.tf.config.threading, "set_intra_op_parallelism_threads", set_threads)
+    monkeypatch.setattr(vf.os, "cpu_count", lambda: 6)
+    vf.setup_devices(vf.Config(precision="float32"))
+    monkeypatch.setattr(vf.os, "cpu_count", lambda: None)
+    vf.setup_devices(vf.Config(precision="float32"))
+    assert asked == [6, 0]
+
+
+def test_the_device_line_names_every_replica_s_device_else_the_first_gpu(monkeypatch):
+    """device_summary: with several replicas, each replica's device, shortened to its kind and number; with one,
+    the first GPU TensorFlow lists (it places the work there), else CPU:0. Stand-in device lists and strategy."""
+    gpus = [types.SimpleNamespace(name=f"/job:localhost/replica:0/task:0/device:GPU:{k}") for k in (0, 1)]
+    monkeypatch.setattr(vf.tf.config, "list_logical_devices", lambda kind: gpus if kind == "GPU" else [])
+    mirrored = types.SimpleNamespace(num_replicas_in_sync=2, extended=types.SimpleNamespace(
+        worker_devices=[gpu.name for gpu in gpus]))
+    assert vf.device_summary(mirrored).startswith("devices: GPU:0, GPU:1; 2 replica(s); precision ")
+    one = types.SimpleNamespace(num_replicas_in_sync=1, extended=None)
+    assert vf.device_summary(one).startswith("devices: GPU:0; 1 replica(s); precision ")
+    gpus.clear()
+    assert vf.device_summary(one).startswith("devices: CPU:0; 1 replica(s); precision ")
+
+
+def test_only_several_replicas_in_sync_have_a_replica_context(monkeypatch):
+    assert vf.replica_context() is None  # this process: the default strategy's one replica
+    for replicas, expected in ((1, False), (2, True), (3, True)):
+        context = types.SimpleNamespace(num_replicas_in_sync=replicas)
+        monkeypatch.setattr(vf.tf.distribute, "get_replica_context", lambda: context)
+        assert (vf.replica_context() is context) is expected, replicas
+    monkeypatch.setattr(vf.tf.distribute, "get_replica_context", lambda: None)  # cross-replica context
+    assert vf.replica_context() is None
+
+
+def test_keyed_noise_is_the_global_batch_s_whichever_replica_draws_it(monkeypatch):
+    """keyed_normal: each of two replicas (stand-in contexts) gets its own half of the one-device draw for the
+    global batch; and the draw for (seed 42, key 5) is the one every run so far trained with (values from
+    TensorFlow 2.16.1 and 2.21, which agree): a change of stream would change every run's numbers."""
+    whole = vf.keyed_normal((6, 3), "float32", 42, 5).numpy()
+    np.testing.assert_allclose(whole[:2], [[0.6118882, -0.3977123, 1.3996007], [0.544648, 0.10317855, 1.0881493]],
+                               rtol=1e-6)
+    for replica in (0, 1):
+        monkeypatch.setattr(vf, "replica_context", lambda: types.SimpleNamespace(
+            num_replicas_in_sync=2, replica_id_in_sync_group=replica))
+        np.testing.assert_array_equal(vf.keyed_normal((3, 3), "float32", 42, 5).numpy(),
+                                      whole[3 * replica:3 * replica + 3])
+
+
 def test_a_tpu_runtime_is_told_that_the_run_uses_the_host_cpu(monkeypatch):
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v3-8")
     line = vf.device_summary(vf.tf.distribute.get_strategy())

@@ -326,3 +326,27 @@ def test_the_fd_classifier_learns_from_the_training_images_not_the_test_images()
     result = vf.generation_quality(vae, data, vf.Config(seed=0), codes, vf.class_mixtures(codes, data.y_train, 1, 0),
                                    data.x_test.copy())
     assert result["classifier_test_accuracy"] < 0.2 and result["reconstruction_agreement"] < 0.2
+
+
+def test_a_class_s_frechet_distances_need_two_images_of_it_and_the_scoring_prints_nothing(capsys):
+    """A covariance needs two feature vectors: a class with one test image among the n scored (0 here) has NaN
+    per-class distances, one with two (1) has finite ones; a class the training set lacks (3) has no class
+    mixture, so no conditional samples: its conditional distance is NaN while its reconstructions' is finite.
+    The classifier's training, evaluation and passes print nothing into the notebook."""
+    data, templates, codes = _bars_with_templates()
+    kept = data.y_train != 3
+    y_test = np.full(200, 5, np.int32)
+    y_test[[0, 1, 2, 7]], y_test[3:30] = [0, 1, 1, 6], 3
+    data = vf.FashionMNIST(data.x_train[kept], data.y_train[kept], data.x_test, y_test, "bars",
+                           x_test_noisy=data.x_test_noisy)
+    codes = codes[kept]
+    vae = types.SimpleNamespace(generate=lambda latents: templates[np.argmax(latents, axis=1)],
+                                sample_generator=lambda n, seed: codes[:n], sample_prior=lambda n, seed: codes[:n])
+    capsys.readouterr()
+    result = vf.generation_quality(vae, data, vf.Config(seed=0), codes,
+                                   vf.class_mixtures(codes, data.y_train, 1, 0), data.x_test.copy(), epochs=1)
+    assert capsys.readouterr().out == ""
+    assert np.isnan(result["fd_conditional_0"]) and np.isnan(result["fd_reconstruction_0"])
+    assert np.isfinite(result["fd_conditional_1"]) and np.isfinite(result["fd_reconstruction_1"])
+    assert np.isnan(result["fd_conditional_3"]) and np.isfinite(result["fd_reconstruction_3"])
+    assert np.isnan(result["conditional_agreement_3"]) and result["class_images"][3] == 27

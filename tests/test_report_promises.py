@@ -46,6 +46,20 @@ def test_metrics_csv_names_each_figure_with_its_own_value_unit_and_image_count()
     assert {name: rows.loc[name, "n_images"] for name in expected} == expected
 
 
+def test_an_image_set_s_metrics_rows_give_each_measure_its_unit_images_and_definition():
+    """quality_rows: four rows per image set, named {set}_{measure}, in dB for the two PSNRs, each under the
+    set's group and naming the images it counts (written out here by hand)."""
+    rows = vf.quality_rows(("noisy", "tv_chambolle"))
+    assert list(rows) == ["noisy_mse", "noisy_psnr", "noisy_ssim", "noisy_psnr_pooled", "tv_chambolle_mse",
+                          "tv_chambolle_psnr", "tv_chambolle_ssim", "tv_chambolle_psnr_pooled"]
+    assert [row[1] for row in rows.values()] == ["", "dB", "", "dB"] * 2
+    assert rows["noisy_ssim"][:3] == ("denoising", "", "test")
+    assert rows["noisy_ssim"][3] == ("mean over the images of skimage structural_similarity(clean, image, "
+                                     "data_range=1), of the noisy input, on the test images")
+    assert rows["tv_chambolle_psnr"][:3] == ("classical", "dB", "classical")
+    assert rows["tv_chambolle_psnr"][3].endswith(", on the seeded classical-reference test subset")
+
+
 def test_metrics_txt_gives_every_figure_of_metrics_csv_its_own_row_under_its_group_and_names_the_noise():
     values, table = _metrics_values()
     table["value"] = table["value"] / 7  # values with many digits, each its own

@@ -44,8 +44,16 @@ def test_without_umap_and_the_classifier_every_other_output_is_written(tmp_path,
     monkeypatch.setattr(vf.subprocess, "run", no_pip)
     out = tmp_path / "out"
     metrics = vf.run(_config(dataset_dir, out, VAE_GEN_METRICS="0", VAE_EMBED_SAMPLES="60"))
-    assert "WARNING: UMAP skipped: import umap failed" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "WARNING: UMAP skipped: import umap failed" in printed.err
     report = (out / "metrics.txt").read_text()
+    # what the notebook shows: the devices, the data, then metrics.txt, the stage timings and the files written
+    assert "\n  devices: CPU:0; 1 replica(s); precision " in "\n" + printed.out
+    assert f"  IDX files in {dataset_dir}: train (512, 28, 28, 1), test (100, 28, 28, 1)\n" in printed.out
+    listing = f"\nContents of {out}:\n  "
+    assert printed.out.index("\n" + report) < printed.out.index("Stage timings (s):\n") < printed.out.index(listing)
+    assert (out / "config.json").read_text().startswith('{\n  "') and (out / "run_status.json").read_text(
+        ).startswith('{\n  "status": "finished",\n  "')
     assert "06C_latent_umap_text_tr.png was not written: import umap failed" in report
     assert "pip install umap-learn failed (CalledProcessError)" in report
     missing = {"06C_latent_umap_text_tr.png", "09_generation_quality.png"}
