@@ -123,7 +123,7 @@ def test_only_several_replicas_in_sync_have_a_replica_context(monkeypatch):
     assert vf.replica_context() is None  # this process: the default strategy's one replica
     for replicas, expected in ((1, False), (2, True), (3, True)):
         context = types.SimpleNamespace(num_replicas_in_sync=replicas)
-        monkeypatch.setattr(vf.tf.distribute, "get_replica_context", lambda: context)
+        monkeypatch.setattr(vf.tf.distribute, "get_replica_context", lambda context=context: context)
         assert (vf.replica_context() is context) is expected, replicas
     monkeypatch.setattr(vf.tf.distribute, "get_replica_context", lambda: None)  # cross-replica context
     assert vf.replica_context() is None
@@ -137,8 +137,8 @@ def test_keyed_noise_is_the_global_batch_s_whichever_replica_draws_it(monkeypatc
     np.testing.assert_allclose(whole[:2], [[0.6118882, -0.3977123, 1.3996007], [0.544648, 0.10317855, 1.0881493]],
                                rtol=1e-6)
     for replica in (0, 1):
-        monkeypatch.setattr(vf, "replica_context", lambda: types.SimpleNamespace(
-            num_replicas_in_sync=2, replica_id_in_sync_group=replica))
+        context = types.SimpleNamespace(num_replicas_in_sync=2, replica_id_in_sync_group=replica)
+        monkeypatch.setattr(vf, "replica_context", lambda context=context: context)
         np.testing.assert_array_equal(vf.keyed_normal((3, 3), "float32", 42, 5).numpy(),
                                       whole[3 * replica:3 * replica + 3])
 
