@@ -967,7 +967,7 @@ def project_tsne(z: np.ndarray, seed: int) -> np.ndarray:
 
 def import_umap():
     """(the umap module, None), or (None, why not); like the original notebook, a missing umap-learn is
-    pip-installed once."""
+    pip-installed once, its output captured, within 10 minutes."""
     try:
         import umap  # here: optional
 

@@ -68,6 +68,12 @@ def test_several_replicas_train_on_full_batches_that_split_evenly():
         vf.batches_per_epoch(500, config, 3)
     with pytest.raises(vf.ConfigError, match="VAE_TRAIN_SAMPLES=40 is less than one batch"):
         vf.batches_per_epoch(40, config, 2)
+    assert vf.batches_per_epoch(64, config, 2) == 1  # exactly one batch is enough
+    # the dataset agrees: 7 full batches an epoch on two replicas, 8 with a partial one on one device
+    x, labels = np.zeros((500, 28, 28, 1), np.float32), np.zeros(500, np.int32)
+    for replicas, sizes in ((2, [64] * 7), (1, [64] * 7 + [52])):
+        dataset = vf.make_train_dataset(x, x, labels, config, 0, epochs=1, replicas=replicas)
+        assert [len(batch["label"]) for batch in dataset] == sizes, replicas
 
 
 def test_all_devices_mirror_over_the_gpus_else_over_the_cpu_s_logical_devices(monkeypatch):

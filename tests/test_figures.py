@@ -46,6 +46,9 @@ def test_per_class_psnr_draws_each_class_s_mean_psnr_of_the_noisy_input_and_the_
     assert heights == pytest.approx([11.0, 9.0, 20.0, 21.0, 17.0, 30.0])  # noisy of 0, 2, 5, then the VAE's
     noisy_x, vae_x = ([p.get_x() + p.get_width() / 2 for p in ax.patches[i:i + 3]] for i in (0, 3))
     assert noisy_x == pytest.approx([-0.2, 0.8, 1.8]) and vae_x == pytest.approx([0.2, 1.2, 2.2])
+    spans = sorted((min(p.get_x(), p.get_x() + p.get_width()), max(p.get_x(), p.get_x() + p.get_width()))
+                   for p in ax.patches)
+    assert all(left[1] <= right[0] + 1e-9 for left, right in zip(spans, spans[1:]))  # side by side, none hidden
     assert [t.get_text() for t in ax.texts] == ["21.0", "17.0", "30.0"]  # the VAE's bars carry their values
     assert [t.get_text() for t in ax.get_xticklabels()] == [f"{vf.CLASS_NAMES_TR[c]}\n({vf.CLASS_NAMES_EN[c]})"
                                                            for c in (0, 2, 5)]
@@ -92,7 +95,7 @@ def test_generation_quality_draws_every_distance_and_the_classes_of_the_samples(
         assert [p.get_width() for p in drawn] == pytest.approx([width] * 10)
     assert len(ax2.patches) == 10 * len(histograms)
     (uniform,) = ax2.get_lines()
-    assert uniform.get_ydata()[0] == pytest.approx(20.0)  # 200 samples over 10 classes
+    assert uniform.get_ydata()[0] == pytest.approx(20.0) and uniform.get_linewidth() > 0  # 200 over 10 classes
     highest = max(max(generation[f"{name}_class_counts"]) for name in histograms)
     assert ax2.get_ylim() == pytest.approx((0, 1.45 * highest))
     legend = [t.get_text() for t in ax2.get_legend().get_texts()]
@@ -123,11 +126,13 @@ def test_noise_robustness_draws_each_method_s_psnr_and_ssim_against_sigma(figure
         for k, line in enumerate(methods):
             assert list(line.get_xdata()) == sigmas
             assert list(line.get_ydata()) == pytest.approx([row[column] for row in rows[3 * k:3 * k + 3]])
-        assert list(trained.get_xdata()) == [0.3, 0.3]
+        assert list(trained.get_xdata()) == [0.3, 0.3] and trained.get_linewidth() > 0  # a visible mark
         assert "40 test images" in ax.get_title() and ax.get_xlabel() == "noise sigma"
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend == ["noisy input", "TV (Chambolle)", "VAE", "VAE trained at sigma 0.3"]
     assert fig.axes[1].get_legend() is None
+    left, right = (ax.get_position() for ax in fig.axes)
+    assert left.x1 < right.x0 and left.y0 == pytest.approx(right.y0)  # side by side
     assert fig.get_suptitle() == "Noise robustness: x_noisy = clip(x + sigma*N(0,1), 0, 1)"
 
 
@@ -160,6 +165,15 @@ def test_a_latent_scatter_names_only_the_classes_it_draws(figures):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [vf.CLASS_NAMES_TR[c] for c in (0, 3, 7)]
     assert ax.get_legend().get_title().get_text() == "class"
     assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("t", "PC1", "PC2")
+    # every point at its own (dim 1, dim 2), in the colour of its class; the legend beside the axes, not over them
+    points = ax.collections[0]
+    drawn = sorted(map(tuple, points.get_offsets()))
+    assert drawn == sorted(map(tuple, coords))
+    colours = {tuple(xy): tuple(colour) for xy, colour in zip(points.get_offsets(), points.get_facecolors())}
+    assert colours[(2.0, 3.0)] == colours[(4.0, 5.0)] != colours[(0.0, 1.0)]  # class 3 twice, class 0
+    renderer = figures["s.png"][0].canvas.get_renderer()
+    legend, axes = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend.x0 >= axes.x1 and axes.y0 <= legend.y0 and legend.y1 <= axes.y1
     vf.plot_latent_scatter(coords, labels, "t", "d.png")
     assert [t.get_text() for t in figures["d.png"][0].axes[0].get_legend().get_texts()] == ["0", "3", "7"]
 
@@ -203,6 +217,17 @@ def test_the_title_cards_frame_the_original_s_titles(figures):
         (frame,) = fig.patches
         assert (frame.get_x(), frame.get_y(), frame.get_width(), frame.get_height()) == pytest.approx(
             (0.04, 0.06, 0.92, 0.88))
+        # as drawn: the three lines centred on the card, top to bottom, apart, each inside the frame
+        renderer = fig.canvas.get_renderer()
+        inside = frame.get_window_extent(renderer)
+        boxes = [text.get_window_extent(renderer) for text in fig.texts]
+        for box in boxes:
+            assert inside.x0 < box.x0 and box.x1 < inside.x1 and inside.y0 < box.y0 and box.y1 < inside.y1, name
+            assert abs((box.x0 + box.x1) / 2 - fig.bbox.width / 2) < 1, name
+        assert boxes[0].y0 > boxes[1].y1 and boxes[1].y0 > boxes[2].y1, name
+        assert not frame.get_fill()  # a frame, not a panel over the card
+    with pytest.raises(ValueError):  # a card for every file, and a file for every card
+        vf.draw_title_cards(None, ["A.png", "B.png", "C.png"])
 
 
 def test_the_sample_grids_name_their_density_and_the_class_of_each_row(figures):

@@ -192,6 +192,15 @@ def test_mixture_samples_follow_its_weights_and_components():
         np.testing.assert_allclose(z[component == k].var(axis=0), parameters["variances"][k], rtol=0.1)
 
 
+def test_before_a_generator_is_fitted_the_samples_come_from_the_trained_prior():
+    """VAE.sample_generator: from the prior, with the same seed, until analyse() fits the generator; then from the
+    generator (a stand-in model: one component at (5, -5), nearly no spread)."""
+    model = types.SimpleNamespace(generator=None, sample_prior=lambda n, seed: np.full((n, 2), float(seed)))
+    np.testing.assert_array_equal(vf.VAE.sample_generator(model, 4, 7), np.full((4, 2), 7.0))
+    model.generator = {"weights": np.ones(1), "means": np.array([[5.0, -5.0]]), "covariances": np.eye(2)[None] * 1e-8}
+    np.testing.assert_allclose(vf.VAE.sample_generator(model, 4, 7), np.tile([5.0, -5.0], (4, 1)), atol=1e-3)
+
+
 def test_the_saved_files_work_without_this_module(tmp_path):
     """encoder.keras and decoder.keras reproduce the model's outputs, and the notebook's snippet generates from
     decoder.keras and prior.npz, in an interpreter that never imports vae_fashion. prior.npz holds the generator

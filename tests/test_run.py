@@ -80,6 +80,7 @@ def test_a_missing_umap_is_installed_once_and_a_failed_install_is_reported(monke
 
     def pip_installs(command, **kwargs):
         calls.append(command)
+        assert kwargs == {"check": True, "timeout": 600, "capture_output": True}  # 10 minutes, nothing printed
         sys.modules["umap"] = types.ModuleType("umap")  # what a successful pip install makes importable
 
     monkeypatch.setattr(vf.subprocess, "run", pip_installs)
@@ -88,6 +89,16 @@ def test_a_missing_umap_is_installed_once_and_a_failed_install_is_reported(monke
     assert calls == [[sys.executable, "-m", "pip", "install", "-q", "umap-learn"]]
 
     sys.modules["umap"] = None
+
+    def pip_exits_1(command, check=False, **kwargs):  # as subprocess.run does: an exception only when checked
+        if check:
+            raise subprocess.CalledProcessError(1, command)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(vf.subprocess, "run", pip_exits_1)
+    module, reason = vf.import_umap()
+    assert module is None and reason.endswith("; pip install umap-learn failed (CalledProcessError)")
+
     def pip_times_out(*args, **kwargs):
         raise subprocess.TimeoutExpired("pip", 600)
 
