@@ -116,7 +116,25 @@ def test_unwritable_output_folder(tmp_path, monkeypatch, capsys, dataset_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     code, err = _cli(monkeypatch, capsys, {"VAE_DATA_DIR": str(dataset_dir), "VAE_OUT_DIR": str(blocker / "out")})
-    assert code == 1 and f"output folder {blocker / 'out'} is not writable" in err and "VAE_OUT_DIR" in err
+    assert code == 1 and f"output folder {blocker / 'out'} is not writable (Not a directory); set VAE_OUT_DIR" in err
+
+
+def test_the_output_folder_is_made_with_its_parents_and_holds_no_probe_and_no_earlier_output(tmp_path):
+    out = vf.prepare_output_dir(tmp_path / "a" / "b")
+    assert out.is_dir() and list(out.iterdir()) == []
+    (out / "metrics.csv").write_text("an earlier run's")
+    assert vf.prepare_output_dir(str(out)) == out and list(out.iterdir()) == []  # the folder given as text
+
+
+def test_a_write_that_fails_leaves_neither_the_file_nor_its_temporary(tmp_path):
+    target = str(tmp_path / "metrics.csv")  # given as text
+    with pytest.raises(RuntimeError, match="crash"), vf.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    with vf.atomic_path(target) as tmp:
+        tmp.write_text("whole")
+    assert [(p.name, p.read_text()) for p in tmp_path.iterdir()] == [("metrics.csv", "whole")]
 
 
 def test_an_output_folder_nobody_may_write_is_refused_also_as_root(monkeypatch, capsys, dataset_dir):

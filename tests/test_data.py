@@ -143,6 +143,8 @@ def test_csv_only_folder_is_read(tmp_path):
     np.testing.assert_array_equal(x_train, expected_x)
     np.testing.assert_array_equal(y_train, expected_y)
     assert "CSV" in source and x_test.shape == (12, 28, 28)
+    x_test_again, _y = vf.read_fashion_csv(str(folder / vf.CSV_FILES["test"]))  # a path given as text
+    np.testing.assert_array_equal(x_test_again, x_test)
 
 
 @pytest.mark.parametrize(
@@ -150,8 +152,8 @@ def test_csv_only_folder_is_read(tmp_path):
     [
         (lambda text: text.replace(",", ";"), "1 columns"),
         (lambda text: text.rsplit("\n", 2)[0] + "\n1,2,3\n", "non-integer or empty cells"),
-        (lambda text: text.replace("\n3,", "\n13,", 1), "label 13 at index \\d+ is outside 0-9"),
-        (lambda text: text + "0," + ",".join(["300"] * 784) + "\n", "pixel values outside 0-255"),
+        (lambda text: text.replace("\n3,", "\n13,", 1), "csv \\(first column\\): label 13 at index \\d+ is outside"),
+        (lambda text: text + "0," + ",".join(["300"] * 784) + "\n", "train.csv: pixel values outside 0-255"),
         (lambda text: "", "not a readable CSV"),
         (lambda text: text.split("\n", 1)[0] + "\n", "has 0 rows x 785 columns"),  # the header alone
     ],
@@ -199,6 +201,10 @@ def test_the_keras_download_is_the_last_resort_and_is_checked_like_the_files(tmp
     assert source == "keras download"
     for loaded, expected, dtype in zip(raw, (x_train, y_train, x_test, y_test), ("uint8", "int32") * 2):
         assert loaded.dtype == dtype and np.array_equal(loaded, expected)
+    y_train[0] = 11  # each array named as what it is: the training labels, here
+    with pytest.raises(vf.DatasetError, match=r"fashion_mnist train labels: label 11 at index 0 "):
+        vf.find_and_load_raw(search_dirs=[], download=lambda: ((x_train, y_train), (x_test, y_test)))
+    y_train[0] = 0
     y_test[3], y_test[7] = 10, 12  # the first is named, and how many there are
     with pytest.raises(vf.DatasetError, match=r"fashion_mnist test labels: label 10 at index 3 .*\(2 such labels\)"):
         vf.find_and_load_raw(search_dirs=[], download=lambda: ((x_train, y_train), (x_test, y_test)))
@@ -208,6 +214,30 @@ def test_default_search_order_starts_with_kaggle_and_ends_with_keras_cache():
     folders = vf.candidate_data_dirs()
     assert folders[0] == vf.KAGGLE_INPUT / "fashionmnist"
     assert folders[-2:] == [vf.DEBIAN_DATA_DIR, vf.KERAS_CACHE_DIR.expanduser()]
+
+
+def test_the_default_kaggle_folder_comes_first_and_once_then_the_other_kaggle_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(vf, "KAGGLE_INPUT", tmp_path)
+    first, other = write_dataset(tmp_path / "fashionmnist", 20, 20), write_dataset(tmp_path / "copy", 20, 20)
+    assert vf.candidate_data_dirs() == [first, other, vf.DEBIAN_DATA_DIR, vf.KERAS_CACHE_DIR.expanduser()]
+
+
+def test_a_split_holds_pixels_0_to_255_and_labels_0_to_9_from_any_array_like():
+    """validated_split: both ends of each range pass, one beyond either end is refused; lists are arrays too.
+    take_first: exactly as many images as there are is allowed."""
+    images = np.zeros((2, 28, 28), np.int64)
+    images[1, 5, 5] = 255
+    x, y = vf.validated_split(images.tolist(), [0, 9], "img", "lab")
+    assert x.dtype == np.uint8 and x.max() == 255 and y.tolist() == [0, 9]
+    for value in (-1, 256):
+        bad = images.copy()
+        bad[1, 0, 0] = value
+        with pytest.raises(vf.DatasetError, match="img: pixel values outside 0-255"):
+            vf.validated_split(bad, [0, 9], "img", "lab")
+    for label in (-1, 10):
+        with pytest.raises(vf.DatasetError, match=f"lab: label {label} at index 1 "):
+            vf.validated_split(images, [0, label], "img", "lab")
+    assert len(vf.take_first(np.arange(5), 5, "VAE_TEST_SAMPLES")) == 5
 
 
 def test_kaggle_walk_finds_nested_dataset(tmp_path):

@@ -149,6 +149,21 @@ def test_keyed_noise_is_the_global_batch_s_whichever_replica_draws_it(monkeypatc
                                       whole[3 * replica:3 * replica + 3])
 
 
+def test_the_train_step_maps_noisy_to_clean_with_the_batch_s_keyed_posterior_sample():
+    """DistributedVAE.train_step, on one device: the losses it reports are compute_losses(noisy, clean, labels) of
+    the weights before its update, with keyed_normal's noise for the whole batch (its rows, the latent size, the
+    posterior stream, the batch's step key)."""
+    config = vf.Config(latent_dim=4, seed=3, precision="float32")
+    vae = vf.build_distributed_vae(config)
+    clean = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
+    noisy, labels = vf.add_noise(clean, 0.45, 1), np.repeat(np.arange(4, dtype=np.int32), 2)
+    epsilon = vf.keyed_normal((8, 4), "float32", vf.seed_for(config, "posterior"), 5)
+    expected = vae.compute_losses(noisy, clean, labels, epsilon, training=True)
+    reported = vae.train_step({"noisy": noisy, "clean": clean, "label": labels, "step_key": np.full(8, 5, np.int64)})
+    for name in vf.LOSS_TERMS:
+        assert float(reported[name]) == pytest.approx(float(expected[name]), rel=1e-5), name
+
+
 def test_a_tpu_runtime_is_told_that_the_run_uses_the_host_cpu(monkeypatch):
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v3-8")
     line = vf.device_summary(vf.tf.distribute.get_strategy())
@@ -222,6 +237,15 @@ for bad in (1, 0):
     results["overflow"].append({
         "replica": bad, "scale_ratio": float(vae.optimizer.dynamic_scale.numpy()) / scale,
         "unchanged": all(np.array_equal(w.numpy(), b) for w, b in zip(vae.trainable_weights, before))})
+# ... and a finite batch is applied on both (once the loss scale has come down far enough for float16)
+before, noisy, target, label, key = [w.numpy() for w in vae.trainable_weights], *halves(strategy, x, x, labels, keys)
+for tried in range(1, 17):
+    step({"noisy": noisy, "clean": target, "label": label, "step_key": key})
+    changed = not all(np.array_equal(w.numpy(), b) for w, b in zip(vae.trainable_weights, before))
+    if changed:
+        break
+results["finite_steps_tried"] = tried
+results["finite_step_applied"] = changed and all(bool(np.isfinite(w.numpy()).all()) for w in vae.trainable_weights)
 
 # 3 and 4 run on one device (the default strategy) and learn bar images that a few steps can fit.
 images, labels = synthetic_split(512, 0)
@@ -294,6 +318,7 @@ def test_a_float16_overflow_on_any_replica_is_skipped_on_every_replica(step_chec
     for outcome in step_checks["overflow"]:
         assert outcome["unchanged"], outcome  # no inf in the weights, no half-applied step
         assert outcome["scale_ratio"] == 0.5, outcome
+    assert step_checks["finite_step_applied"], step_checks["finite_steps_tried"]
 
 
 def test_mixed_float16_hands_adam_the_float32_gradient(step_checks):
