@@ -37,9 +37,9 @@ def test_read_idx_reads_raw_and_gzip(tmp_path):
         (b"", "only 0 bytes"),
         (b"\x00\x00\x08", "only 3 bytes"),
         (b"\x00\x00\x08\x01", r"truncated header \(4 bytes, need 8\)"),  # the magic number alone
-        (b"\x00\x00\x08\x00" + b"\x00" * 4, "bad magic number 0x00000800"),  # 0 dimensions
-        (b"\x00\x00\x08\x05" + b"\x00" * 24, "bad magic number 0x00000805"),  # 5 dimensions
-        (b"\x00\x00\x0d\x03" + b"\x00" * 12, "bad magic number 0x00000d03"),
+        (b"\x00\x00\x08\x00" + b"\x00" * 4, "bad magic number 0x00000800 \\(expected"),  # 0 dimensions
+        (b"\x00\x00\x08\x05" + b"\x00" * 24, "bad magic number 0x00000805 \\(expected"),  # 5 dimensions
+        (b"\x00\x00\x0d\x03" + b"\x00" * 12, "bad magic number 0x00000d03 \\(expected"),
         (b"\x01\x00\x08\x01" + b"\x00" * 4, "bad magic number"),
         (b"\x00\x00\x08\x03\x00\x00", "truncated header"),
     ],
