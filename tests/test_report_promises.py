@@ -84,6 +84,7 @@ def test_metrics_txt_gives_every_figure_of_metrics_csv_its_own_row_under_its_gro
     assert "600 training and 100 test images from bars" in text and "clip(x + 0.3 * N(0,1), 0, 1)" in text
     assert "trained at sigma 0.3" in text and "PSNR: the VAE beats TV at every sigma measured" in text
     assert "- UMAP was not written" in text
+    assert robustness.to_string(index=False) in text  # noise_robustness.csv's table as it is, no row numbers
 
 
 def test_the_pca_report_counts_components_from_one_and_sums_the_first_two():

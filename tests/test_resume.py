@@ -160,3 +160,23 @@ def test_checkpoint_with_other_settings_is_refused_unless_fresh(tmp_path, datase
     fresh = vf.open_checkpoint(tmp_path, vf.dataclasses.replace(changed, fresh=True))
     assert not fresh.weights.exists()
     assert json.loads(fresh.fingerprint.read_text())["epochs"] == 2
+
+
+def test_a_new_model_takes_a_backup_s_optimizer_state_and_an_empty_checkpoint_restores_nothing(tmp_path, capsys):
+    """build_vae builds Adam's variables, so that loading a backup into a model that has not trained (what
+    Checkpoint.restore does) restores its step count and moments, not only the weights; a checkpoint without
+    history restores nothing, without a word."""
+    config = vf.Config(latent_dim=4, seed=3, precision="float32")
+    trained = vf.build_distributed_vae(config)
+    clean = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
+    trained.train_step({"noisy": clean, "clean": clean, "label": np.repeat(np.arange(4, dtype=np.int32), 2),
+                        "step_key": np.zeros(8, np.int64)})
+    trained.save_weights(tmp_path / "one.weights.h5")
+    loaded = vf.build_distributed_vae(config)
+    loaded.load_weights(tmp_path / "one.weights.h5")
+    assert int(loaded.optimizer.iterations.numpy()) == 1
+    assert len(loaded.optimizer.variables) == len(trained.optimizer.variables) > 2  # the moments too
+    for ours, theirs in zip(loaded.optimizer.variables, trained.optimizer.variables):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    capsys.readouterr()
+    assert vf.Checkpoint(tmp_path / "empty").restore(loaded) == [] and capsys.readouterr().out == ""
