@@ -58,6 +58,7 @@ def test_empty_variable_means_default():
     assert vf.config_from_env({"VAE_EPOCHS": "", "VAE_OUT_DIR": " "}).epochs == 17
     config = vf.config_from_env({"VAE_DATA_DIR": " ", "VAE_PRIOR": ""}, {})
     assert config.data_dir is None and config.prior == "mixture"  # searched, not the working folder; the default
+    assert vf.config_from_env({}, {"data_dir": "", "out_dir": " "}).data_dir is None  # OVERRIDES' empty text too
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,7 @@ def test_a_kill_during_the_analysis_reruns_it_from_the_finished_training(uninter
     env = {**env, "VAE_OUT_DIR": str(out)}
     kill_at(env, "[noise robustness] started", cwd=root)
     log = run_here(env)
-    assert "training already finished" in log and "Epoch 1/4" not in log
+    assert "training already finished" in log and "Epoch 1/4" not in log and "resuming" not in log
     assert_same_run(out, root / "ref")
 
 
