@@ -79,7 +79,7 @@ def test_read_idx_corrupt_gzip_is_reported(tmp_path):
 
 def test_load_idx_folder_checks_shapes_counts_and_labels(tmp_path):
     folder = write_dataset(tmp_path / "ok", n_train=30, n_test=20)
-    x_train, y_train, x_test, y_test = vf.load_idx_folder(folder)
+    x_train, y_train, x_test, y_test = vf.load_idx_folder(str(folder))  # a folder given as text, too
     assert x_train.shape == (30, 28, 28) and y_train.dtype == np.int32 and len(y_test) == 20
 
     # images that are not 28x28

@@ -180,3 +180,23 @@ def test_a_new_model_takes_a_backup_s_optimizer_state_and_an_empty_checkpoint_re
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
     capsys.readouterr()
     assert vf.Checkpoint(tmp_path / "empty").restore(loaded) == [] and capsys.readouterr().out == ""
+
+
+def test_a_backup_that_loads_only_in_part_leaves_the_model_as_it_was(tmp_path, capsys):
+    """Checkpoint.restore: Keras assigns the layers it can read before it fails on the one it cannot (the prior,
+    a variable missing here); restore reports the backup unreadable, resumes nothing, and gives the model back
+    as it was, not half another model's."""
+    import h5py
+
+    checkpoint = vf.Checkpoint(tmp_path)
+    vf.build_distributed_vae(vf.Config(latent_dim=4, seed=3, precision="float32")).save_weights(
+        checkpoint.epoch_weights(1))
+    with h5py.File(checkpoint.epoch_weights(1), "r+") as backup:
+        del backup["layers/mixture_prior/vars/2"]
+    checkpoint.state.write_text(json.dumps({"epochs_done": 1, "history": [{"epoch": 1, "total_loss": 1.0}]}))
+    vae = vf.build_distributed_vae(vf.Config(latent_dim=4, seed=4, precision="float32"))
+    before = [v.numpy() for v in vae.variables + vae.optimizer.variables]
+    assert checkpoint.restore(vae) == []
+    assert f"cannot read the backup {checkpoint.epoch_weights(1)}" in capsys.readouterr().out
+    for value, variable in zip(before, vae.variables + vae.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), value)

@@ -52,6 +52,8 @@ def test_without_umap_and_the_classifier_every_other_output_is_written(tmp_path,
     assert f"  IDX files in {dataset_dir}: train (512, 28, 28, 1), test (100, 28, 28, 1)\n" in printed.out
     listing = f"\nContents of {out}:\n  "
     assert printed.out.index("\n" + report) < printed.out.index("Stage timings (s):\n") < printed.out.index(listing)
+    timings = printed.out.split("Stage timings (s):\n", 1)[1].splitlines()
+    assert timings[0].split()[0] == "stage" and timings[1].split()[0] == "load"  # timings.csv's rows, unnumbered
     assert (out / "config.json").read_text().startswith('{\n  "') and (out / "run_status.json").read_text(
         ).startswith('{\n  "status": "finished",\n  "')
     assert "06C_latent_umap_text_tr.png was not written: import umap failed" in report

@@ -165,6 +165,11 @@ EQUIVALENT = {
                      "vae_fashion:generation_quality: 1 -> 0 #9", "vae_fashion:generation_quality: 1 -> 0 #10"),
                     "a class's feature sets hold as many rows as its test images, or none (no class mixture): "
                     "one guard alone decides, and a guard of >= 1 meets the other's > 1"),
+    "vae_fashion:read_fashion_csv: path = Path(path) -> if False: path = Path(path)": "pandas reads a path given "
+    "as text, and the messages show it alike",
+    "vae_fashion:train_vae: first_epoch < config.epochs -> first_epoch <= config.epochs": "every epoch backed up, "
+    "none trained: fit from initial_epoch = epochs runs no epoch (Keras' loop is empty) and its callbacks change "
+    "nothing",
     "vae_fashion:keyed_normal: 1 -> 2": "one device drawing two replicas' rows keeps the first: stateless_normal's "
     "first values do not depend on the shape (tests/test_devices.py pins them)",
 }
