@@ -2,7 +2,7 @@
 commit, each run against only the tests that run its statement, in processes that import TensorFlow once.
 
     python3 tools/mutants.py map [TEST ...]     # the suite (or TESTs, updating the map) once, probed: ~7 min
-    python3 tools/mutants.py run [--jobs 2] [--budget S] [--again] [FUNCTION ...]
+    python3 tools/mutants.py run [--jobs 2] [--budget S] [--again [--children]] [FUNCTION ...]
     python3 tools/mutants.py report [EARLIER]   # per function (EARLIER: a results file, before each arrow)
 
 Everything runs in copies of the working tree's tracked files under .mutants/ (a mutant that writes files cannot
@@ -12,8 +12,10 @@ Keras' retracing of `train_step`) runs the mutant. The map also probes the Pytho
 script, `python -c` runs); a mutant that survives in-process, or that only such processes reach, is written into
 a copy of the tree, where a new pytest runs those tests. --budget S: no further test starts that would end after S
 seconds of a mutant's tests, by its time on the original code (the mutant then counts as survived: a lower bound
-on the kill rate); --again: only the last results' survivors and unreached. Why not mutmut or cosmic-ray, and the
-results: docs/RESULTS.md, "Mutation testing".
+on the kill rate); --again: only the last results' survivors and unreached; --children (with --again): their
+in-process tests, which an earlier pass ran, are skipped, and the whole budget goes to the tests' child processes
+(the two-device and resume runs). Why not mutmut or cosmic-ray, and the results: docs/RESULTS.md, "Mutation
+testing".
 
 Operators, applied to every statement of each function's body (its docstring and annotations excepted): a
 comparison flipped (< <=, > >=, == !=, is / is not, in / not in), and <-> or, `not x` -> `x`, a number +1 and -1,
@@ -170,6 +172,13 @@ EQUIVALENT = {
     "vae_fashion:train_vae: first_epoch < config.epochs -> first_epoch <= config.epochs": "every epoch backed up, "
     "none trained: fit from initial_epoch = epochs runs no epoch (Keras' loop is empty) and its callbacks change "
     "nothing",
+    "vae_fashion:DistributedVAE.train_step: True -> False": "training=False: no layer of the model acts otherwise "
+    "in training (no dropout, no batch normalisation; the posterior noise is passed in)",
+    "vae_fashion:DistributedVAE.supcon_term: recon = context.all_reduce(tf.distribute.ReduceOp.MEAN, recon) -> "
+    "if False: recon = context.all_reduce(tf.distribute.ReduceOp.MEAN, recon)": "each replica weighs the global "
+    "batch's SupCon by its own recon: the weight is linear in recon and constant in the gradient, so the summed "
+    "loss and the summed gradient see the mean over replicas either way (all_gather's gradient sums every "
+    "replica's); measured: two devices still give the one-device loss and gradient (test_devices.py)",
     "vae_fashion:keyed_normal: 1 -> 2": "one device drawing two replicas' rows keeps the first: stateless_normal's "
     "first values do not depend on the shape (tests/test_devices.py pins them)",
 }
@@ -579,6 +588,8 @@ class RunPlugin:
                 continue
             Path(f"{self.out}.current").write_text(json.dumps(result))
             start, ran, error, self.failed = time.perf_counter(), 0, None, None
+            if tests and child_tests and os.environ.get("MUTANTS_CHILDREN_ONLY"):  # --children
+                tests = []
             if tests:
                 tree = mutated(trees[mutant["module"]], mutant["function"], mutant["ordinal"])[0]
                 ran = self.in_process(session, items, mutant, tree, tests)
@@ -704,7 +715,7 @@ def copy_tree(name: str) -> Path:
     return tree
 
 
-def run(jobs: int, budget: float, names, again: bool):
+def run(jobs: int, budget: float, names, again: bool, children: bool = False):
     """`jobs` worker processes, each on its share of the mutants (of the functions named, or those that survived
     the last pass when `again`); a worker that dies in a mutant (a crash is a failure: killed) is started again on
     the rest. Results of a pass replace the earlier results of the same mutants."""
@@ -740,7 +751,9 @@ def run(jobs: int, budget: float, names, again: bool):
                                      f"{WORK / f'worker-{k}.log'}")
             command = [sys.executable, "tools/mutants.py", "work", str(k), str(jobs), str(out), str(budget)]
             processes[k] = subprocess.Popen(command, cwd=tree, stdout=open(WORK / f"worker-{k}.log", "a"),
-                                            stderr=subprocess.STDOUT, env={**os.environ, "MUTANTS_WORK": str(WORK)})
+                                            stderr=subprocess.STDOUT, env={**os.environ, "MUTANTS_WORK": str(WORK),
+                                                                           **({"MUTANTS_CHILDREN_ONLY": "1"}
+                                                                              if children else {})})
         time.sleep(5)
     earlier.update(read_results(*shards))
     for out in shards:
@@ -789,6 +802,8 @@ if __name__ == "__main__":
                         help="only the mutants that survived the last pass (or that no test reached)")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds of a mutant's tests after which no further test starts: it counts as survived")
+    parser.add_argument("--children", action="store_true",
+                        help="with --again: skip the in-process tests (an earlier pass ran them), run the child ones")
     args = parser.parse_intermixed_args()  # options before or after the function names
     if args.command == "map":
         WORK.mkdir(exist_ok=True)
@@ -801,6 +816,8 @@ if __name__ == "__main__":
         finished = work(int(args.rest[0]), int(args.rest[1]), args.rest[2], float(args.rest[3]))
         os._exit(0 if finished else 3)  # the failures pytest counts are the mutants'; an internal error is not
     elif args.command == "run":
-        run(args.jobs, args.budget, args.rest, args.again)
+        if args.children and not args.again:
+            parser.error("--children runs again what an earlier pass left: use it with --again")
+        run(args.jobs, args.budget, args.rest, args.again, args.children)
     else:
         report(*args.rest[:1])
