@@ -226,6 +226,10 @@ vae = vf.build_distributed_vae(config, strategy)
 with strategy.scope():
     vae.optimizer.build(vae.trainable_variables)
 step = tf.function(lambda batch: strategy.run(vae.train_step, args=(batch,)))
+
+def unchanged(before):
+    return all(np.array_equal(w.numpy(), b) for w, b in zip(vae.trainable_weights, before))
+
 results["overflow"] = []
 for bad in (1, 0):
     clean = x.copy()
@@ -236,12 +240,12 @@ for bad in (1, 0):
     step({"noisy": noisy, "clean": target, "label": label, "step_key": key})
     results["overflow"].append({
         "replica": bad, "scale_ratio": float(vae.optimizer.dynamic_scale.numpy()) / scale,
-        "unchanged": all(np.array_equal(w.numpy(), b) for w, b in zip(vae.trainable_weights, before))})
+        "unchanged": unchanged(before)})
 # ... and a finite batch is applied on both (once the loss scale has come down far enough for float16)
 before, noisy, target, label, key = [w.numpy() for w in vae.trainable_weights], *halves(strategy, x, x, labels, keys)
 for tried in range(1, 17):
     step({"noisy": noisy, "clean": target, "label": label, "step_key": key})
-    changed = not all(np.array_equal(w.numpy(), b) for w, b in zip(vae.trainable_weights, before))
+    changed = not unchanged(before)
     if changed:
         break
 results["finite_steps_tried"] = tried

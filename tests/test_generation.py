@@ -325,13 +325,19 @@ def _bars_with_templates(shift_test_labels: int = 0):
     return data, templates, codes
 
 
+def _template_decoder(templates, codes):
+    """A stand-in model: a latent decodes to the template of its largest coordinate's class; both densities give
+    the training codes."""
+    return types.SimpleNamespace(generate=lambda latents: templates[np.argmax(latents, axis=1)],
+                                 sample_generator=lambda n, seed: codes[:n], sample_prior=lambda n, seed: codes[:n])
+
+
 def test_the_fd_classifier_learns_from_the_training_images_not_the_test_images():
     """METRICS: the small CNN trains "3 epochs on clean training images". With every test label shifted by one
     class, a classifier trained on the training images scores near 0 on the test set (and the reconstructions'
     agreement with it too); one trained on the test images would score near 1."""
     data, templates, codes = _bars_with_templates(shift_test_labels=1)
-    vae = types.SimpleNamespace(generate=lambda latents: templates[np.argmax(latents, axis=1)],
-                                sample_generator=lambda n, seed: codes[:n], sample_prior=lambda n, seed: codes[:n])
+    vae = _template_decoder(templates, codes)
     result = vf.generation_quality(vae, data, vf.Config(seed=0), codes, vf.class_mixtures(codes, data.y_train, 1, 0),
                                    data.x_test.copy())
     assert result["classifier_test_accuracy"] < 0.2 and result["reconstruction_agreement"] < 0.2
@@ -350,8 +356,7 @@ def test_a_class_s_frechet_distances_need_two_images_of_it_and_the_scoring_print
     data = vf.FashionMNIST(data.x_train[kept], data.y_train[kept], data.x_test, y_test, "bars",
                            x_test_noisy=data.x_test_noisy)
     codes = codes[kept]
-    vae = types.SimpleNamespace(generate=lambda latents: templates[np.argmax(latents, axis=1)],
-                                sample_generator=lambda n, seed: codes[:n], sample_prior=lambda n, seed: codes[:n])
+    vae = _template_decoder(templates, codes)
     capsys.readouterr()
     result = vf.generation_quality(vae, data, vf.Config(seed=0), codes,
                                    vf.class_mixtures(codes, data.y_train, 1, 0), data.x_test.copy(), epochs=2)

@@ -407,16 +407,22 @@ def instrument(modules):
     return plugin
 
 
+def unconverted(module_name: str) -> None:
+    """AutoGraph left off for the module: it converts tf.data's map functions and a strategy's train_step by
+    re-reading their source from the file, which would run neither a probe nor a mutant. vae_fashion's functions
+    branch on no tensor: unconverted, they trace alike."""
+    from tensorflow.python.autograph.core import config as autograph  # no public switch for this
+
+    autograph.CONVERSION_RULES = (autograph.DoNotConvert(module_name), *autograph.CONVERSION_RULES)
+
+
 def load_modules():
     sys.path[:0] = [str(Path.cwd()), str(Path.cwd() / "tools"), str(Path.cwd() / "tests")]
     import sync_docs
-    from tensorflow.python.autograph.core import config as autograph  # no public switch for this
 
     import vae_fashion
 
-    # tf.data converts its map functions with AutoGraph, which re-reads their source from the file: it would run
-    # neither a probe nor a mutant. vae_fashion's map functions branch on no tensor: unconverted, they trace alike.
-    autograph.CONVERSION_RULES = (autograph.DoNotConvert("vae_fashion"), *autograph.CONVERSION_RULES)
+    unconverted("vae_fashion")
     return {"vae_fashion": vae_fashion, "sync_docs": sync_docs}
 
 
@@ -448,11 +454,6 @@ def child_probes():
             seen.add(key)
             out.write(json.dumps({"test": test, "fixture": fixture, "key": key}) + "\n")
             out.flush()
-
-    def unconverted(name):  # as in the workers: AutoGraph would run train_step from the file, unprobed
-        from tensorflow.python.autograph.core import config as autograph
-
-        autograph.CONVERSION_RULES = (autograph.DoNotConvert(name), *autograph.CONVERSION_RULES)
 
     class ProbedLoader(importlib.machinery.SourceFileLoader):
         def exec_module(self, module):
